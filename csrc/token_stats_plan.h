@@ -1,0 +1,21 @@
+// Validation of token_stats arguments and their translation into a TokenStatsProblem. Shared by
+// the CPU and CUDA registrations so that both reject bad input with the same messages.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "token_stats_problem.h"
+
+namespace recon_fast {
+
+struct TokenStatsPlan {
+  // Holds a contiguous copy of x when its last dim was strided (the slow path); empty otherwise.
+  at::Tensor x_storage;
+  TokenStatsProblem problem;
+};
+
+// Checks x and out (dtype, shape, device) with errors that name the problem, then describes the
+// work. Never copies unless x's last dimension is not contiguous.
+TokenStatsPlan plan_token_stats(const at::Tensor& x, const at::Tensor& out);
+
+}  // namespace recon_fast
