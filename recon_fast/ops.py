@@ -110,8 +110,9 @@ if _library.loaded_from is not None:
 
     @torch.library.register_fake("recon_fast::token_stats")
     def _token_stats_fake(x: torch.Tensor, out: torch.Tensor) -> None:
-        # The op only writes `out` in place; shape checks are the real kernels' job.
-        return None
+        # The op only writes `out` in place. The checks run here too, so that torch.compile and
+        # meta tensors reject what the kernels would.
+        _check_args(x, out)
 
 
 def _check_args(x: torch.Tensor, out: torch.Tensor) -> None:

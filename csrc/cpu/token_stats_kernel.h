@@ -70,7 +70,7 @@ ChunkSums<acc_t> shifted_chunk(const scalar_t* x, int64_t n, acc_t shift) {
   using Vec = Vectorized<acc_t>;
   using Load = WideLoad<scalar_t, acc_t>;
   constexpr int64_t kPair = Load::kStep;  // elements per Load::load (two vectors' worth)
-  const Vec k(shift);
+  const Vec neg_k(-shift), one(acc_t(1));
   // Two chains per sum hide the add/FMA latency; min/max fold a pair first, so four vectors cost
   // one step of their chains. More chains would spill AVX2's 16 registers into the loop-carried
   // path. min/max use compare-select: rows holding NaN never reach the end of this path.
@@ -85,8 +85,12 @@ ChunkSums<acc_t> shifted_chunk(const scalar_t* x, int64_t n, acc_t shift) {
                                                    at::vec::clamp_max(v2, v3)));
     hi = at::vec::clamp_min(hi, at::vec::clamp_min(at::vec::clamp_min(v0, v1),
                                                    at::vec::clamp_min(v2, v3)));
-    v0 = v0 - k, v1 = v1 - k, v2 = v2 - k, v3 = v3 - k;
-    a0 = a0 + (v0 + v1), a1 = a1 + (v2 + v3);
+    // x*1 - K and acc + d*1 are exact; written as FMAs they run on the multiply ports, which
+    // min/max and add leave idle on x86 (Zen: FP0/1 vs FP2/3).
+    v0 = at::vec::fmadd(v0, one, neg_k), v1 = at::vec::fmadd(v1, one, neg_k);
+    v2 = at::vec::fmadd(v2, one, neg_k), v3 = at::vec::fmadd(v3, one, neg_k);
+    a0 = at::vec::fmadd(v0, one, a0), a1 = at::vec::fmadd(v1, one, a1);
+    a0 = at::vec::fmadd(v2, one, a0), a1 = at::vec::fmadd(v3, one, a1);
     q0 = at::vec::fmadd(v0, v0, q0), q1 = at::vec::fmadd(v1, v1, q1);
     q0 = at::vec::fmadd(v2, v2, q0), q1 = at::vec::fmadd(v3, v3, q1);
   }

@@ -1,0 +1,76 @@
+"""Shared benchmark helpers: the machine's name, bytes-per-second bookkeeping, and a closing table
+of ratios measured side by side in the same run (each group's baseline is 1.00)."""
+
+from __future__ import annotations
+
+import platform
+from collections import defaultdict
+
+import pytest
+import torch
+
+
+def machine_name(device: str = "cpu") -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def synchronized(fn, device: str):
+    """Wraps fn so a timing covers the device work, not just its launch."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return run
+
+
+_rows: dict[str, list[tuple[str, float, float | None, bool]]] = defaultdict(list)
+
+
+@pytest.fixture
+def record(benchmark):
+    """record(group, name, fn, device, nbytes=None, baseline=False): benchmark fn and keep its
+    median (and GB/s when nbytes is given) for the closing ratio table."""
+
+    def _record(group, name, fn, device="cpu", nbytes=None, baseline=False, rounds=None):
+        benchmark.group = group
+        benchmark.name = name
+        benchmark.extra_info["machine"] = machine_name(device)
+        fn = synchronized(fn, device)
+        fn()  # warm-up (and compilation, for torch.compile)
+        if rounds:
+            benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+        else:
+            benchmark(fn)
+        median = benchmark.stats.stats.median
+        gbps = nbytes / median / 1e9 if nbytes else None
+        if gbps is not None:
+            benchmark.extra_info["GB/s"] = round(gbps, 2)
+        _rows[group].append((name, median, gbps, baseline))
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _rows:
+        return
+    tr = terminalreporter
+    tr.section("recon-fast: ratios within each group (same run; time / baseline time)")
+    for group, rows in _rows.items():
+        base = next((m for n, m, g, b in rows if b), None)
+        tr.write_line(f"[{group}]")
+        for name, median, gbps, is_base in rows:
+            ratio = f"{median / base:6.2f}x time" if base else ""
+            bw = f"{gbps:8.2f} GB/s" if gbps is not None else ""
+            tr.write_line(f"  {name:<34} {median * 1e3:10.3f} ms {bw} {ratio}{'  (baseline)' if is_base else ''}")

@@ -1,0 +1,14 @@
+"""Shared fixtures: devices to test on, and the real SmolLM2 model loaded once per session."""
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="no CUDA device on this machine")
+    for item in items:
+        if "cuda" in item.keywords and not CUDA:
+            item.add_marker(skip_cuda)
