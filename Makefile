@@ -24,7 +24,7 @@ build:
 	$(PY) setup.py -q build_ext --inplace
 
 demo: setup
-	$(PY) -m recon_fast.demo
+	$(PY) -m recon_fast.cli trace --prompt "Why do bees buzz? Because their wings beat two hundred times a second." --out demo_cube.json
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -3,8 +3,10 @@
 `recon_fast.ops.token_stats` is the fused per-token statistics kernel everything rests on.
 """
 
-from recon_fast.ops import STATS, backend, token_stats, token_stats_ref
-
 __version__ = "0.1.0"
 
-__all__ = ["STATS", "backend", "token_stats", "token_stats_ref", "__version__"]
+from recon_fast.ops import STATS, backend, token_stats, token_stats_ref
+from recon_fast.cube import ActivityCube
+from recon_fast.tracer import RawSlices, Tracer
+
+__all__ = ["ActivityCube", "RawSlices", "STATS", "Tracer", "backend", "token_stats", "token_stats_ref", "__version__"]

@@ -1,0 +1,216 @@
+"""ActivityCube: tokens x layers x metrics from one traced forward pass, with access by metric and
+by layer (numpy or torch), the established JSON schema, a binary form, and loading of both."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recon_fast import export
+from recon_fast.ops import STATS
+
+
+@dataclass
+class ActivityCube:
+    tokens: list[list[str]]  # [batch][tokens]: decoded text, or str(id) without a tokenizer
+    layer_names: list[str]  # one per layer entry (a module that fired twice appears twice)
+    metrics: tuple[str, ...]  # names from recon_fast.ops.STATS
+    data: np.ndarray  # [layers, batch, tokens, metrics] float32; padding positions are NaN
+    padding_mask: np.ndarray | None = None  # [batch, tokens] bool, True at padding
+    meta: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    # JSON entries appended after the layers, e.g. {"layer_name": "attention.0", ...}.
+    attention: list[dict] = field(default_factory=list)
+    # Extra keys of individual layer entries, by layer index (kept from loaded files).
+    layer_extras: dict[int, dict] = field(default_factory=dict)
+    # Raw activation slices by layer index: {"array": [batch, tokens, dims], "token_range",
+    # "dim_range"}; written to a sidecar file "<cube file>.raw.npz" and referenced from the layer.
+    raw: dict[int, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.data = np.asarray(self.data, dtype=np.float32)
+        if self.data.ndim != 4:
+            raise ValueError(f"ActivityCube data must be [layers, batch, tokens, metrics], got {self.data.shape}")
+        unknown = [m for m in self.metrics if m not in STATS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {list(STATS)}")
+        expected = (len(self.layer_names), len(self.tokens), len(self.tokens[0]) if self.tokens else 0, len(self.metrics))
+        if self.data.shape != expected:
+            raise ValueError(f"ActivityCube data shape {self.data.shape} does not match "
+                             f"layers x batch x tokens x metrics = {expected}")
+
+    # ---- shape and access -------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def num_layers(self) -> int:
+        return self.data.shape[0]
+
+    def metric(self, name: str) -> np.ndarray:  # -> [layers, batch, tokens]
+        if name not in self.metrics:
+            raise KeyError(f"metric {name!r} not in this cube; it has {list(self.metrics)}")
+        return self.data[..., self.metrics.index(name)]
+
+    def layer(self, key: int | str) -> np.ndarray:  # -> [batch, tokens, metrics]
+        """A layer entry by index or name (the first entry of that name)."""
+        if isinstance(key, str):
+            if key not in self.layer_names:
+                raise KeyError(f"layer {key!r} not in this cube")
+            key = self.layer_names.index(key)
+        return self.data[key]
+
+    def torch(self) -> torch.Tensor:
+        """The data as a torch tensor (sharing memory)."""
+        return torch.from_numpy(self.data)
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def layer_objects(self, path: str | os.PathLike | None = None) -> Iterator[dict]:
+        """The schema's `layers` entries, built one at a time (raw references relative to path)."""
+        flat = len(self.tokens) == 1
+        for i, name in enumerate(self.layer_names):
+            extra = {**self.layer_extras.get(i, {}), **self.raw_reference(path, i)}
+            yield export.layer_object(i, name, self.data[i], self.metrics, flat, extra)
+        yield from self.attention
+
+    @staticmethod
+    def raw_sidecar(path: str | os.PathLike) -> Path:
+        return Path(f"{path}.raw.npz")
+
+    def raw_reference(self, path: str | os.PathLike | None, index: int) -> dict:
+        """The "raw_tensors" key of layer `index`: where its slice lies in the sidecar."""
+        if index not in self.raw or path is None:
+            return {}
+        entry = self.raw[index]
+        return {"raw_tensors": {"file": self.raw_sidecar(path).name, "key": f"layer_{index}",
+                                "shape": list(entry["array"].shape), "token_range": entry["token_range"],
+                                "dim_range": entry["dim_range"]}}
+
+    def write_raw_sidecar(self, path: str | os.PathLike) -> None:
+        if self.raw:
+            export.write_npz(self.raw_sidecar(path), header={},
+                             arrays={f"layer_{i}": e["array"] for i, e in self.raw.items()})
+
+    def meta_for_export(self) -> dict:
+        meta = dict(self.meta)
+        meta["metrics"] = [export.METRIC_KEYS[m] for m in self.metrics]
+        if self.padding_mask is not None:
+            meta["padding_mask"] = self.padding_mask.astype(np.uint8)
+        return meta
+
+    def to_dict(self) -> dict:
+        """The JSON document as Python objects (numpy arrays where lists of numbers go)."""
+        return {
+            "meta": self.meta_for_export(),
+            "tokens": self.tokens[0] if len(self.tokens) == 1 else self.tokens,
+            "layers": list(self.layer_objects()),
+            "provenance": self.provenance,
+        }
+
+    def export_json(self, path: str | os.PathLike) -> int:
+        """Streams the cube to `path` as JSON, atomically; returns the bytes written."""
+        self.write_raw_sidecar(path)
+        return export.write_json(path, meta=self.meta_for_export(), tokens=self.tokens,
+                                 layers=self.layer_objects(path), provenance=self.provenance)
+
+    def export_npz(self, path: str | os.PathLike) -> None:
+        """The binary form: exact float32 data beside the same metadata."""
+        header = {"meta": self.meta_for_export(), "tokens": self.tokens, "layer_names": self.layer_names,
+                  "metrics": list(self.metrics), "provenance": self.provenance,
+                  "attention": self.attention, "layer_extras": {str(k): v for k, v in self.layer_extras.items()}}
+        header["raw"] = {str(i): {k: v for k, v in e.items() if k != "array"} for i, e in self.raw.items()}
+        arrays = {"data": self.data, **{f"raw_{i}": e["array"] for i, e in self.raw.items()}}
+        if self.padding_mask is not None:
+            arrays["padding_mask"] = self.padding_mask
+        export.write_npz(path, header=header, arrays=arrays)
+
+    def export(self, path: str | os.PathLike, format: str | None = None) -> None:
+        """JSON or npz, by `format` or by the file's suffix."""
+        format = format or ("npz" if str(path).endswith(".npz") else "json")
+        if format == "npz":
+            self.export_npz(path)
+        elif format == "json":
+            self.export_json(path)
+        else:
+            raise ValueError(f"unknown cube format {format!r}; use 'json' or 'npz'")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ActivityCube":
+        """Reads a cube written by export_json, export_npz or a streaming Tracer."""
+        path = Path(path)
+        with open(path, "rb") as f:
+            is_zip = f.read(2) == b"PK"
+        return cls._from_npz(path) if is_zip else cls._from_json(path)
+
+    @classmethod
+    def _from_npz(cls, path: Path) -> "ActivityCube":
+        header, arrays = export.read_npz(path)
+        meta = header["meta"]
+        meta.pop("padding_mask", None)
+        meta.pop("metrics", None)
+        return cls(tokens=header["tokens"], layer_names=header["layer_names"],
+                   metrics=tuple(header["metrics"]), data=arrays["data"],
+                   padding_mask=arrays.get("padding_mask"), meta=meta,
+                   provenance=header["provenance"], attention=header["attention"],
+                   layer_extras={int(k): v for k, v in header["layer_extras"].items()},
+                   raw={int(i): {**e, "array": arrays[f"raw_{i}"]} for i, e in header.get("raw", {}).items()})
+
+    @classmethod
+    def _from_json(cls, path: Path) -> "ActivityCube":
+        doc = export.read_json(path)
+        meta = doc["meta"]
+        tokens = doc["tokens"]
+        if tokens and not isinstance(tokens[0], list):
+            tokens = [tokens]
+        batch, length = len(tokens), len(tokens[0]) if tokens else 0
+        metric_keys = meta.pop("metrics", None)
+        names, blocks, attention, extras, references = [], [], [], {}, {}
+        for entry in doc["layers"]:
+            core = entry.get("core_metrics")
+            if core is None:  # attention entries carry no core metrics
+                attention.append(entry)
+                continue
+            if metric_keys is None:
+                metric_keys = list(core)
+            stats = np.stack([export.as_float32(core[k]) for k in metric_keys], axis=-1)
+            blocks.append(stats.reshape(batch, length, len(metric_keys)))
+            extra = {k: v for k, v in entry.items() if k not in ("layer_index", "layer_name", "core_metrics")}
+            reference = extra.pop("raw_tensors", None)
+            if isinstance(reference, dict) and "key" in reference:
+                references[len(names)] = reference
+            elif reference is not None:  # the original tool's inline raw tensors
+                extra["raw_tensors"] = reference
+            if extra:
+                extras[len(names)] = extra
+            names.append(entry["layer_name"])
+        metrics = tuple(export.METRIC_NAMES[k] for k in (metric_keys or []))
+        data = np.stack(blocks) if blocks else np.zeros((0, batch, length, len(metrics)), np.float32)
+        mask = meta.pop("padding_mask", None)
+        raw = {}
+        if references:
+            _, arrays = export.read_npz(cls.raw_sidecar(path))
+            raw = {i: {"array": arrays[r["key"]], "token_range": r["token_range"], "dim_range": r["dim_range"]}
+                   for i, r in references.items()}
+        return cls(tokens=tokens, layer_names=names, metrics=metrics, data=data,
+                   padding_mask=None if mask is None else np.asarray(mask, dtype=bool), meta=meta,
+                   provenance=doc.get("provenance", {}), attention=attention, layer_extras=extras, raw=raw)
+
+    def to_pandas(self):
+        """A tidy DataFrame: one row per (layer, batch, token), one column per metric."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("ActivityCube.to_pandas needs pandas: pip install pandas") from None
+        layers, batch, length, _ = self.data.shape
+        index = pd.MultiIndex.from_product([range(layers), range(batch), range(length)],
+                                           names=["layer_index", "batch", "position"])
+        frame = pd.DataFrame(self.data.reshape(-1, len(self.metrics)), index=index, columns=list(self.metrics))
+        frame.insert(0, "layer_name", np.repeat(np.array(self.layer_names, dtype=object), batch * length))
+        frame.insert(1, "token", np.tile(np.array([t for seq in self.tokens for t in seq], dtype=object), layers))
+        return frame.reset_index()

@@ -1,0 +1,39 @@
+"""What produced a cube: package versions and the model's revision, for the JSON's `provenance`.
+
+`commit_hash` records the model's weights revision: the Hugging Face hub commit the model was
+loaded from (`config._commit_hash`) when known, else null. `model_config_sha256` fingerprints
+the architecture (the config as JSON), which identifies random-weight and local models too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from importlib import metadata
+
+import torch
+from torch import nn
+
+_PACKAGES = ("torch", "transformers", "recon-fast", "numpy", "orjson", "accelerate", "gguf")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package.replace("-", "_")] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["torch"] = torch.__version__
+    return versions
+
+
+def model_provenance(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    commit = getattr(config, "_commit_hash", None) if config is not None else None
+    provenance = {"commit_hash": commit, "package_versions": package_versions()}
+    if config is not None and hasattr(config, "to_json_string"):
+        text = config.to_json_string(use_diff=False)
+        provenance["model_config_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        provenance["model_name_or_path"] = getattr(config, "_name_or_path", None) or None
+    return provenance
