@@ -8,5 +8,6 @@ __version__ = "0.1.0"
 from recon_fast.ops import STATS, backend, token_stats, token_stats_ref
 from recon_fast.cube import ActivityCube
 from recon_fast.tracer import RawSlices, Tracer
+from recon_fast.compat import ReconTracer
 
-__all__ = ["ActivityCube", "RawSlices", "STATS", "Tracer", "backend", "token_stats", "token_stats_ref", "__version__"]
+__all__ = ["ActivityCube", "RawSlices", "ReconTracer", "STATS", "Tracer", "backend", "token_stats", "token_stats_ref", "__version__"]

