@@ -103,7 +103,7 @@ def test_plain_modules_and_errors():
     tracer.run(torch.tensor([[1, 2, 3]]))  # no HF keyword arguments for a plain module
     assert [l["layer_name"] for l in tracer.activity_cube["layers"]] == ["0", "1"]
     with pytest.raises(KeyError, match="closest"):
-        tracer.add_hook("2")
+        tracer.add_hook("00")
     with pytest.raises(IndexError):
         tracer.run(torch.tensor([[11]]))
     assert not tracer.hooks and all(not m._forward_hooks for m in model.modules())
