@@ -7,6 +7,7 @@ the architecture (the config as JSON), which identifies random-weight and local 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 from importlib import metadata
@@ -17,7 +18,8 @@ from torch import nn
 _PACKAGES = ("torch", "transformers", "recon-fast", "numpy", "orjson", "accelerate", "gguf")
 
 
-def package_versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=1)  # metadata lookups scan site-packages: tens of ms each
+def _installed_versions() -> tuple[tuple[str, str], ...]:
     versions = {"python": platform.python_version()}
     for package in _PACKAGES:
         try:
@@ -25,7 +27,11 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     versions["torch"] = torch.__version__
-    return versions
+    return tuple(versions.items())
+
+
+def package_versions() -> dict[str, str]:
+    return dict(_installed_versions())
 
 
 def model_provenance(model: nn.Module) -> dict:

@@ -1,0 +1,72 @@
+"""Traced vs untraced forward of the real SmolLM2-135M with add_hooks_all(), and the original
+per-token method (.cpu(), then .item() per token per metric) as a baseline. Each group's
+baseline is the untraced forward."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from recon_fast import ReconTracer, Tracer
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from original_recon_trace import OriginalReconTracer  # noqa: E402
+
+LENGTHS = [int(t) for t in os.environ.get("RECON_BENCH_TOKENS", "128,512,2048").split(",")]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from recon_fast.models import load_model
+
+    return load_model()
+
+
+def _ids(tokenizer, length):
+    text = "The quick brown fox jumps over the lazy dog. " * (length // 8 + 1)
+    return tokenizer(text, return_tensors="pt")["input_ids"][:, :length]
+
+
+@pytest.mark.parametrize("impl", ["untraced", "recon_fast.Tracer", "recon_fast.ReconTracer", "original per-token"])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_traced_forward(record, smollm2, impl, length):
+    model, tokenizer = smollm2
+    ids = _ids(tokenizer, length)
+    if impl == "original per-token" and length > 128:
+        pytest.skip("the original method takes minutes here; measured at T=128")
+    if impl == "untraced":
+        def fn():
+            with torch.no_grad():
+                model(ids)
+    elif impl == "recon_fast.Tracer":
+        tracer = Tracer(model)
+        tracer.add_hooks_all()
+        fn = lambda: tracer.run(ids)  # noqa: E731
+    else:
+        cls = ReconTracer if impl == "recon_fast.ReconTracer" else OriginalReconTracer
+        tracer = cls(model)
+        tracer.add_hooks_all()
+
+        def fn():
+            tracer.activity_cube = {"meta": {}, "tokens": [], "layers": [], "provenance": {}}
+            tracer.run(ids)
+    try:
+        record(f"SmolLM2 forward, add_hooks_all, T={length}", impl, fn, baseline=impl == "untraced",
+               rounds=3 if impl == "original per-token" else 7)
+    finally:
+        if impl != "untraced":
+            tracer.clear_hooks()
+
+
+def test_export_throughput(record, tmp_path):
+    import numpy as np
+
+    from recon_fast import ActivityCube
+
+    data = np.random.default_rng(0).standard_normal((400, 1, 4096, 5), dtype=np.float32)
+    cube = ActivityCube(tokens=[[str(i) for i in range(4096)]], layer_names=[f"l{i}" for i in range(400)],
+                        metrics=("energy", "mean", "std", "min", "max"), data=data)
+    size = cube.export_json(tmp_path / "c.json")
+    record("export JSON (400 layers x 4096 tokens)", f"export_json {size / 1e6:.0f} MB", lambda: cube.export_json(tmp_path / "c.json"),
+           nbytes=size, baseline=True, rounds=3)
