@@ -4,6 +4,7 @@ handle, and an independent way to see what their modules output (plain torch hoo
 from __future__ import annotations
 
 import torch
+from original_recon_trace import first_tensor  # the original tool's rule, written once for the tests
 from transformers import (
     BertConfig,
     BertModel,
@@ -43,14 +44,6 @@ def make_model(arch: str, *, attn_implementation: str = "sdpa", seed: int = 0) -
 
 
 ARCHS = ["gpt2", "llama", "neox", "bert"]
-
-
-def first_tensor(output):
-    if torch.is_tensor(output):
-        return output
-    if isinstance(output, (tuple, list)):
-        return next((o for o in output if torch.is_tensor(o)), None)
-    return getattr(output, "last_hidden_state", None)
 
 
 def capture_outputs(model: torch.nn.Module, names: list[str], call) -> list[tuple[str, torch.Tensor]]:
