@@ -70,3 +70,36 @@ def test_export_throughput(record, tmp_path):
     size = cube.export_json(tmp_path / "c.json")
     record("export JSON (400 layers x 4096 tokens)", f"export_json {size / 1e6:.0f} MB", lambda: cube.export_json(tmp_path / "c.json"),
            nbytes=size, baseline=True, rounds=3)
+
+
+@pytest.mark.parametrize("length", [512])
+def test_traced_over_untraced_interleaved(benchmark, smollm2, length):
+    """The tracing overhead as the median of per-pair ratios, untraced and traced forwards
+    alternating, so that drift on a shared machine hits both sides alike."""
+    import statistics
+    import time
+
+    model, tokenizer = smollm2
+    ids = _ids(tokenizer, length)
+    tracer = Tracer(model)
+    tracer.add_hooks_all()
+    ratios = []
+
+    def pair():
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(ids)
+        middle = time.perf_counter()
+        tracer.run(ids)
+        ratios.append((time.perf_counter() - middle) / (middle - start))
+
+    try:
+        pair()  # warm-up
+        ratios.clear()
+        benchmark.group = f"SmolLM2 traced/untraced interleaved, T={length}"
+        benchmark.pedantic(pair, rounds=9, iterations=1)
+    finally:
+        tracer.clear_hooks()
+    benchmark.extra_info["median traced/untraced"] = round(statistics.median(ratios), 3)
+    print(f"\nT={length}: traced/untraced per pair {sorted(round(r, 3) for r in ratios)}, "
+          f"median {statistics.median(ratios):.3f}")
