@@ -223,9 +223,14 @@ class Tracer:
         first = next(self.model.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
 
+    def _model_dtype(self) -> str | None:
+        first = next(self.model.parameters(), None)
+        return str(first.dtype).removeprefix("torch.") if first is not None else None
+
     def _prepare_inputs(self, input_ids, kwargs: dict) -> dict:
-        if isinstance(input_ids, (str, list)) and input_ids and all(isinstance(s, str) for s in
-                                                                   ([input_ids] if isinstance(input_ids, str) else input_ids)):
+        is_text = isinstance(input_ids, str) or (
+            isinstance(input_ids, list) and input_ids and all(isinstance(s, str) for s in input_ids))
+        if is_text:
             if self.tokenizer is None:
                 raise ValueError("text input needs a tokenizer: Tracer(model, tokenizer)")
             if self.tokenizer.pad_token is None:
@@ -319,7 +324,7 @@ class Tracer:
             "timestamp": datetime.now().isoformat(),
             "input_shape": [batch, length],
             "mode": mode,
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.") if any(True for _ in self.model.parameters()) else None,
+            "dtype": self._model_dtype(),
             "device": str(device),
             "backend": ops.backend(device),
             "seconds": round(seconds, 6),
