@@ -84,8 +84,9 @@ def token_stats(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     out: optional float32 tensor [..., 5] on x's device, written in place (it may be a slice of a
          larger buffer); allocated when None.
     Returns float32 [..., 5]: energy (L2 norm), mean, std (unbiased, as torch.std), min, max;
-    `STATS` names them. Accumulates in float32 (float64 for float64 input). Runs on the current
-    CUDA stream without synchronising.
+    `STATS` names them. Accumulates in float32 (float64 for float64 input), so, as with torch's
+    float32 reductions, magnitudes below ~1e-19 (whose squares underflow) or above ~1e19 (whose
+    squares overflow) lose the std/energy. Runs on the current CUDA stream without synchronising.
     """
     if out is None:
         out = torch.empty(stats_shape(x.shape), dtype=torch.float32, device=x.device)
