@@ -347,7 +347,8 @@ class Tracer:
             return stats
 
         raw = self._raw_arrays(layers)
-        if self.stream_to is not None:
+        # The binary form needs the whole array anyway: it is built as in memory, then written.
+        if self.stream_to is not None and not str(self.stream_to).endswith(".npz"):
             self._cube = None
             self._stream(layers, stats_of, session, batch, length, meta, tokens, provenance,
                          attention_entries, padding, raw)
@@ -359,11 +360,13 @@ class Tracer:
         self._cube = ActivityCube(tokens=tokens, layer_names=[name for name, _, _ in layers],
                                   metrics=self.metrics, data=data, padding_mask=padding, meta=meta,
                                   provenance=provenance, attention=attention_entries, raw=raw)
+        if self.stream_to is not None:
+            self._cube.export_npz(self.stream_to)
+            self._cube = None
 
     def _stream(self, layers, stats_of, session, batch, length, meta, tokens, provenance,
                 attention_entries, padding, raw) -> None:
         """Writes the cube to stream_to, copying one layer at a time off the device."""
-        names = [name for name, _, _ in layers]
         shell = ActivityCube(tokens=tokens, layer_names=[], metrics=self.metrics,
                              data=np.zeros((0, batch, length, len(self.metrics)), np.float32),
                              padding_mask=padding, meta=meta, provenance=provenance,
@@ -378,14 +381,6 @@ class Tracer:
                 yield export.layer_object(i, name, stats, self.metrics, flat, shell.raw_reference(path, i))
             yield from attention_entries
 
-        if path.endswith(".npz"):  # the binary form needs the whole array; build it per layer
-            data = np.empty((len(layers), batch, length, len(self.metrics)), dtype=np.float32)
-            for i, (_, calls, lengths) in enumerate(layers):
-                data[i] = stats_of(calls, lengths, device_arena)
-            ActivityCube(tokens=tokens, layer_names=names, metrics=self.metrics, data=data,
-                         padding_mask=padding, meta=meta, provenance=provenance,
-                         attention=attention_entries, raw=raw).export_npz(path)
-            return
         shell.write_raw_sidecar(path)
         export.write_json(path, meta=shell.meta_for_export(), tokens=tokens, layers=layer_objects(),
                           provenance=provenance)
