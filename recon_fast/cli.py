@@ -1,5 +1,5 @@
-"""The `recon-fast` command line: `trace` writes an ActivityCube for a prompt (further commands
-come from recon_fast.attribution when present)."""
+"""The `recon-fast` command line: `trace` writes an ActivityCube for a prompt; `attribute`, `cot`
+and `residual` (recon_fast.attribution_cli) explain a prediction."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recon_fast import attribution_cli
 from recon_fast.models import DEFAULT_MODEL, ModelNotFound, load_model
 
 PROGRESS_MIN_TOKENS = 256  # below this a forward pass is too quick for a progress bar to help
@@ -95,16 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recon-fast", description="Fast activation tracing for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _trace_parser(sub)
-    try:
-        from recon_fast import attribution_cli
-    except ImportError:
-        attribution_cli = None
-    if attribution_cli is not None:
-        attribution_cli.add_parsers(sub, _add_model_args)
+    attribution_cli.add_parsers(sub, _add_model_args)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = attribution_cli.hexray_argv(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -33,6 +33,8 @@ METRIC_KEYS = {
 METRIC_NAMES = {key: name for name, key in METRIC_KEYS.items()}
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it: put it straight back
 
 
 @contextlib.contextmanager
@@ -42,6 +44,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make exports private to their writer
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             yield f
             f.flush()

@@ -22,6 +22,7 @@ from torch import nn
 
 from recon_fast import __version__, export, ops, presets
 from recon_fast.cube import ActivityCube
+from recon_fast.model_inputs import model_device, model_dtype, prepare_inputs
 from recon_fast.ops import STATS
 from recon_fast.provenance import model_provenance
 from recon_fast.stats_arena import ArenaSlot, StatsArena
@@ -217,47 +218,14 @@ class Tracer:
 
     # ---- internals --------------------------------------------------------------------------
     def _model_device(self) -> torch.device:
-        device = getattr(self.model, "device", None)
-        if isinstance(device, torch.device):
-            return device
-        first = next(self.model.parameters(), None)
-        return first.device if first is not None else torch.device("cpu")
+        return model_device(self.model)
 
     def _model_dtype(self) -> str | None:
-        first = next(self.model.parameters(), None)
-        return str(first.dtype).removeprefix("torch.") if first is not None else None
+        dtype = model_dtype(self.model)
+        return str(dtype).removeprefix("torch.") if dtype is not None else None
 
     def _prepare_inputs(self, input_ids, kwargs: dict) -> dict:
-        is_text = isinstance(input_ids, str) or (
-            isinstance(input_ids, list) and input_ids and all(isinstance(s, str) for s in input_ids))
-        if is_text:
-            if self.tokenizer is None:
-                raise ValueError("text input needs a tokenizer: Tracer(model, tokenizer)")
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            input_ids = self.tokenizer(input_ids, return_tensors="pt", padding=True)
-        if input_ids is None:
-            input_ids = kwargs.pop("input_ids", None)
-        if isinstance(input_ids, dict) or hasattr(input_ids, "data") and isinstance(getattr(input_ids, "data"), dict):
-            inputs = {**dict(input_ids), **kwargs}
-        elif torch.is_tensor(input_ids):
-            inputs = {"input_ids": input_ids, **kwargs}
-        else:
-            raise TypeError(f"run() takes token ids, a dict of model inputs or text; got {type(input_ids).__name__}")
-        ids = inputs.get("input_ids")
-        if not torch.is_tensor(ids):
-            raise ValueError("model inputs have no input_ids tensor")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be integer token ids, got {ids.dtype}")
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-            if torch.is_tensor(inputs.get("attention_mask")) and inputs["attention_mask"].dim() == 1:
-                inputs["attention_mask"] = inputs["attention_mask"].unsqueeze(0)
-        if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
-            raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(ids.shape)}")
-        device = self._model_device()
-        inputs["input_ids"] = ids
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        return prepare_inputs(self.model, self.tokenizer, input_ids, kwargs)
 
     def _traced(self, forward):
         if not self.hooks:

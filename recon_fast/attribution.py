@@ -1,0 +1,284 @@
+"""Direct logit attribution on unmodified Hugging Face models: the final residual stream at a
+position is split into what the embeddings, each attention (or each head) and each MLP wrote into
+it, and each part is carried through the final norm, with the norm's scale frozen at the actual
+residual, onto the unembedding row of the target token. What belongs to no component (norm bias,
+unembedding bias) is a term of its own, so the terms add up to the model's logit.
+
+One forward pass serves any number of positions; only [batch, d_model] rows at those positions
+are kept (recon_fast.position_capture).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recon_fast.anatomy import Anatomy, anatomy
+from recon_fast.model_inputs import forward_takes, prepare_inputs
+from recon_fast.position_capture import PositionCapture
+
+# How far the sum of the captured parts may be from the captured residual, relative to the
+# largest of them, before we call the architecture undecomposable: a few roundings of the
+# model's own dtype per layer, far below what a missing or extra term would cause.
+RECONSTRUCTION_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+_LAYER_LABEL = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|H(\d+))$")
+
+
+@dataclass
+class Attribution:
+    """Direct logit attribution of one position for each sequence of a batch.
+
+    labels:      term names: "embed", "pos_embed", "L{i}.attn" or "L{i}.H{h}" and "L{i}.attn_bias",
+                 "L{i}.mlp", then "norm_bias" and "unembed_bias" where the model has them.
+    values:      [batch, terms] float64; values[b].sum() is the model's logit for target_id[b].
+    target_id:   [batch] the token attributed (by default the model's prediction there).
+    target_text: the decoded target token per sequence.
+    logit:       [batch] the model's own logit for target_id, from its forward pass.
+    position:    the position as asked (may be negative); index: the same, counted from 0.
+    """
+
+    labels: list[str]
+    values: torch.Tensor
+    target_id: torch.Tensor
+    target_text: list[str]
+    logit: torch.Tensor
+    position: int
+    index: int
+    n_layers: int
+    n_heads: int
+    per_head: bool
+
+    def total(self) -> torch.Tensor:
+        """[batch] the sum of all terms (equals `logit` up to float rounding)."""
+        return self.values.sum(-1)
+
+    def top(self, k: int = 10, row: int = 0, share: str = "top") -> list[tuple[str, float, float]]:
+        """The k terms of largest magnitude as (label, value, percent). percent is HexRay's
+        |value| / sum of |value| over these k (share="top"), or over all terms (share="total")."""
+        if share not in ("top", "total"):
+            raise ValueError(f"share must be 'top' or 'total', got {share!r}")
+        values = self.values[row]
+        magnitude = values.abs()
+        order = torch.argsort(magnitude, descending=True, stable=True)[:max(k, 0)]
+        denominator = float(magnitude[order].sum() if share == "top" else magnitude.sum())
+        denominator = denominator or 1.0
+        return [(self.labels[i], float(values[i]), 100.0 * float(magnitude[i]) / denominator) for i in order.tolist()]
+
+    def grid(self, row: int = 0) -> tuple[list[str], list[str], torch.Tensor]:
+        """(row labels, column labels, [layers, columns]): attn and MLP per layer, or with
+        per_head the heads of each layer (for a heatmap)."""
+        columns = [f"H{h}" for h in range(self.n_heads)] if self.per_head else ["attn", "mlp"]
+        grid = torch.zeros(self.n_layers, len(columns), dtype=self.values.dtype)
+        for label, value in zip(self.labels, self.values[row].tolist()):
+            match = _LAYER_LABEL.match(label)
+            if match is None:
+                continue
+            layer, part, head = int(match.group(1)), match.group(2), match.group(3)
+            if head is not None:
+                grid[layer, int(head)] = value
+            elif part in columns:
+                grid[layer, columns.index(part)] = value
+        return [f"L{i}" for i in range(self.n_layers)], columns, grid
+
+    def to_dict(self) -> dict:
+        return {
+            "position": self.position,
+            "index": self.index,
+            "per_head": self.per_head,
+            "labels": list(self.labels),
+            "sequences": [
+                {"target_id": int(self.target_id[b]), "target_text": self.target_text[b],
+                 "logit": float(self.logit[b]), "total": float(self.values[b].sum()),
+                 "values": self.values[b].tolist()}
+                for b in range(self.values.shape[0])
+            ],
+        }
+
+
+def direct_logit_attribution(model: nn.Module, input_ids, position: int = -1, target=None,
+                             per_head: bool = False, *, tokenizer=None, **model_kwargs) -> Attribution:
+    """Direct logit attribution at `position` (see Attribution for the terms).
+
+    input_ids: token ids ([T] or [batch, T]), a dict/BatchEncoding, or text with `tokenizer`.
+    target:    None (the model's argmax at that position), a token id, a [batch] tensor of ids,
+               or a token's text (needs `tokenizer`; it must be a single token).
+    per_head:  split each attention output into its heads (and the output-projection bias).
+    """
+    return attribute_positions(model, input_ids, [position], target, per_head, tokenizer=tokenizer,
+                               **model_kwargs)[0]
+
+
+@torch.no_grad()
+def attribute_positions(model: nn.Module, input_ids, positions: list[int], target=None,
+                        per_head: bool = False, *, tokenizer=None, **model_kwargs) -> list[Attribution]:
+    """direct_logit_attribution at several positions from one forward pass (a causal model's
+    prefix up to each position is the same as a separate run on that prefix)."""
+    parts = anatomy(model)
+    inputs = prepare_inputs(model, tokenizer, input_ids, dict(model_kwargs), caller="direct_logit_attribution()")
+    ids = inputs["input_ids"]
+    length = ids.shape[1]
+    indices = [_index(p, length) for p in positions]
+    where = torch.tensor(indices, dtype=torch.long, device=ids.device)
+    if forward_takes(model, "logits_to_keep"):  # only the rows we need: no [batch, tokens, vocab] logits
+        inputs["logits_to_keep"] = where
+    with PositionCapture(where) as capture:
+        _hook_terms(capture, parts, per_head)
+        output = model(**inputs)
+    logits = _logits_at(output.logits, where, length)  # [B, P, V]
+    terms = _vector_terms(capture, parts, per_head)  # label -> [B, P, d] or [B, P, H, d] float64
+    residual = capture.rows("final_residual").double()  # [B, P, d]
+    _check_reconstruction(model, terms, residual, indices)
+    targets = _targets(target, logits, tokenizer)  # [B, P]
+    labels, values = _logit_terms(parts, terms, residual, targets)  # [B, P, terms]
+    actual = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
+    texts = _decode(tokenizer, targets)
+    return [
+        Attribution(labels=labels, values=values[:, j].cpu(), target_id=targets[:, j].cpu(),
+                    target_text=[row[j] for row in texts], logit=actual[:, j], position=positions[j],
+                    index=indices[j], n_layers=len(parts.blocks), n_heads=parts.n_heads, per_head=per_head)
+        for j in range(len(indices))
+    ]
+
+
+def _index(position: int, length: int) -> int:
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise TypeError(f"position must be an int, got {type(position).__name__}")
+    if not -length <= position < length:
+        raise ValueError(f"position {position} is outside the input's {length} tokens")
+    return position % length
+
+
+def _logits_at(logits: torch.Tensor, where: torch.Tensor, length: int) -> torch.Tensor:
+    if logits.shape[1] == length:  # the model ignored logits_to_keep or was not given it
+        return logits.index_select(1, where)
+    if logits.shape[1] == where.numel():
+        return logits
+    raise RuntimeError(f"the model returned logits for {logits.shape[1]} positions; expected {length} or {where.numel()}")
+
+
+def _hook_terms(capture: PositionCapture, parts: Anatomy, per_head: bool) -> None:
+    capture.output_of("embed", parts.embed)
+    if parts.pos_embed is not None:
+        capture.output_of("pos_embed", parts.pos_embed)
+    for i, block in enumerate(parts.blocks):
+        if per_head:
+            capture.input_of(f"L{i}.heads", block.out_proj)
+        else:
+            capture.output_of(f"L{i}.attn", block.attn)
+        capture.output_of(f"L{i}.mlp", block.mlp)
+    capture.input_of("final_residual", parts.final_norm.module)
+
+
+def _vector_terms(capture: PositionCapture, parts: Anatomy, per_head: bool) -> dict[str, torch.Tensor]:
+    """What each component wrote into the residual stream at the captured positions, float64."""
+    batch = capture.rows("final_residual").shape[0]
+    terms = {"embed": capture.rows("embed").double()}
+    if parts.pos_embed is not None:  # GPT-2's position embedding is [1, T, d]: the same for every row
+        pos = capture.rows("pos_embed").double()
+        terms["pos_embed"] = pos.expand(batch, *pos.shape[1:])
+    for i, block in enumerate(parts.blocks):
+        if per_head:
+            heads = capture.rows(f"L{i}.heads").double()  # [B, P, H * dh]
+            weight = parts.out_proj_weight(block).double()  # [d, H * dh]
+            split_heads = heads.unflatten(-1, (parts.n_heads, parts.head_dim))  # [B, P, H, dh]
+            split_weight = weight.unflatten(-1, (parts.n_heads, parts.head_dim))  # [d, H, dh]
+            terms[f"L{i}.heads"] = torch.einsum("bphk,dhk->bphd", split_heads, split_weight)
+            bias = parts.out_proj_bias(block)
+            if bias is not None:
+                terms[f"L{i}.attn_bias"] = bias.double().expand_as(terms["embed"])
+        else:
+            terms[f"L{i}.attn"] = capture.rows(f"L{i}.attn").double()
+        terms[f"L{i}.mlp"] = capture.rows(f"L{i}.mlp").double()
+    return terms
+
+
+def _check_reconstruction(model: nn.Module, terms: dict[str, torch.Tensor], residual: torch.Tensor,
+                          indices: list[int]) -> None:
+    """The parts must add up to the residual the final norm saw; if they do not, this model's
+    architecture writes something we do not know about, and every number would be wrong."""
+    total = torch.zeros_like(residual)
+    largest = residual.norm(dim=-1)
+    for vector in terms.values():
+        part = vector.sum(-2) if vector.dim() == 4 else vector  # heads add up to the attention output
+        total += part
+        largest = torch.maximum(largest, vector.norm(dim=-1).amax(-1) if vector.dim() == 4 else vector.norm(dim=-1))
+    error = ((total - residual).norm(dim=-1) / largest.clamp_min(torch.finfo(torch.float64).tiny))
+    dtype = next(model.parameters()).dtype
+    tolerance = RECONSTRUCTION_TOLERANCE.get(dtype, 1e-4)
+    worst = float(error.max())
+    if not worst <= tolerance:
+        raise ValueError(
+            f"the residual stream of {type(model).__name__} at positions {indices} is not the sum of its "
+            f"embedding, attention and MLP outputs (relative error {worst:.3g} > {tolerance:g}): this "
+            "architecture needs its own adapter in recon_fast.anatomy"
+        )
+
+
+def _targets(target, logits: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[B, P] token ids to attribute."""
+    batch, positions = logits.shape[:2]
+    if target is None:
+        return logits.argmax(-1)
+    if isinstance(target, str):
+        if tokenizer is None:
+            raise ValueError("a target given as text needs a tokenizer")
+        ids = tokenizer.encode(target, add_special_tokens=False)
+        if len(ids) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(f"target {target!r} is {len(ids)} tokens {pieces}, not one; pass a single token or its id")
+        target = ids[0]
+    ids = torch.as_tensor(target, dtype=torch.long, device=logits.device)
+    if ids.dim() == 0:
+        ids = ids.expand(batch)
+    if ids.shape != (batch,):
+        raise ValueError(f"target must be one id or one per sequence ({batch}), got shape {tuple(ids.shape)}")
+    vocab = logits.shape[-1]
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"target id out of range for a vocabulary of {vocab}: {ids.tolist()}")
+    return ids.unsqueeze(1).expand(batch, positions)
+
+
+def _logit_terms(parts: Anatomy, terms: dict[str, torch.Tensor], residual: torch.Tensor,
+                 targets: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """Each vector term through the final norm (scale frozen at `residual`) onto the unembedding
+    rows of `targets`: (labels, [B, P, terms] float64)."""
+    norm = parts.final_norm
+    unembed_rows = parts.unembed.weight.index_select(0, targets.flatten()).double()
+    direction = unembed_rows.view(*targets.shape, -1)  # [B, P, d]
+    if norm.weight is not None:
+        direction = direction * norm.weight.double()
+    if norm.kind == "layernorm":
+        centred = residual - residual.mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1) + norm.eps).sqrt()  # [B, P]
+        # LayerNorm centres every part; centring the direction instead gives the same dot product.
+        direction = direction - direction.mean(-1, keepdim=True)
+    else:
+        scale = (residual.pow(2).mean(-1) + norm.eps).sqrt()
+    labels, columns = [], []
+    for label, vector in terms.items():
+        if vector.dim() == 4:  # [B, P, H, d]: one term per head
+            layer = label.split(".")[0]
+            labels += [f"{layer}.H{h}" for h in range(vector.shape[2])]
+            columns.append((vector * direction.unsqueeze(2)).sum(-1) / scale.unsqueeze(-1))
+        else:
+            labels.append(label)
+            columns.append(((vector * direction).sum(-1) / scale).unsqueeze(-1))
+    if norm.bias is not None:
+        labels.append("norm_bias")
+        columns.append((unembed_rows.view(*targets.shape, -1) * norm.bias.double()).sum(-1, keepdim=True))
+    unembed_bias = getattr(parts.unembed, "bias", None)
+    if unembed_bias is not None:
+        labels.append("unembed_bias")
+        columns.append(unembed_bias.double()[targets].unsqueeze(-1))
+    return labels, torch.cat(columns, dim=-1)
+
+
+def _decode(tokenizer, targets: torch.Tensor) -> list[list[str]]:
+    rows = targets.tolist()
+    if tokenizer is None:
+        return [[str(t) for t in row] for row in rows]
+    return [[tokenizer.decode([t]) for t in row] for row in rows]

@@ -1,0 +1,233 @@
+"""The `attribute`, `cot` and `residual` commands of the `recon-fast` program, printing HexRay's
+console formats (`- MLP  L9 : +46.16 (24.3%)`, bar charts per chain-of-thought step) from
+recon_fast.attribution, recon_fast.chain_of_thought and recon_fast.logit_lens."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import numpy as np
+import orjson
+
+from recon_fast.models import load_model
+
+BAR_WIDTH = 25  # blocks of the longest bar (HexRay's)
+_LAYER_TERM = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|H\d+)$")
+_KIND = {"attn": "Attn", "mlp": "MLP", "attn_bias": "Attn"}
+_PLAIN_NAMES = {"embed": "Embed", "pos_embed": "PosEmbed", "norm_bias": "NormBias", "unembed_bias": "UnembedBias"}
+
+
+def add_parsers(sub, add_model_args) -> None:
+    p = sub.add_parser("attribute", help="direct logit attribution of the predicted token")
+    _common(p, add_model_args)
+    p.add_argument("--token-index", "--position", dest="position", type=int, default=-1,
+                   help="position to attribute (default: -1, the last token)")
+    p.add_argument("--target", default=None, help="token to attribute: its text or id (default: the prediction)")
+    p.add_argument("--share", choices=("top", "total"), default="top",
+                   help="percent of the listed terms' magnitude (HexRay's, default) or of all terms")
+    p.add_argument("--logit-debug", action="store_true", help="also print the model's logit beside the terms' sum")
+    p.add_argument("--cot-debug", action="store_true", help="run the chain-of-thought trace instead (HexRay's flag)")
+    p.set_defaults(run=cmd_attribute)
+
+    p = sub.add_parser("cot", help="attribution of every chain-of-thought step, one forward pass")
+    _common(p, add_model_args)
+    p.set_defaults(run=cmd_cot)
+
+    p = sub.add_parser("residual", help="residual stream per layer: norms and the logit lens")
+    p.add_argument("--prompt", required=True)
+    add_model_args(p)
+    p.add_argument("--lens-k", type=int, default=1, help="logit-lens tokens per position (default: 1)")
+    p.add_argument("--max-positions", type=int, default=10, help="last positions shown (default: 10)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead")
+    p.add_argument("--report", metavar="DIR", default=None, help="write residual.json and residual.png there")
+    p.set_defaults(run=cmd_residual)
+
+
+def _common(p: argparse.ArgumentParser, add_model_args) -> None:
+    p.add_argument("--prompt", required=True)
+    add_model_args(p)
+    p.add_argument("--top-k", "--top-k-attribution", dest="top_k", type=int, default=10,
+                   help="contributors listed (default: 10)")
+    p.add_argument("--per-head", action="store_true", help="split attention into heads")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead")
+    p.add_argument("--report", metavar="DIR", default=None, help="write JSON and a PNG heatmap there")
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def display_names(labels: list[str]) -> dict[str, str]:
+    """HexRay's names: "MLP  L9 ", "Attn L11", "Head L3.H7"; other terms by name. Layer fields are
+    padded to a common width so the colons line up."""
+    parts = {}
+    for label in labels:
+        match = _LAYER_TERM.match(label)
+        if match is None:
+            parts[label] = (_PLAIN_NAMES.get(label, label), None)
+        elif match.group(2).startswith("H"):
+            parts[label] = ("Head", f"L{match.group(1)}.{match.group(2)}")
+        else:
+            suffix = ".b" if match.group(2) == "attn_bias" else ""
+            parts[label] = (_KIND[match.group(2)], f"L{match.group(1)}{suffix}")
+    where_width = max([len(w) for _, w in parts.values() if w] or [0])
+    names = {label: f"{kind:<4} {where:<{where_width}}" if where else kind for label, (kind, where) in parts.items()}
+    width = max(len(n) for n in names.values())
+    return {label: name.ljust(width) for label, name in names.items()}
+
+
+def contributor_lines(top: list[tuple[str, float, float]]) -> list[str]:
+    names = display_names([label for label, _, _ in top])
+    return [f"- {names[label]}: {value:+.2f} ({percent:.1f}%)" for label, value, percent in top]
+
+
+def bar_lines(top: list[tuple[str, float, float]]) -> list[str]:
+    names = display_names([label for label, _, _ in top])
+    longest = max((percent for _, _, percent in top), default=0.0) or 1.0
+    lines = []
+    for label, value, percent in top:
+        bar = "█" * math.floor(percent / longest * BAR_WIDTH + 1e-9)  # HexRay rounds bars down
+        signed = -percent if value < 0 else percent  # a negative contributor shows its sign
+        lines.append(f"{names[label]} {bar:<{BAR_WIDTH}} {signed:5.1f}%")
+    return lines
+
+
+def token_header(attribution, row: int = 0) -> str:
+    return f'Token: "{attribution.target_text[row]}" (index {attribution.position})'
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def _load(args):
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_attribute(args) -> int:
+    if args.cot_debug:
+        return cmd_cot(args)
+    from recon_fast.attribution import direct_logit_attribution
+
+    _check_top_k(args.top_k)
+    model, tokenizer = _load(args)
+    target = int(args.target) if args.target is not None and args.target.lstrip("-").isdigit() else args.target
+    attribution = direct_logit_attribution(model, args.prompt, position=args.position, target=target,
+                                           per_head=args.per_head, tokenizer=tokenizer)
+    document = {"prompt": args.prompt, "model": args.model, **attribution.to_dict()}
+    if args.report:
+        _attribution_report(args.report, "attribution", document, attribution)
+    if args.json:
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(token_header(attribution))
+    print("Top Contributors to Final Logit:")
+    print("\n".join(contributor_lines(attribution.top(args.top_k, share=args.share))))
+    if args.logit_debug:
+        total, logit = float(attribution.total()[0]), float(attribution.logit[0])
+        print(f"Logit check: model {logit:+.4f}, sum of {len(attribution.labels)} terms {total:+.4f} "
+              f"(difference {total - logit:+.2e})")
+    if args.report:
+        print(f"Report: {args.report}/attribution.json, {args.report}/attribution.png")
+    return 0
+
+
+def cmd_cot(args) -> int:
+    from recon_fast.chain_of_thought import chain_of_thought, steps_to_dict
+
+    _check_top_k(args.top_k)
+    model, tokenizer = _load(args)
+    steps = chain_of_thought(model, tokenizer, args.prompt, per_head=args.per_head)
+    document = {"prompt": args.prompt, "model": args.model, "steps": steps_to_dict(steps)}
+    if args.report:
+        _cot_report(args.report, document, steps)
+    if args.json:
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print("Chain of Thought Attribution Trace (Console):")
+    for step in steps:
+        print()
+        print(f"Step {step.number}: {step.text}")
+        print(token_header(step.attribution).replace(f"(index {step.attribution.position})",
+                                                     f"(token {step.token_index})"))
+        print("\n".join(bar_lines(step.attribution.top(args.top_k))))
+    if args.report:
+        print(f"\nReport: {args.report}/cot.json, {args.report}/cot.png")
+    return 0
+
+
+def cmd_residual(args) -> int:
+    from recon_fast.logit_lens import logit_lens
+
+    if args.lens_k < 1 or args.max_positions < 1:
+        raise ValueError("--lens-k and --max-positions must be at least 1")
+    model, tokenizer = _load(args)
+    lens = logit_lens(model, args.prompt, k=args.lens_k, tokenizer=tokenizer)
+    document = {"prompt": args.prompt, "model": args.model, **lens.to_dict()}
+    if args.report:
+        from recon_fast import report
+
+        report.write_json(args.report, "residual", document)
+        report.write_heatmap(args.report, "residual", lens.norms[:, 0].numpy(), lens.layers,
+                             [repr(t)[1:-1][:12] for t in lens.tokens[0]], "residual stream norm per token",
+                             "L2 norm")
+    if args.json:
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print("\n".join(residual_table(lens, args.max_positions)))
+    return 0
+
+
+def residual_table(lens, max_positions: int) -> list[str]:
+    """Per layer: the residual's shape, each shown position's norm, and the lens' top token."""
+    length = lens.shape[1]
+    shown = list(range(max(0, length - max_positions), length))
+    cell = 11
+
+    def fit(text: str) -> str:
+        text = repr(text)
+        return text if len(text) <= cell else text[:cell - 2] + "…'"
+
+    shape = str(list(lens.shape))
+    lines = [f"Residual stream: {len(lens.layers)} readings (embed + {len(lens.layers) - 1} blocks), "
+             f"shape {shape} each" + (f"; last {len(shown)} of {length} positions" if len(shown) < length else ""),
+             f"{'layer':<6} {'shape':<{len(shape)}} {'':<5}" + "".join(f"{p:>{cell + 1}}" for p in shown),
+             f"{'':<6} {'':<{len(shape)}} {'token':<5}" + "".join(f"{fit(lens.tokens[0][p]):>{cell + 1}}" for p in shown)]
+    for i, layer in enumerate(lens.layers):
+        norms = "".join(f"{float(lens.norms[i, 0, p]):>{cell + 1}.2f}" for p in shown)
+        lines.append(f"{layer:<6} {shape:<{len(shape)}} {'norm':<5}{norms}")
+        top = [lens.predicted[i][0][p] if lens.predicted else str(int(lens.token_ids[i, 0, p, 0])) for p in shown]
+        lines.append(f"{'':<6} {'':<{len(shape)}} {'lens':<5}" + "".join(f"{fit(t):>{cell + 1}}" for t in top))
+    return lines
+
+
+def _check_top_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {k}")
+
+
+def _attribution_report(folder: str, name: str, document: dict, attribution) -> None:
+    from recon_fast import report
+
+    report.write_json(folder, name, document)
+    rows, columns, grid = attribution.grid()
+    what = "heads" if attribution.per_head else "attention and MLP"
+    report.write_heatmap(folder, name, grid.numpy(), rows, columns,
+                         f'direct logit attribution to "{attribution.target_text[0]}" ({what})', "logit contribution")
+
+
+def _cot_report(folder: str, document: dict, steps) -> None:
+    from recon_fast import report
+
+    report.write_json(folder, "cot", document)
+    components, matrix = [], []  # a row per layer component, a column per step
+    for step in steps:
+        rows, parts, grid = step.attribution.grid()
+        components = [f"{r} {c}" for r in rows for c in parts]
+        matrix.append(grid.flatten().numpy())
+    report.write_heatmap(folder, "cot", np.stack(matrix, axis=1), components, [f"step {s.number}" for s in steps],
+                         "direct logit attribution per chain-of-thought step", "logit contribution")
+
+
+def hexray_argv(argv: list[str]) -> list[str]:
+    """HexRay was invoked without a command (`hexray.py --prompt ... --top-k-attribution 10`):
+    such a command line runs `attribute` (or `cot` with --cot-debug)."""
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version") and "--prompt" in argv:
+        return ["attribute", *argv]
+    return argv

@@ -1,0 +1,99 @@
+"""Logit lens: what the residual stream after each layer would predict if it went straight through
+the model's own final norm and unembedding, per position. Hooks reduce each layer's residual to
+its top-k tokens (and its per-token norm, with token_stats) as the forward pass runs, a chunk of
+positions at a time, so neither [tokens, d_model] per layer nor [tokens, vocab] is ever kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recon_fast import ops
+from recon_fast.anatomy import Anatomy, anatomy
+from recon_fast.model_inputs import forward_takes, prepare_inputs
+from recon_fast.tracer import extract_tensor
+
+LENS_CHUNK = 256  # positions unembedded at once: bounds the transient [chunk, vocab] logits
+
+
+@dataclass
+class LogitLens:
+    """layers:    "embed" (the residual entering block 0), then "L0" ... (after each block).
+    token_ids: [layers, batch, tokens, k] the top-k predicted tokens per layer and position.
+    logprobs:  [layers, batch, tokens, k] their log-probabilities (float32).
+    norms:     [layers, batch, tokens] L2 norm of the residual stream (float32).
+    shape:     the residual's shape, [batch, tokens, d_model].
+    tokens:    the input tokens as text per sequence (ids as text without a tokenizer)."""
+
+    layers: list[str]
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    norms: torch.Tensor
+    shape: tuple[int, int, int]
+    tokens: list[list[str]]
+    predicted: list[list[list[str]]] | None = None  # [layers][batch][tokens] top-1 text
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "shape": list(self.shape), "tokens": self.tokens,
+                "token_ids": self.token_ids.tolist(), "logprobs": self.logprobs.tolist(),
+                "norms": self.norms.tolist(), "top1_text": self.predicted}
+
+
+@torch.no_grad()
+def logit_lens(model: nn.Module, input_ids, k: int = 5, *, tokenizer=None, **model_kwargs) -> LogitLens:
+    """The logit lens of every layer at every position, from one forward pass."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    parts = anatomy(model)
+    inputs = prepare_inputs(model, tokenizer, input_ids, dict(model_kwargs), caller="logit_lens()")
+    if forward_takes(model, "logits_to_keep"):
+        inputs["logits_to_keep"] = 1  # the lens computes its own logits; the model's are not needed
+    k = min(k, parts.unembed.weight.shape[0])
+    readings: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    shapes: list[tuple[int, ...]] = []
+
+    def read(residual: torch.Tensor) -> None:
+        shapes.append(tuple(residual.shape))
+        readings.append(_read_residual(parts, residual.detach(), k))
+
+    handles = [parts.blocks[0].module.register_forward_pre_hook(
+        lambda mod, args, kwargs: read(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)]
+    for block in parts.blocks:
+        handles.append(block.module.register_forward_hook(lambda mod, args, out: read(extract_tensor(out))))
+    try:
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(readings) != len(parts.blocks) + 1:
+        raise RuntimeError(f"expected {len(parts.blocks) + 1} residual readings, got {len(readings)}")
+    ids = torch.stack([r[0] for r in readings]).cpu()
+    lens = LogitLens(layers=["embed"] + [f"L{i}" for i in range(len(parts.blocks))], token_ids=ids,
+                     logprobs=torch.stack([r[1] for r in readings]).cpu(),
+                     norms=torch.stack([r[2] for r in readings]).cpu(), shape=shapes[-1],
+                     tokens=_decode_rows(tokenizer, inputs["input_ids"].tolist()))
+    if tokenizer is not None:
+        lens.predicted = [[tokenizer.batch_decode([[t] for t in row]) for row in layer] for layer in ids[..., 0].tolist()]
+    return lens
+
+
+def _read_residual(parts: Anatomy, residual: torch.Tensor, k: int):
+    """[B, T, d] -> top-k ids [B, T, k], their log-probs, and per-token norms [B, T]."""
+    norms = ops.token_stats(residual)[..., 0]
+    top_ids, top_logprobs = [], []
+    for start in range(0, residual.shape[1], LENS_CHUNK):
+        chunk = residual[:, start:start + LENS_CHUNK]
+        logits = parts.unembed(parts.final_norm.module(chunk)).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        values, ids = logprobs.topk(k, dim=-1)
+        top_ids.append(ids)
+        top_logprobs.append(values)
+    return torch.cat(top_ids, 1), torch.cat(top_logprobs, 1), norms
+
+
+def _decode_rows(tokenizer, rows: list[list[int]]) -> list[list[str]]:
+    if tokenizer is None:
+        return [[str(t) for t in row] for row in rows]
+    return [tokenizer.batch_decode([[t] for t in row]) for row in rows]
