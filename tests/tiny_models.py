@@ -14,6 +14,12 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 96
@@ -30,10 +36,17 @@ def make_model(arch: str, *, attn_implementation: str = "sdpa", seed: int = 0) -
                              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
                              pad_token_id=0, **common)
         model = LlamaForCausalLM(config)
-    elif arch == "neox":
+    elif arch in ("neox", "neox-sequential"):
         config = GPTNeoXConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=96, num_attention_heads=4,
-                               max_position_embeddings=128, bos_token_id=0, eos_token_id=0, **common)
+                               max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+                               use_parallel_residual=arch == "neox", **common)
         model = GPTNeoXForCausalLM(config)
+    elif arch in LLAMA_LIKE:
+        config_class, model_class = LLAMA_LIKE[arch]
+        config = config_class(num_hidden_layers=2, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=12, max_position_embeddings=128, bos_token_id=0,
+                              eos_token_id=0, pad_token_id=0, **common)
+        model = model_class(config)
     elif arch == "bert":
         config = BertConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=96, num_attention_heads=4,
                             max_position_embeddings=128, **common)
@@ -44,6 +57,21 @@ def make_model(arch: str, *, attn_implementation: str = "sdpa", seed: int = 0) -
 
 
 ARCHS = ["gpt2", "llama", "neox", "bert"]
+LLAMA_LIKE = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+              "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+# Causal LMs that direct logit attribution has adapters for (GPT-NeoX with both residual layouts).
+CAUSAL_ARCHS = ["gpt2", "llama", "neox", "neox-sequential", *LLAMA_LIKE]
+
+
+def perturb_vectors(model: torch.nn.Module, seed: int = 1, scale: float = 0.5) -> torch.nn.Module:
+    """Random norm weights and biases: freshly built models have weight 1 and bias 0, under which
+    a forgotten norm weight or bias term would go unnoticed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
 
 
 def capture_outputs(model: torch.nn.Module, names: list[str], call) -> list[tuple[str, torch.Tensor]]:

@@ -1,0 +1,379 @@
+"""Direct logit attribution, logit lens and chain of thought, against independent references:
+the model's own logits (terms must add up to them), a decomposition written here from residual
+differences with plain torch hooks, and TransformerLens's decompose_resid / apply_ln_to_stack."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import CAUSAL_ARCHS, VOCAB, make_model, perturb_vectors
+
+from recon_fast.anatomy import anatomy
+from recon_fast.attribution import attribute_positions, direct_logit_attribution
+from recon_fast.chain_of_thought import chain_of_thought, split_steps
+from recon_fast.logit_lens import logit_lens
+from recon_fast.position_capture import PositionCapture
+
+# float32 models: the terms are summed in float64 from float32 activations, so they differ from
+# the model's own float32 logit by its rounding (~1e-7 relative); the issue's bound is 1e-4.
+SUM_RTOL = 1e-4
+
+
+def causal_model(arch: str, *, seed: int = 0, dtype=torch.float32, attn_implementation="sdpa"):
+    return perturb_vectors(make_model(arch, seed=seed, attn_implementation=attn_implementation), seed=seed + 1).to(dtype)
+
+
+def assert_sums_to_logit(attribution, rtol=SUM_RTOL):
+    logit = attribution.logit
+    assert bool((logit.abs() > 1e-3).all()), f"logit {logit} too close to 0 for a relative check"
+    error = ((attribution.total() - logit).abs() / logit.abs()).max()
+    assert error <= rtol, f"terms sum to {attribution.total()} but the model's logit is {logit} (rel {error:.2e})"
+
+
+# ---- the invariant: terms add up to the model's logit --------------------------------------------
+@pytest.mark.parametrize("per_head", [False, True], ids=["components", "heads"])
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_terms_sum_to_the_models_logit(arch, per_head):
+    model = causal_model(arch, seed=3)
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
+    for position in (-1, 0, 6):
+        attribution = direct_logit_attribution(model, ids, position=position, per_head=per_head)
+        assert attribution.values.shape == (2, len(attribution.labels))
+        assert_sums_to_logit(attribution)
+        # The target defaults to the model's prediction there.
+        with torch.no_grad():
+            expected = model(ids).logits[:, position].argmax(-1)
+        assert torch.equal(attribution.target_id, expected)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_a_chosen_target_also_sums_to_its_logit(arch):
+    model = causal_model(arch, seed=7)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    target = int(logits.argmin())  # the least likely token: a negative logit
+    attribution = direct_logit_attribution(model, ids, target=target)
+    assert int(attribution.target_id[0]) == target
+    assert float(attribution.logit[0]) == pytest.approx(float(logits[target]), rel=1e-6)
+    assert_sums_to_logit(attribution)
+
+
+def test_labels_name_every_part_in_residual_order():
+    gpt2 = direct_logit_attribution(causal_model("gpt2"), torch.arange(6))
+    assert gpt2.labels == ["embed", "pos_embed", "L0.attn", "L0.mlp", "L1.attn", "L1.mlp", "norm_bias"]
+    heads = direct_logit_attribution(causal_model("gpt2"), torch.arange(6), per_head=True)
+    assert heads.labels[:7] == ["embed", "pos_embed", "L0.H0", "L0.H1", "L0.H2", "L0.H3", "L0.attn_bias"]
+    llama = direct_logit_attribution(causal_model("llama"), torch.arange(6))  # RMSNorm, no biases
+    assert llama.labels == ["embed", "L0.attn", "L0.mlp", "L1.attn", "L1.mlp"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox", "qwen2"])
+def test_heads_add_up_to_the_attention_term_minus_its_bias(arch):
+    model = causal_model(arch, seed=11)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(12))
+    whole = direct_logit_attribution(model, ids, position=-2)
+    heads = direct_logit_attribution(model, ids, position=-2, per_head=True)
+    for layer in range(2):
+        head_sum = sum(heads.values[:, heads.labels.index(f"L{layer}.H{h}")] for h in range(4))
+        bias = (heads.values[:, heads.labels.index(f"L{layer}.attn_bias")]
+                if f"L{layer}.attn_bias" in heads.labels else torch.zeros(2, dtype=torch.float64))
+        attn = whole.values[:, whole.labels.index(f"L{layer}.attn")]
+        torch.testing.assert_close(head_sum, attn - bias, rtol=1e-5, atol=1e-7)
+        assert bool((heads.values[:, heads.labels.index(f"L{layer}.H0")] != head_sum).all())  # not all one value
+
+
+# ---- an independent decomposition: residual differences captured with plain hooks ---------------
+@torch.no_grad()
+def decompose_by_differences(model, ids, position: int, target: torch.Tensor):
+    """{"embeddings", "L{i}.attn", "L{i}.mlp"} -> [B] logit terms, from the residual stream before,
+    between and after each block's two parts (no recon_fast code involved)."""
+    arch = model.config.model_type
+    if arch == "gpt2":
+        blocks, mid_norm, final_norm, unembed = model.transformer.h, "ln_2", model.transformer.ln_f, model.lm_head
+    elif arch == "gpt_neox":
+        blocks, mid_norm, final_norm, unembed = (model.gpt_neox.layers, "post_attention_layernorm",
+                                                 model.gpt_neox.final_layer_norm, model.lm_head)
+    else:
+        blocks, mid_norm, final_norm, unembed = model.model.layers, "post_attention_layernorm", model.model.norm, model.lm_head
+    parallel = getattr(model.config, "use_parallel_residual", False)
+    seen, handles = {}, []
+
+    def keep(key):
+        def hook(module, args, output=None):
+            value = args[0] if output is None else (output[0] if isinstance(output, tuple) else output)
+            seen[key] = value[:, position].double()
+        return hook
+
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(keep(f"pre{i}")))
+        handles.append(block.register_forward_hook(keep(f"post{i}")))
+        if parallel:
+            handles.append(block.attention.register_forward_hook(keep(f"attn{i}")))
+        else:
+            handles.append(getattr(block, mid_norm).register_forward_pre_hook(keep(f"mid{i}")))
+    handles.append(final_norm.register_forward_pre_hook(keep("final")))
+    try:
+        model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    vectors = {"embeddings": seen["pre0"]}
+    for i in range(len(blocks)):
+        attn = seen[f"attn{i}"] if parallel else seen[f"mid{i}"] - seen[f"pre{i}"]
+        vectors[f"L{i}.attn"] = attn
+        vectors[f"L{i}.mlp"] = seen[f"post{i}"] - seen[f"pre{i}"] - attn
+    h = seen["final"]
+    weight = final_norm.weight.double()
+    u = unembed.weight.double()[target] * weight  # [B, d]
+    if isinstance(final_norm, torch.nn.LayerNorm):
+        scale = torch.sqrt(torch.var(h, dim=-1, unbiased=False) + final_norm.eps)
+        return {k: ((v - v.mean(-1, keepdim=True)) * u).sum(-1) / scale for k, v in vectors.items()}
+    scale = torch.sqrt(h.pow(2).mean(-1) + final_norm.variance_epsilon)
+    return {k: (v * u).sum(-1) / scale for k, v in vectors.items()}
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-4), (torch.float64, 1e-9)], ids=["float32", "float64"])
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_components_match_an_independent_decomposition(arch, dtype, rtol):
+    model = causal_model(arch, seed=21, dtype=dtype)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(22))
+    ours = direct_logit_attribution(model, ids, position=-4)
+    reference = decompose_by_differences(model, ids, -4, ours.target_id)
+    embeddings = sum(ours.values[:, ours.labels.index(k)] for k in ("embed", "pos_embed") if k in ours.labels)
+    largest = max(float(v.abs().max()) for v in reference.values())
+    torch.testing.assert_close(embeddings, reference.pop("embeddings"), rtol=rtol, atol=rtol * largest)
+    for label, expected in reference.items():
+        torch.testing.assert_close(ours.values[:, ours.labels.index(label)], expected, rtol=rtol,
+                                   atol=rtol * largest, msg=lambda m: f"{arch} {label}: {m}")
+    if dtype == torch.float64:  # Llama-family RMSNorms compute in float32 even for float64 input
+        assert_sums_to_logit(ours, rtol=1e-6)
+
+
+# ---- TransformerLens ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A word-level tokenizer over the tiny models' vocabulary, saved and reloaded (TransformerLens
+    reloads tokenizers from their folder)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t0", eos_token="t0", unk_token="t1",
+                                        pad_token="t0")
+    folder = tmp_path_factory.mktemp("word_tokenizer")
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("position", [-1, 4])
+def test_gpt2_components_and_heads_agree_with_transformer_lens(word_tokenizer, position):
+    pytest.importorskip("transformer_lens")
+    import transformer_lens.model_bridge.sources.transformers  # noqa: F401  (attaches boot_transformers)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = causal_model("gpt2", seed=31, attn_implementation="eager")
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(32))
+    ours = direct_logit_attribution(model, ids, position=position)
+    ours_heads = direct_logit_attribution(model, ids, position=position, per_head=True)
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(model), tokenizer=word_tokenizer)
+    # Fold the final LayerNorm's weight into W_U and its bias into b_U (TransformerLens's own way of
+    # applying the norm's affine part); centring the unembedding would shift every term, so not that.
+    bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
+    target = int(ours.target_id[0])
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids)
+        direction = bridge.tokens_to_residual_directions(target)
+        stack, labels = cache.decompose_resid(layer=-1, pos_slice=position, return_labels=True)
+        tl = (cache.apply_ln_to_stack(stack, layer=-1, pos_slice=position)[:, 0] @ direction).double()
+        heads, head_labels = cache.stack_head_results(layer=-1, pos_slice=position, return_labels=True)
+        tl_heads = (cache.apply_ln_to_stack(heads, layer=-1, pos_slice=position)[:, 0] @ direction).double()
+        tl_bias = float(bridge.b_U[target])
+    assert labels == ["embed", "pos_embed", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
+    mine = ["embed", "pos_embed", "L0.attn", "L0.mlp", "L1.attn", "L1.mlp"]
+    ours_values = ours.values[0, [ours.labels.index(k) for k in mine]]
+    largest = float(ours_values.abs().max())
+    torch.testing.assert_close(ours_values, tl, rtol=1e-4, atol=1e-4 * largest)
+    assert float(ours.values[0, ours.labels.index("norm_bias")]) == pytest.approx(tl_bias, rel=1e-4, abs=1e-4 * largest)
+    head_values = ours_heads.values[0, [ours_heads.labels.index(f"L{l[1]}.H{l[3]}") for l in head_labels]]
+    torch.testing.assert_close(head_values, tl_heads, rtol=1e-4, atol=1e-4 * largest)
+
+
+# ---- the real model ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_smollm2_terms_sum_to_its_logit_at_several_positions(smollm2):
+    model, tokenizer = smollm2
+    prompt = "The bees buzz because their wings beat two hundred times every second, said the teacher."
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    positions = [-1, -5, 3, 0]
+    for attribution in attribute_positions(model, ids, positions, tokenizer=tokenizer):
+        assert len(attribution.labels) == 1 + 2 * 30  # embed + attn and MLP of 30 layers
+        assert_sums_to_logit(attribution)
+    heads = direct_logit_attribution(model, ids, position=-2, per_head=True, tokenizer=tokenizer)
+    assert len(heads.labels) == 1 + 30 * (9 + 1)
+    assert_sums_to_logit(heads)
+    assert heads.target_text[0] == tokenizer.decode([int(heads.target_id[0])])
+
+
+# ---- positions, batches, targets, memory --------------------------------------------------------
+def test_several_positions_from_one_pass_equal_separate_runs_on_prefixes():
+    """What one pass gives at position p is what a run on the prefix [0, p] gives at its end."""
+    model = causal_model("llama", seed=41, attn_implementation="eager")
+    ids = torch.randint(0, VOCAB, (1, 14), generator=torch.Generator().manual_seed(42))
+    positions = [2, 7, 13]
+    together = attribute_positions(model, ids, positions, per_head=True)
+    for position, attribution in zip(positions, together):
+        alone = direct_logit_attribution(model, ids[:, :position + 1], per_head=True)
+        assert attribution.labels == alone.labels and attribution.index == position
+        assert torch.equal(attribution.target_id, alone.target_id)
+        torch.testing.assert_close(attribution.values, alone.values, rtol=1e-5, atol=1e-6)
+
+
+def test_only_rows_at_the_requested_positions_are_kept(monkeypatch):
+    kept = []
+    original = PositionCapture._keep
+
+    def recording(self, key, tensor, what):
+        original(self, key, tensor, what)
+        kept.append(tuple(self._rows[key].shape))
+
+    monkeypatch.setattr(PositionCapture, "_keep", recording)
+    model = causal_model("gpt2")
+    direct_logit_attribution(model, torch.randint(0, VOCAB, (3, 40)), position=-1)
+    assert kept and all(shape[1:] == (1, 48) for shape in kept)  # [batch or 1, 1 position, d_model]
+
+
+def test_hooks_are_removed_after_success_and_failure():
+    model = causal_model("gpt2")
+
+    def hook_count():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    direct_logit_attribution(model, torch.arange(5), per_head=True)
+    assert hook_count() == 0
+    with pytest.raises(ValueError, match="outside"):
+        direct_logit_attribution(model, torch.arange(5), position=5)
+    block = model.transformer.h[0]
+    handle = block.register_forward_hook(lambda m, a, out: (out + 1.0) if torch.is_tensor(out) else (out[0] + 1.0,) + tuple(out[1:]))
+    try:
+        with pytest.raises(ValueError, match="not the sum of its embedding"):
+            direct_logit_attribution(model, torch.arange(5))
+    finally:
+        handle.remove()
+    assert hook_count() == 0
+
+
+def test_text_input_and_a_target_given_as_text(word_tokenizer):
+    model = causal_model("gpt2", seed=51)
+    attribution = direct_logit_attribution(model, "t5 t9 t2 t7", target="t3", tokenizer=word_tokenizer)
+    assert int(attribution.target_id[0]) == 3 and attribution.target_text == ["t3"]
+    assert_sums_to_logit(attribution)
+    with pytest.raises(ValueError, match="2 tokens"):
+        direct_logit_attribution(model, "t5 t9", target="t3 t4", tokenizer=word_tokenizer)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"position": 9}, ValueError, "outside the input's 6 tokens"),
+    ({"position": -7}, ValueError, "outside"),
+    ({"position": 1.5}, TypeError, "position must be an int"),
+    ({"target": VOCAB}, ValueError, "out of range"),
+    ({"target": [1, 2, 3]}, ValueError, "one per sequence"),
+    ({"target": "hello"}, ValueError, "needs a tokenizer"),
+])
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        direct_logit_attribution(causal_model("gpt2"), torch.arange(6), **kwargs)
+
+
+def test_models_without_an_adapter_or_a_head_get_a_clear_error():
+    with pytest.raises(ValueError, match=r"no attribution adapter for BertModel \(model_type 'bert'\).*gpt2"):
+        direct_logit_attribution(make_model("bert"), torch.arange(6))
+    from transformers import GPT2Config, GPT2Model
+
+    headless = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)).eval()
+    with pytest.raises(ValueError, match="no unembedding 'lm_head'.*AutoModelForCausalLM"):
+        anatomy(headless)
+
+
+def test_top_uses_hexrays_percent_or_the_share_of_the_total():
+    attribution = direct_logit_attribution(causal_model("gpt2", seed=61), torch.arange(8))
+    top = attribution.top(3)
+    values = attribution.values[0]
+    magnitudes = sorted(values.abs().tolist(), reverse=True)
+    assert [abs(v) for _, v, _ in top] == pytest.approx(magnitudes[:3])
+    assert sum(p for _, _, p in top) == pytest.approx(100.0)
+    total = attribution.top(3, share="total")
+    assert total[0][2] == pytest.approx(100 * magnitudes[0] / sum(magnitudes))
+    document = attribution.to_dict()
+    assert document["labels"] == attribution.labels
+    assert document["sequences"][0]["total"] == pytest.approx(float(attribution.total()[0]))
+
+
+def test_grid_places_each_layer_term():
+    attribution = direct_logit_attribution(causal_model("neox", seed=62), torch.arange(8), per_head=True)
+    rows, columns, grid = attribution.grid()
+    assert rows == ["L0", "L1"] and columns == ["H0", "H1", "H2", "H3"]
+    assert float(grid[1, 2]) == float(attribution.values[0, attribution.labels.index("L1.H2")])
+
+
+# ---- logit lens --------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_logit_lens_matches_hidden_states_through_the_final_norm(arch):
+    model = causal_model(arch, seed=71)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(72))
+    lens = logit_lens(model, ids, k=3)
+    with torch.no_grad():
+        output = model(ids, output_hidden_states=True)
+    parts = anatomy(model)
+    assert lens.layers == ["embed", "L0", "L1"] and lens.token_ids.shape == (3, 2, 9, 3)
+    # HF's last hidden state already went through the final norm; the earlier ones did not.
+    for i, hidden in enumerate(output.hidden_states[:-1]):
+        expected = torch.log_softmax(parts.unembed(parts.final_norm.module(hidden)).float(), -1).topk(3, -1)
+        torch.testing.assert_close(lens.logprobs[i], expected.values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lens.norms[i], hidden.double().norm(dim=-1).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(lens.token_ids[-1, ..., 0], output.logits.argmax(-1))
+
+
+def test_logit_lens_chunks_long_inputs(monkeypatch):
+    import recon_fast.logit_lens as module
+
+    model = causal_model("llama", seed=73)
+    ids = torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(74))
+    whole = logit_lens(model, ids, k=2)
+    monkeypatch.setattr(module, "LENS_CHUNK", 7)
+    chunked = logit_lens(model, ids, k=2)
+    assert torch.equal(whole.token_ids, chunked.token_ids)
+
+
+# ---- chain of thought --------------------------------------------------------------------------
+@pytest.mark.parametrize("text, steps", [
+    ("If John has 3 apples...", ["If John has 3 apples..."]),
+    ("John has 3.5 apples. He eats one! How many are left?", ["John has 3.5 apples.", "He eats one!", "How many are left?"]),
+    ("Step 1: he has 3. He buys 2.\nStep 2: 3 + 2 = 5.\nSo: 5", ["Step 1: he has 3. He buys 2.", "Step 2: 3 + 2 = 5.", "So: 5"]),
+    ("Step 1: a. b. Step 2: c.", ["Step 1: a. b.", "Step 2: c."]),
+    ("first line\n\n  second line  \n", ["first line", "second line"]),
+    ("Think.\n1. add\n2) carry", ["Think.", "1. add", "2) carry"]),
+    ("   ", []),
+])
+def test_split_steps(text, steps):
+    assert [text[a:b] for a, b in split_steps(text)] == steps
+
+
+@pytest.mark.slow
+def test_chain_of_thought_in_one_pass_equals_a_forward_per_step(smollm2):
+    model, tokenizer = smollm2
+    prompt = "John has 3 apples. He buys 2 more apples. How many apples does he have now?"
+    steps = chain_of_thought(model, tokenizer, prompt)
+    assert [s.text for s in steps] == ["John has 3 apples.", "He buys 2 more apples.", "How many apples does he have now?"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    for step in steps:
+        # The step's last token is the one holding its last character.
+        assert tokenizer.decode(ids[0, :step.token_index + 1]).endswith(step.text)
+        alone = direct_logit_attribution(model, ids[:, :step.token_index + 1], tokenizer=tokenizer)
+        assert torch.equal(step.attribution.target_id, alone.target_id)
+        scale = float(alone.values.abs().max())
+        torch.testing.assert_close(step.attribution.values, alone.values, rtol=1e-4, atol=1e-4 * scale)
+        assert_sums_to_logit(step.attribution)

@@ -1,0 +1,129 @@
+"""`recon-fast attribute`, `cot` and `residual`: HexRay's console formats, on the real SmolLM2.
+Most tests run the command in-process with the session's already-loaded model; one runs the
+program as a user would, HexRay-style (no command word)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from recon_fast import attribution_cli, cli
+from recon_fast.attribution import direct_logit_attribution
+
+pytestmark = pytest.mark.slow
+
+# HexRay's line: "- MLP  L9 : +46.16 (24.3%)"
+CONTRIBUTOR = re.compile(r"^- (MLP |Attn) L\d+ *: [+-]\d+\.\d\d \(\d+\.\d%\)$")
+BAR = re.compile(r"^(MLP |Attn) L\d+ * █+ *[ -]*\d+\.\d%$")
+
+
+@pytest.fixture
+def run_cli(smollm2, monkeypatch, capsys):
+    monkeypatch.setattr(attribution_cli, "load_model", lambda *a, **k: smollm2)
+
+    def run(*argv):
+        code = cli.main(list(argv))
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return captured.out
+
+    return run
+
+
+def test_attribute_prints_hexrays_format_with_exactly_k_lines(run_cli, smollm2):
+    model, tokenizer = smollm2
+    out = run_cli("attribute", "--prompt", "Why do bees buzz?", "--top-k-attribution", "10")
+    expected = direct_logit_attribution(model, "Why do bees buzz?", tokenizer=tokenizer)
+    shown = attribution_cli.shown_token(expected.target_text[0])
+    assert out.startswith(f'Token: "{shown}" (index -1)\nTop Contributors to Final Logit:\n')
+    lines = out.splitlines()
+    contributors = [line for line in lines if line.startswith("- ")]
+    assert len(contributors) == 10
+    assert all(CONTRIBUTOR.match(line) for line in contributors), contributors
+    # The listed values are the ten largest terms, in order, each as its HexRay name.
+    for line, (label, value, percent) in zip(contributors, expected.top(10)):
+        kind, layer = ("MLP" if label.endswith("mlp") else "Attn"), label.split(".")[0]
+        assert line.split(":")[0].split() == ["-", kind, layer]
+        assert f"{value:+.2f} ({percent:.1f}%)" in line
+
+
+def test_attribute_top_k_per_head_target_and_logit_debug(run_cli):
+    out = run_cli("attribute", "--prompt", "The capital of France is", "--top-k", "4", "--per-head",
+                  "--target", " Paris", "--logit-debug", "--token-index", "-1")
+    assert out.startswith('Token: " Paris" (index -1)')
+    contributors = [line for line in out.splitlines() if line.startswith("- ")]
+    assert len(contributors) == 4
+    assert all(re.match(r"^- (MLP  L\d+ *|Head L\d+\.H\d+|Embed *) *: [+-]\d+\.\d\d \(\d+\.\d%\)$", c) for c in contributors)
+    check = re.search(r"Logit check: model ([+-]\d+\.\d+), sum of (\d+) terms ([+-]\d+\.\d+)", out)
+    assert check and check.group(1) == check.group(3) and int(check.group(2)) == 1 + 30 * 10
+
+
+def test_cot_prints_one_block_per_step(run_cli):
+    prompt = "John has 3 apples. He buys 2 more. How many apples does he have?"
+    out = run_cli("cot", "--prompt", prompt, "--top-k", "5")
+    assert out.startswith("Chain of Thought Attribution Trace (Console):\n")
+    blocks = out.strip().split("\n\n")[1:]
+    assert [b.splitlines()[0] for b in blocks] == [
+        "Step 1: John has 3 apples.", "Step 2: He buys 2 more.", "Step 3: How many apples does he have?"]
+    for block in blocks:
+        lines = block.splitlines()
+        assert lines[1].startswith('Token: "')
+        bars = lines[2:]
+        assert len(bars) == 5 and all(BAR.match(b) for b in bars), bars
+        assert bars[0].count("█") == attribution_cli.BAR_WIDTH  # the largest bar is full width
+        assert len({len(b) for b in bars}) == 1  # aligned
+
+
+def test_hexray_cot_debug_flag_runs_the_chain_of_thought(run_cli):
+    out = run_cli("--prompt", "If John has 3 apples...", "--cot-debug", "--top-k-attribution", "3")
+    assert out.startswith("Chain of Thought Attribution Trace (Console):\n\nStep 1: If John has 3 apples...\n")
+
+
+def test_residual_prints_a_row_per_layer_with_norms_and_the_lens(run_cli, smollm2):
+    out = run_cli("residual", "--prompt", "The capital of France is")
+    lines = out.splitlines()
+    assert lines[0].startswith("Residual stream: 31 readings (embed + 30 blocks), shape [1, 5, 576]")
+    norm_rows = [line for line in lines if re.match(r"^(embed|L\d+) +\[1, 5, 576\] norm ", line)]
+    assert [row.split()[0] for row in norm_rows] == ["embed"] + [f"L{i}" for i in range(30)]
+    assert all(len(row.split()) == 5 + 5 for row in norm_rows)  # layer, shape (3 words), "norm", 5 norms
+    lens_rows = [line for line in lines if line.split()[:1] == ["lens"]]
+    assert len(lens_rows) == 31
+
+
+def test_json_and_report(run_cli, tmp_path):
+    out = run_cli("attribute", "--prompt", "Why do bees buzz?", "--json", "--report", str(tmp_path))
+    document = json.loads(out)
+    sequence = document["sequences"][0]
+    assert sum(sequence["values"]) == pytest.approx(sequence["logit"], rel=1e-4)
+    assert json.loads((tmp_path / "attribution.json").read_text()) == document
+    png = (tmp_path / "attribution.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    run_cli("cot", "--prompt", "One. Two.", "--report", str(tmp_path))
+    assert json.loads((tmp_path / "cot.json").read_text())["steps"][1]["text"] == "Two."
+    assert (tmp_path / "cot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_input_gets_one_line(run_cli, capsys):
+    assert cli.main(["attribute", "--prompt", "hi", "--token-index", "40"]) == 2
+    assert "position 40 is outside" in capsys.readouterr().err
+    assert cli.main(["attribute", "--prompt", "hi", "--top-k", "0"]) == 2
+    assert "--top-k must be at least 1" in capsys.readouterr().err
+
+
+def test_hexray_command_line_as_a_user_runs_it():
+    run = subprocess.run([sys.executable, "-m", "recon_fast.cli", "--prompt", "Why do bees buzz?",
+                          "--top-k-attribution", "10"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    contributors = [line for line in run.stdout.splitlines() if line.startswith("- ")]
+    assert len(contributors) == 10 and all(CONTRIBUTOR.match(line) for line in contributors)
+    assert "Top Contributors to Final Logit:" in run.stdout
+
+
+def test_a_model_not_available_offline_gets_a_clear_message():
+    run = subprocess.run([sys.executable, "-m", "recon_fast.cli", "attribute", "--prompt", "hi", "--model",
+                          "gpt2-small"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and "not available offline" in run.stderr
