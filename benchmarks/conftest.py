@@ -62,10 +62,33 @@ def record(benchmark):
     return _record
 
 
+_measures: dict[str, list[tuple[str, float, str, bool]]] = defaultdict(list)
+
+
+@pytest.fixture
+def record_measure(benchmark):
+    """record_measure(group, name, value, unit, baseline=False): a measurement other than time
+    (peak memory, say) for the closing table, with its ratio to the group's baseline; the value
+    also goes in the benchmark's extra_info."""
+
+    def _record(group, name, value, unit, baseline=False):
+        benchmark.group, benchmark.name = group, name
+        benchmark.extra_info[unit] = round(float(value), 3)
+        _measures[group].append((name, float(value), unit, baseline))
+
+    return _record
+
+
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    for group, rows in _measures.items():
+        base = next((v for n, v, u, b in rows if b), None)
+        tr.write_line(f"[{group}]")
+        for name, value, unit, is_base in rows:
+            ratio = f"{value / base:8.2f}x" if base else ""
+            tr.write_line(f"  {name:<34} {value:12.1f} {unit} {ratio}{'  (baseline)' if is_base else ''}")
     if not _rows:
         return
-    tr = terminalreporter
     tr.section("recon-fast: ratios within each group (same run; time / baseline time)")
     for group, rows in _rows.items():
         base = next((m for n, m, g, b in rows if b), None)

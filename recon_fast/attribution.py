@@ -123,14 +123,15 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
     length = ids.shape[1]
     indices = [_index(p, length) for p in positions]
     where = torch.tensor(indices, dtype=torch.long, device=ids.device)
+    _check_not_padding(inputs.get("attention_mask"), where, positions)
     if forward_takes(model, "logits_to_keep"):  # only the rows we need: no [batch, tokens, vocab] logits
         inputs["logits_to_keep"] = where
     with PositionCapture(where) as capture:
         _hook_terms(capture, parts, per_head)
         output = model(**inputs)
     logits = _logits_at(output.logits, where, length)  # [B, P, V]
-    terms = _vector_terms(capture, parts, per_head)  # label -> [B, P, d] or [B, P, H, d] float64
-    residual = capture.rows("final_residual").double()  # [B, P, d]
+    residual = capture.rows("final_residual").double()  # [B, P, d]; the math happens on its device
+    terms = _vector_terms(capture, parts, per_head, residual.device)  # label -> [B, P, d] or [B, P, H, d] float64
     _check_reconstruction(model, terms, residual, indices)
     targets = _targets(target, logits, tokenizer)  # [B, P]
     labels, values = _logit_terms(parts, terms, residual, targets)  # [B, P, terms]
@@ -150,6 +151,18 @@ def _index(position: int, length: int) -> int:
     if not -length <= position < length:
         raise ValueError(f"position {position} is outside the input's {length} tokens")
     return position % length
+
+
+def _check_not_padding(attention_mask, where: torch.Tensor, positions: list[int]) -> None:
+    """Positions are shared by the batch: one that is padding in some sequence would attribute a
+    pad token's prediction."""
+    if not torch.is_tensor(attention_mask):
+        return
+    padded = (attention_mask.index_select(1, where.to(attention_mask.device)) == 0).nonzero().tolist()
+    if padded:
+        row, column = padded[0]
+        raise ValueError(f"position {positions[column]} is padding in sequence {row}; pad on the left "
+                         "(tokenizer.padding_side = 'left') or attribute the sequences one by one")
 
 
 def _logits_at(logits: torch.Tensor, where: torch.Tensor, length: int) -> torch.Tensor:
@@ -173,26 +186,32 @@ def _hook_terms(capture: PositionCapture, parts: Anatomy, per_head: bool) -> Non
     capture.input_of("final_residual", parts.final_norm.module)
 
 
-def _vector_terms(capture: PositionCapture, parts: Anatomy, per_head: bool) -> dict[str, torch.Tensor]:
-    """What each component wrote into the residual stream at the captured positions, float64."""
+def _vector_terms(capture: PositionCapture, parts: Anatomy, per_head: bool,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """What each component wrote into the residual stream at the captured positions, float64 on
+    `device` (layers of a model split across GPUs are gathered there)."""
+
+    def rows(key: str) -> torch.Tensor:
+        return capture.rows(key).to(device, torch.float64)
+
     batch = capture.rows("final_residual").shape[0]
-    terms = {"embed": capture.rows("embed").double()}
+    terms = {"embed": rows("embed")}
     if parts.pos_embed is not None:  # GPT-2's position embedding is [1, T, d]: the same for every row
-        pos = capture.rows("pos_embed").double()
+        pos = rows("pos_embed")
         terms["pos_embed"] = pos.expand(batch, *pos.shape[1:])
     for i, block in enumerate(parts.blocks):
         if per_head:
-            heads = capture.rows(f"L{i}.heads").double()  # [B, P, H * dh]
-            weight = parts.out_proj_weight(block).double()  # [d, H * dh]
+            heads = rows(f"L{i}.heads")  # [B, P, H * dh]
+            weight = parts.out_proj_weight(block).to(device, torch.float64)  # [d, H * dh]
             split_heads = heads.unflatten(-1, (parts.n_heads, parts.head_dim))  # [B, P, H, dh]
             split_weight = weight.unflatten(-1, (parts.n_heads, parts.head_dim))  # [d, H, dh]
             terms[f"L{i}.heads"] = torch.einsum("bphk,dhk->bphd", split_heads, split_weight)
             bias = parts.out_proj_bias(block)
             if bias is not None:
-                terms[f"L{i}.attn_bias"] = bias.double().expand_as(terms["embed"])
+                terms[f"L{i}.attn_bias"] = bias.to(device, torch.float64).expand_as(terms["embed"])
         else:
-            terms[f"L{i}.attn"] = capture.rows(f"L{i}.attn").double()
-        terms[f"L{i}.mlp"] = capture.rows(f"L{i}.mlp").double()
+            terms[f"L{i}.attn"] = rows(f"L{i}.attn")
+        terms[f"L{i}.mlp"] = rows(f"L{i}.mlp")
     return terms
 
 
@@ -247,10 +266,12 @@ def _logit_terms(parts: Anatomy, terms: dict[str, torch.Tensor], residual: torch
     """Each vector term through the final norm (scale frozen at `residual`) onto the unembedding
     rows of `targets`: (labels, [B, P, terms] float64)."""
     norm = parts.final_norm
-    unembed_rows = parts.unembed.weight.index_select(0, targets.flatten()).double()
+    device = residual.device
+    weight = parts.unembed.weight
+    unembed_rows = weight.index_select(0, targets.flatten().to(weight.device)).to(device, torch.float64)
     direction = unembed_rows.view(*targets.shape, -1)  # [B, P, d]
     if norm.weight is not None:
-        direction = direction * norm.weight.double()
+        direction = direction * norm.weight.to(device, torch.float64)
     if norm.kind == "layernorm":
         centred = residual - residual.mean(-1, keepdim=True)
         scale = (centred.pow(2).mean(-1) + norm.eps).sqrt()  # [B, P]
@@ -269,11 +290,13 @@ def _logit_terms(parts: Anatomy, terms: dict[str, torch.Tensor], residual: torch
             columns.append(((vector * direction).sum(-1) / scale).unsqueeze(-1))
     if norm.bias is not None:
         labels.append("norm_bias")
-        columns.append((unembed_rows.view(*targets.shape, -1) * norm.bias.double()).sum(-1, keepdim=True))
+        bias = norm.bias.to(device, torch.float64)
+        columns.append((unembed_rows.view(*targets.shape, -1) * bias).sum(-1, keepdim=True))
     unembed_bias = getattr(parts.unembed, "bias", None)
     if unembed_bias is not None:
         labels.append("unembed_bias")
-        columns.append(unembed_bias.double()[targets].unsqueeze(-1))
+        picked = unembed_bias[targets.to(unembed_bias.device)]
+        columns.append(picked.to(device, torch.float64).unsqueeze(-1))
     return labels, torch.cat(columns, dim=-1)
 
 

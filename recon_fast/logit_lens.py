@@ -69,10 +69,13 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, *, tokenizer=None, **mod
             handle.remove()
     if len(readings) != len(parts.blocks) + 1:
         raise RuntimeError(f"expected {len(parts.blocks) + 1} residual readings, got {len(readings)}")
-    ids = torch.stack([r[0] for r in readings]).cpu()
+
+    def gathered(part: int) -> torch.Tensor:  # [layers, ...] on the CPU, from whichever devices
+        return torch.stack([reading[part].cpu() for reading in readings])
+
+    ids = gathered(0)
     lens = LogitLens(layers=["embed"] + [f"L{i}" for i in range(len(parts.blocks))], token_ids=ids,
-                     logprobs=torch.stack([r[1] for r in readings]).cpu(),
-                     norms=torch.stack([r[2] for r in readings]).cpu(), shape=shapes[-1],
+                     logprobs=gathered(1), norms=gathered(2), shape=shapes[-1],
                      tokens=_decode_rows(tokenizer, inputs["input_ids"].tolist()))
     if tokenizer is not None:
         lens.predicted = [[tokenizer.batch_decode([[t] for t in row]) for row in layer] for layer in ids[..., 0].tolist()]
@@ -82,10 +85,13 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, *, tokenizer=None, **mod
 def _read_residual(parts: Anatomy, residual: torch.Tensor, k: int):
     """[B, T, d] -> top-k ids [B, T, k], their log-probs, and per-token norms [B, T]."""
     norms = ops.token_stats(residual)[..., 0]
+    weight = parts.final_norm.weight
+    norm_device = weight.device if weight is not None else residual.device  # models split across GPUs
     top_ids, top_logprobs = [], []
     for start in range(0, residual.shape[1], LENS_CHUNK):
-        chunk = residual[:, start:start + LENS_CHUNK]
-        logits = parts.unembed(parts.final_norm.module(chunk)).float()
+        chunk = residual[:, start:start + LENS_CHUNK].to(norm_device)
+        normed = parts.final_norm.module(chunk)
+        logits = parts.unembed(normed.to(parts.unembed.weight.device)).float()
         logprobs = torch.log_softmax(logits, dim=-1)
         values, ids = logprobs.topk(k, dim=-1)
         top_ids.append(ids)

@@ -275,6 +275,20 @@ def test_text_input_and_a_target_given_as_text(word_tokenizer):
         direct_logit_attribution(model, "t5 t9", target="t3 t4", tokenizer=word_tokenizer)
 
 
+def test_a_position_that_is_padding_is_refused_and_left_padding_works(word_tokenizer):
+    model = causal_model("llama", seed=55)
+    word_tokenizer.padding_side = "right"
+    try:
+        with pytest.raises(ValueError, match="position -1 is padding in sequence 1; pad on the left"):
+            direct_logit_attribution(model, ["t5 t9 t2 t7", "t4 t8"], tokenizer=word_tokenizer)
+        word_tokenizer.padding_side = "left"
+        batch = direct_logit_attribution(model, ["t5 t9 t2 t7", "t4 t8"], tokenizer=word_tokenizer)
+    finally:
+        word_tokenizer.padding_side = "right"
+    alone = direct_logit_attribution(model, torch.tensor([[4, 8]]))
+    torch.testing.assert_close(batch.values[1:], alone.values, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"position": 9}, ValueError, "outside the input's 6 tokens"),
     ({"position": -7}, ValueError, "outside"),
@@ -377,3 +391,31 @@ def test_chain_of_thought_in_one_pass_equals_a_forward_per_step(smollm2):
         scale = float(alone.values.abs().max())
         torch.testing.assert_close(step.attribution.values, alone.values, rtol=1e-4, atol=1e-4 * scale)
         assert_sums_to_logit(step.attribution)
+
+
+# ---- dtypes and devices --------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_half_precision_models_are_attributed_within_their_rounding(arch):
+    """bfloat16 carries ~3 significant digits (eps 7.8e-3): the terms, summed in float64, land
+    within a few of its roundings of the model's own bfloat16 logit (5e-3 seen), and the
+    reconstruction check must not cry wolf."""
+    model = causal_model(arch, seed=81, dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(82))
+    attribution = direct_logit_attribution(model, ids, per_head=True)
+    assert_sums_to_logit(attribution, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cuda_attribution_equals_the_cpu_one(arch):
+    model = causal_model(arch, seed=91, attn_implementation="eager")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(92))
+    on_cpu = direct_logit_attribution(model, ids, per_head=True)
+    on_gpu = direct_logit_attribution(model.to("cuda"), ids.to("cuda"), per_head=True)
+    assert on_gpu.values.device.type == "cpu"  # results come back to the host, once
+    assert torch.equal(on_cpu.target_id, on_gpu.target_id)
+    assert_sums_to_logit(on_gpu)
+    torch.testing.assert_close(on_gpu.values, on_cpu.values, rtol=1e-3, atol=1e-4)
+    lens = logit_lens(model, ids.to("cuda"), k=2)
+    assert torch.equal(lens.token_ids[-1, ..., 0], on_cpu.target_id.new_tensor(
+        model(ids.to("cuda")).logits.argmax(-1).cpu()))
