@@ -10,9 +10,8 @@ from recon_fast.cube import ActivityCube
 from recon_fast.tracer import RawSlices, Tracer
 from recon_fast.compat import ReconTracer
 from recon_fast.attribution import Attribution, attribute_positions, direct_logit_attribution
-from recon_fast.logit_lens import LogitLens, logit_lens
-from recon_fast.chain_of_thought import chain_of_thought
 
-__all__ = ["ActivityCube", "Attribution", "LogitLens", "RawSlices", "ReconTracer", "STATS", "Tracer",
-           "attribute_positions", "backend", "chain_of_thought", "direct_logit_attribution", "logit_lens",
-           "token_stats", "token_stats_ref", "__version__"]
+# logit_lens() and chain_of_thought() stay in their modules: exported here under the same names
+# as those modules, they would shadow them (`import recon_fast.logit_lens` would give a function).
+__all__ = ["ActivityCube", "Attribution", "RawSlices", "ReconTracer", "STATS", "Tracer", "attribute_positions",
+           "backend", "direct_logit_attribution", "token_stats", "token_stats_ref", "__version__"]
