@@ -25,7 +25,14 @@ from recon_fast.position_capture import PositionCapture
 # model's own dtype per layer, far below what a missing or extra term would cause.
 RECONSTRUCTION_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
-_LAYER_LABEL = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|H(\d+))$")
+_LAYER_LABEL = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|H\d+)$")
+
+
+def layer_term(label: str) -> tuple[int, str] | None:
+    """(layer, part) of a per-layer term label ("L3.mlp" -> (3, "mlp"), "L3.H7" -> (3, "H7")),
+    or None for the others (embed, pos_embed, norm_bias, unembed_bias)."""
+    match = _LAYER_LABEL.match(label)
+    return (int(match.group(1)), match.group(2)) if match else None
 
 
 @dataclass
@@ -74,14 +81,9 @@ class Attribution:
         columns = [f"H{h}" for h in range(self.n_heads)] if self.per_head else ["attn", "mlp"]
         grid = torch.zeros(self.n_layers, len(columns), dtype=self.values.dtype)
         for label, value in zip(self.labels, self.values[row].tolist()):
-            match = _LAYER_LABEL.match(label)
-            if match is None:
-                continue
-            layer, part, head = int(match.group(1)), match.group(2), match.group(3)
-            if head is not None:
-                grid[layer, int(head)] = value
-            elif part in columns:
-                grid[layer, columns.index(part)] = value
+            term = layer_term(label)
+            if term is not None and term[1] in columns:  # the output bias has no cell of its own
+                grid[term[0], columns.index(term[1])] = value
         return [f"L{i}" for i in range(self.n_layers)], columns, grid
 
     def to_dict(self) -> dict:

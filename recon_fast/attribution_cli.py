@@ -12,10 +12,10 @@ import re
 import numpy as np
 import orjson
 
+from recon_fast.attribution import layer_term
 from recon_fast.models import load_model
 
 BAR_WIDTH = 25  # blocks of the longest bar (HexRay's)
-_LAYER_TERM = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|H\d+)$")
 _KIND = {"attn": "Attn", "mlp": "MLP", "attn_bias": "Attn"}
 _ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')
 _PLAIN_NAMES = {"embed": "Embed", "pos_embed": "PosEmbed", "norm_bias": "NormBias", "unembed_bias": "UnembedBias"}
@@ -63,14 +63,14 @@ def display_names(labels: list[str]) -> dict[str, str]:
     padded to a common width so the colons line up."""
     parts = {}
     for label in labels:
-        match = _LAYER_TERM.match(label)
-        if match is None:
+        term = layer_term(label)
+        if term is None:
             parts[label] = (_PLAIN_NAMES.get(label, label), None)
-        elif match.group(2).startswith("H"):
-            parts[label] = ("Head", f"L{match.group(1)}.{match.group(2)}")
+        elif term[1].startswith("H"):
+            parts[label] = ("Head", f"L{term[0]}.{term[1]}")
         else:
-            suffix = ".b" if match.group(2) == "attn_bias" else ""
-            parts[label] = (_KIND[match.group(2)], f"L{match.group(1)}{suffix}")
+            suffix = ".b" if term[1] == "attn_bias" else ""
+            parts[label] = (_KIND[term[1]], f"L{term[0]}{suffix}")
     where_width = max([len(w) for _, w in parts.values() if w] or [0])
     names = {label: f"{kind:<4} {where:<{where_width}}" if where else kind for label, (kind, where) in parts.items()}
     width = max(len(n) for n in names.values())
