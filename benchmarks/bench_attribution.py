@@ -44,6 +44,7 @@ def test_attribution_peak_memory(benchmark, record_measure, name, length):
     _needs(name)
     command = [sys.executable, os.path.join(HERE, "attribution_approaches.py"), name, str(length)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    benchmark.group = f"DLA peak-memory runs (whole process), T={length}"
     out = benchmark.pedantic(lambda: subprocess.run(command, check=True, capture_output=True, text=True,
                                                     env=env).stdout, rounds=1, iterations=1)
     growth = int(out.split()[-1])

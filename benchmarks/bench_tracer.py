@@ -73,7 +73,7 @@ def test_export_throughput(record, tmp_path):
 
 
 @pytest.mark.parametrize("length", [512])
-def test_traced_over_untraced_interleaved(benchmark, smollm2, length):
+def test_traced_over_untraced_interleaved(benchmark, record_measure, smollm2, length):
     """The tracing overhead as the median of per-pair ratios, untraced and traced forwards
     alternating, so that drift on a shared machine hits both sides alike."""
     import statistics
@@ -84,6 +84,7 @@ def test_traced_over_untraced_interleaved(benchmark, smollm2, length):
     tracer = Tracer(model)
     tracer.add_hooks_all()
     ratios = []
+    group = f"SmolLM2 traced/untraced interleaved, T={length}"
 
     def pair():
         start = time.perf_counter()
@@ -96,10 +97,10 @@ def test_traced_over_untraced_interleaved(benchmark, smollm2, length):
     try:
         pair()  # warm-up
         ratios.clear()
-        benchmark.group = f"SmolLM2 traced/untraced interleaved, T={length}"
+        benchmark.group = group
         benchmark.pedantic(pair, rounds=9, iterations=1)
     finally:
         tracer.clear_hooks()
-    benchmark.extra_info["median traced/untraced"] = round(statistics.median(ratios), 3)
-    print(f"\nT={length}: traced/untraced per pair {sorted(round(r, 3) for r in ratios)}, "
-          f"median {statistics.median(ratios):.3f}")
+    record_measure(group, "lowest pair", min(ratios), "x")
+    record_measure(group, "median pair (the overhead)", statistics.median(ratios), "x")
+    record_measure(group, "highest pair", max(ratios), "x")

@@ -72,8 +72,7 @@ def record_measure(benchmark):
     also goes in the benchmark's extra_info."""
 
     def _record(group, name, value, unit, baseline=False):
-        benchmark.group, benchmark.name = group, name
-        benchmark.extra_info[unit] = round(float(value), 3)
+        benchmark.extra_info[f"{name} ({unit})"] = round(float(value), 3)
         _measures[group].append((name, float(value), unit, baseline))
 
     return _record
@@ -86,7 +85,7 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"[{group}]")
         for name, value, unit, is_base in rows:
             ratio = f"{value / base:8.2f}x" if base else ""
-            tr.write_line(f"  {name:<34} {value:12.1f} {unit} {ratio}{'  (baseline)' if is_base else ''}")
+            tr.write_line(f"  {name:<34} {value:12.3f} {unit} {ratio}{'  (baseline)' if is_base else ''}")
     if not _rows:
         return
     tr.section("recon-fast: ratios within each group (same run; time / baseline time)")
