@@ -126,12 +126,13 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
     indices = [_index(p, length) for p in positions]
     where = torch.tensor(indices, dtype=torch.long, device=ids.device)
     _check_not_padding(inputs.get("attention_mask"), where, positions)
-    if forward_takes(model, "logits_to_keep"):  # only the rows we need: no [batch, tokens, vocab] logits
+    kept = forward_takes(model, "logits_to_keep")
+    if kept:  # only the rows we need: no [batch, tokens, vocab] logits
         inputs["logits_to_keep"] = where
     with PositionCapture(where) as capture:
         _hook_terms(capture, parts, per_head)
         output = model(**inputs)
-    logits = _logits_at(output.logits, where, length)  # [B, P, V]
+    logits = _logits_at(output.logits, where, length, kept)  # [B, P, V]
     residual = capture.rows("final_residual").double()  # [B, P, d]; the math happens on its device
     terms = _vector_terms(capture, parts, per_head, residual.device)  # label -> [B, P, d] or [B, P, H, d] float64
     _check_reconstruction(model, terms, residual, indices)
@@ -167,11 +168,12 @@ def _check_not_padding(attention_mask, where: torch.Tensor, positions: list[int]
                          "(tokenizer.padding_side = 'left') or attribute the sequences one by one")
 
 
-def _logits_at(logits: torch.Tensor, where: torch.Tensor, length: int) -> torch.Tensor:
-    if logits.shape[1] == length:  # the model ignored logits_to_keep or was not given it
-        return logits.index_select(1, where)
-    if logits.shape[1] == where.numel():
+def _logits_at(logits: torch.Tensor, where: torch.Tensor, length: int, kept: bool) -> torch.Tensor:
+    """[B, P, V] logits at `where`, whether the model kept only those rows (in that order) or all."""
+    if kept and logits.shape[1] == where.numel():
         return logits
+    if logits.shape[1] == length:
+        return logits.index_select(1, where)
     raise RuntimeError(f"the model returned logits for {logits.shape[1]} positions; expected {length} or {where.numel()}")
 
 

@@ -232,6 +232,20 @@ def test_several_positions_from_one_pass_equal_separate_runs_on_prefixes():
         torch.testing.assert_close(attribution.values, alone.values, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_positions_in_any_order_covering_every_token(arch):
+    """Asking for as many positions as there are tokens, out of order, must not confuse the rows
+    the model kept with the whole sequence."""
+    model = causal_model(arch, seed=45)
+    ids = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(46))
+    with torch.no_grad():
+        logits = model(ids).logits
+    for position, attribution in zip([2, 0, 1], attribute_positions(model, ids, [2, 0, 1])):
+        assert torch.equal(attribution.target_id, logits[:, position].argmax(-1))
+        torch.testing.assert_close(attribution.logit, logits[:, position].amax(-1).double())
+        assert_sums_to_logit(attribution)
+
+
 def test_only_rows_at_the_requested_positions_are_kept(monkeypatch):
     kept = []
     original = PositionCapture._keep
