@@ -10,6 +10,7 @@ are kept (recon_fast.position_capture).
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -120,6 +121,9 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
     """direct_logit_attribution at several positions from one forward pass (a causal model's
     prefix up to each position is the same as a separate run on that prefix)."""
     parts = anatomy(model)
+    if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} is in training mode: its dropout would make the terms "
+                         "random and they would not add up; call model.eval() first")
     inputs = prepare_inputs(model, tokenizer, input_ids, dict(model_kwargs), caller="direct_logit_attribution()")
     ids = inputs["input_ids"]
     length = ids.shape[1]
@@ -149,8 +153,12 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
 
 
 def _index(position: int, length: int) -> int:
-    if not isinstance(position, int) or isinstance(position, bool):
-        raise TypeError(f"position must be an int, got {type(position).__name__}")
+    if isinstance(position, bool):
+        raise TypeError("position must be an int, got bool")
+    try:
+        position = operator.index(position)  # ints, numpy integers, 0-d integer tensors
+    except TypeError:
+        raise TypeError(f"position must be an int, got {type(position).__name__}") from None
     if not -length <= position < length:
         raise ValueError(f"position {position} is outside the input's {length} tokens")
     return position % length

@@ -316,6 +316,16 @@ def test_bad_arguments_are_named(kwargs, error, match):
         direct_logit_attribution(causal_model("gpt2"), torch.arange(6), **kwargs)
 
 
+def test_numpy_positions_work_and_training_mode_is_refused():
+    import numpy as np
+
+    model = causal_model("gpt2", seed=57)
+    assert direct_logit_attribution(model, torch.arange(6), position=np.int64(-2)).index == 4
+    model.train()
+    with pytest.raises(ValueError, match=r"training mode.*model.eval\(\)"):
+        direct_logit_attribution(model, torch.arange(6))
+
+
 def test_models_without_an_adapter_or_a_head_get_a_clear_error():
     with pytest.raises(ValueError, match=r"no attribution adapter for BertModel \(model_type 'bert'\).*gpt2"):
         direct_logit_attribution(make_model("bert"), torch.arange(6))
