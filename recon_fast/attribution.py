@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from recon_fast.anatomy import Anatomy, anatomy
-from recon_fast.model_inputs import forward_takes, prepare_inputs
+from recon_fast.model_inputs import forward_takes, model_dtype, prepare_inputs, token_texts
 from recon_fast.position_capture import PositionCapture
 
 # How far the sum of the captured parts may be from the captured residual, relative to the
@@ -143,7 +143,7 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
     targets = _targets(target, logits, tokenizer)  # [B, P]
     labels, values = _logit_terms(parts, terms, residual, targets)  # [B, P, terms]
     actual = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
-    texts = _decode(tokenizer, targets)
+    texts = token_texts(tokenizer, targets.tolist())
     return [
         Attribution(labels=labels, values=values[:, j].cpu(), target_id=targets[:, j].cpu(),
                     target_text=[row[j] for row in texts], logit=actual[:, j], position=positions[j],
@@ -238,8 +238,7 @@ def _check_reconstruction(model: nn.Module, terms: dict[str, torch.Tensor], resi
         total += part
         largest = torch.maximum(largest, vector.norm(dim=-1).amax(-1) if vector.dim() == 4 else vector.norm(dim=-1))
     error = ((total - residual).norm(dim=-1) / largest.clamp_min(torch.finfo(torch.float64).tiny))
-    dtype = next(model.parameters()).dtype
-    tolerance = RECONSTRUCTION_TOLERANCE.get(dtype, 1e-4)
+    tolerance = RECONSTRUCTION_TOLERANCE.get(model_dtype(model), 1e-4)
     worst = float(error.max())
     if not worst <= tolerance:
         raise ValueError(
@@ -310,10 +309,3 @@ def _logit_terms(parts: Anatomy, terms: dict[str, torch.Tensor], residual: torch
         picked = unembed_bias[targets.to(unembed_bias.device)]
         columns.append(picked.to(device, torch.float64).unsqueeze(-1))
     return labels, torch.cat(columns, dim=-1)
-
-
-def _decode(tokenizer, targets: torch.Tensor) -> list[list[str]]:
-    rows = targets.tolist()
-    if tokenizer is None:
-        return [[str(t) for t in row] for row in rows]
-    return [[tokenizer.decode([t]) for t in row] for row in rows]

@@ -12,7 +12,7 @@ from torch import nn
 
 from recon_fast import ops
 from recon_fast.anatomy import Anatomy, anatomy
-from recon_fast.model_inputs import forward_takes, prepare_inputs
+from recon_fast.model_inputs import forward_takes, prepare_inputs, token_texts
 from recon_fast.tracer import extract_tensor
 
 LENS_CHUNK = 256  # positions unembedded at once: bounds the transient [chunk, vocab] logits
@@ -76,9 +76,9 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, *, tokenizer=None, **mod
     ids = gathered(0)
     lens = LogitLens(layers=["embed"] + [f"L{i}" for i in range(len(parts.blocks))], token_ids=ids,
                      logprobs=gathered(1), norms=gathered(2), shape=shapes[-1],
-                     tokens=_decode_rows(tokenizer, inputs["input_ids"].tolist()))
+                     tokens=token_texts(tokenizer, inputs["input_ids"].tolist()))
     if tokenizer is not None:
-        lens.predicted = [[tokenizer.batch_decode([[t] for t in row]) for row in layer] for layer in ids[..., 0].tolist()]
+        lens.predicted = [token_texts(tokenizer, layer) for layer in ids[..., 0].tolist()]
     return lens
 
 
@@ -97,9 +97,3 @@ def _read_residual(parts: Anatomy, residual: torch.Tensor, k: int):
         top_ids.append(ids)
         top_logprobs.append(values)
     return torch.cat(top_ids, 1), torch.cat(top_logprobs, 1), norms
-
-
-def _decode_rows(tokenizer, rows: list[list[int]]) -> list[list[str]]:
-    if tokenizer is None:
-        return [[str(t) for t in row] for row in rows]
-    return [tokenizer.batch_decode([[t] for t in row]) for row in rows]

@@ -28,6 +28,13 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return first.dtype if first is not None else None
 
 
+def token_texts(tokenizer, rows: list[list[int]]) -> list[list[str]]:
+    """Each token id decoded on its own, per sequence; the ids as text without a tokenizer."""
+    if tokenizer is None:
+        return [[str(t) for t in row] for row in rows]
+    return [tokenizer.batch_decode([[t] for t in row]) for row in rows]
+
+
 def _is_text(value) -> bool:
     return isinstance(value, str) or (
         isinstance(value, list) and bool(value) and all(isinstance(s, str) for s in value))

@@ -22,7 +22,7 @@ from torch import nn
 
 from recon_fast import __version__, export, ops, presets
 from recon_fast.cube import ActivityCube
-from recon_fast.model_inputs import model_device, model_dtype, prepare_inputs
+from recon_fast.model_inputs import model_device, model_dtype, prepare_inputs, token_texts
 from recon_fast.ops import STATS
 from recon_fast.provenance import model_provenance
 from recon_fast.stats_arena import ArenaSlot, StatsArena
@@ -243,12 +243,6 @@ class Tracer:
             self._session = None
         return output, session, time.perf_counter() - start
 
-    def _decode(self, ids: torch.Tensor) -> list[list[str]]:
-        rows = ids.tolist()
-        if self.tokenizer is None:
-            return [[str(t) for t in row] for row in rows]
-        return [self.tokenizer.batch_decode([[t] for t in row]) for row in rows]
-
     def _layers(self, session: _Session, batch: int, length: int, mode: str):
         """Groups hook calls into cube layers: (name, [calls]) whose rows cover [batch, length]."""
         if mode == "forward":
@@ -303,7 +297,7 @@ class Tracer:
         if self.skipped:
             meta["skipped"] = self._dedupe(self.skipped)
         attention_entries = self._attention_entries(attentions, len(layers)) if self.attention else []
-        tokens = self._decode(ids)
+        tokens = token_texts(self.tokenizer, ids.tolist())
         provenance = model_provenance(self.model)
 
         def stats_of(calls, lengths, host) -> np.ndarray:  # -> [batch, length, metrics]
