@@ -41,7 +41,8 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--prompt", required=True)
     add_model_args(p)
     p.add_argument("--lens-k", type=int, default=1, help="logit-lens tokens per position (default: 1)")
-    p.add_argument("--max-positions", type=int, default=10, help="last positions shown (default: 10)")
+    p.add_argument("--max-positions", type=int, default=10,
+                   help="last positions shown and unembedded (default: 10)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead")
     p.add_argument("--report", metavar="DIR", default=None, help="write residual.json and residual.png there")
     p.set_defaults(run=cmd_residual)
@@ -166,7 +167,9 @@ def cmd_residual(args) -> int:
     if args.lens_k < 1 or args.max_positions < 1:
         raise ValueError("--lens-k and --max-positions must be at least 1")
     model, tokenizer = _load(args)
-    lens = logit_lens(model, args.prompt, k=args.lens_k, tokenizer=tokenizer)
+    length = len(tokenizer(args.prompt)["input_ids"])
+    shown = list(range(max(0, length - args.max_positions), length))
+    lens = logit_lens(model, args.prompt, k=args.lens_k, positions=shown, tokenizer=tokenizer)
     document = {"prompt": args.prompt, "model": args.model, **lens.to_dict()}
     if args.report:
         from recon_fast import report
@@ -178,14 +181,15 @@ def cmd_residual(args) -> int:
     if args.json:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return 0
-    print("\n".join(residual_table(lens, args.max_positions)))
+    print("\n".join(residual_table(lens)))
     return 0
 
 
-def residual_table(lens, max_positions: int) -> list[str]:
-    """Per layer: the residual's shape, each shown position's norm, and the lens' top token."""
+def residual_table(lens) -> list[str]:
+    """Per layer: the residual's shape, and at each position the lens was computed at, the norm
+    and the lens' top token."""
     length = lens.shape[1]
-    shown = list(range(max(0, length - max_positions), length))
+    shown = lens.positions
     cell = 11
 
     def fit(text: str) -> str:
@@ -200,7 +204,8 @@ def residual_table(lens, max_positions: int) -> list[str]:
     for i, layer in enumerate(lens.layers):
         norms = "".join(f"{float(lens.norms[i, 0, p]):>{cell + 1}.2f}" for p in shown)
         lines.append(f"{layer:<6} {shape:<{len(shape)}} {'norm':<5}{norms}")
-        top = [lens.predicted[i][0][p] if lens.predicted else str(int(lens.token_ids[i, 0, p, 0])) for p in shown]
+        top = [lens.predicted[i][0][j] if lens.predicted else str(int(lens.token_ids[i, 0, j, 0]))
+               for j in range(len(shown))]
         lines.append(f"{'':<6} {'':<{len(shape)}} {'lens':<5}" + "".join(f"{fit(t):>{cell + 1}}" for t in top))
     return lines
 

@@ -21,33 +21,46 @@ LENS_CHUNK = 256  # positions unembedded at once: bounds the transient [chunk, v
 @dataclass
 class LogitLens:
     """layers:    "embed" (the residual entering block 0), then "L0" ... (after each block).
-    token_ids: [layers, batch, tokens, k] the top-k predicted tokens per layer and position.
-    logprobs:  [layers, batch, tokens, k] their log-probabilities (float32).
-    norms:     [layers, batch, tokens] L2 norm of the residual stream (float32).
+    positions: the token positions the lens was computed at (every one by default).
+    token_ids: [layers, batch, positions, k] the top-k predicted tokens per layer and position.
+    logprobs:  [layers, batch, positions, k] their log-probabilities (float32).
+    norms:     [layers, batch, tokens] L2 norm of the residual stream at every token (float32).
     shape:     the residual's shape, [batch, tokens, d_model].
     tokens:    the input tokens as text per sequence (ids as text without a tokenizer)."""
 
     layers: list[str]
+    positions: list[int]
     token_ids: torch.Tensor
     logprobs: torch.Tensor
     norms: torch.Tensor
     shape: tuple[int, int, int]
     tokens: list[list[str]]
-    predicted: list[list[list[str]]] | None = None  # [layers][batch][tokens] top-1 text
+    predicted: list[list[list[str]]] | None = None  # [layers][batch][positions] top-1 text
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "shape": list(self.shape), "tokens": self.tokens,
+        return {"layers": self.layers, "shape": list(self.shape), "tokens": self.tokens, "positions": self.positions,
                 "token_ids": self.token_ids.tolist(), "logprobs": self.logprobs.tolist(),
                 "norms": self.norms.tolist(), "top1_text": self.predicted}
 
 
 @torch.no_grad()
-def logit_lens(model: nn.Module, input_ids, k: int = 5, *, tokenizer=None, **model_kwargs) -> LogitLens:
-    """The logit lens of every layer at every position, from one forward pass."""
+def logit_lens(model: nn.Module, input_ids, k: int = 5, positions: list[int] | None = None, *,
+               tokenizer=None, **model_kwargs) -> LogitLens:
+    """The logit lens of every layer at `positions` (default: every position; negative ones count
+    from the end), from one forward pass. Unembedding costs [tokens x vocab] per layer, so asking
+    for the positions you will look at saves most of the work at long context."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     parts = anatomy(model)
     inputs = prepare_inputs(model, tokenizer, input_ids, dict(model_kwargs), caller="logit_lens()")
+    length = inputs["input_ids"].shape[1]
+    if positions is None:
+        positions = list(range(length))
+    bad = [p for p in positions if not -length <= p < length]
+    if bad:
+        raise ValueError(f"positions {bad} are outside the input's {length} tokens")
+    positions = [p % length for p in positions]
+    where = torch.tensor(positions, dtype=torch.long, device=inputs["input_ids"].device)
     if forward_takes(model, "logits_to_keep"):
         inputs["logits_to_keep"] = 1  # the lens computes its own logits; the model's are not needed
     k = min(k, parts.unembed.weight.shape[0])
@@ -56,7 +69,7 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, *, tokenizer=None, **mod
 
     def read(residual: torch.Tensor) -> None:
         shapes.append(tuple(residual.shape))
-        readings.append(_read_residual(parts, residual.detach(), k))
+        readings.append(_read_residual(parts, residual.detach(), where, k))
 
     handles = [parts.blocks[0].module.register_forward_pre_hook(
         lambda mod, args, kwargs: read(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)]
@@ -74,17 +87,19 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, *, tokenizer=None, **mod
         return torch.stack([reading[part].cpu() for reading in readings])
 
     ids = gathered(0)
-    lens = LogitLens(layers=["embed"] + [f"L{i}" for i in range(len(parts.blocks))], token_ids=ids,
-                     logprobs=gathered(1), norms=gathered(2), shape=shapes[-1],
+    lens = LogitLens(layers=["embed"] + [f"L{i}" for i in range(len(parts.blocks))], positions=positions,
+                     token_ids=ids, logprobs=gathered(1), norms=gathered(2), shape=shapes[-1],
                      tokens=token_texts(tokenizer, inputs["input_ids"].tolist()))
     if tokenizer is not None:
         lens.predicted = [token_texts(tokenizer, layer) for layer in ids[..., 0].tolist()]
     return lens
 
 
-def _read_residual(parts: Anatomy, residual: torch.Tensor, k: int):
-    """[B, T, d] -> top-k ids [B, T, k], their log-probs, and per-token norms [B, T]."""
+def _read_residual(parts: Anatomy, residual: torch.Tensor, where: torch.Tensor, k: int):
+    """[B, T, d] -> top-k ids [B, P, k] at positions `where`, their log-probs, and per-token
+    norms [B, T]."""
     norms = ops.token_stats(residual)[..., 0]
+    residual = residual.index_select(1, where.to(residual.device))
     weight = parts.final_norm.weight
     norm_device = weight.device if weight is not None else residual.device  # models split across GPUs
     top_ids, top_logprobs = [], []

@@ -375,6 +375,19 @@ def test_logit_lens_matches_hidden_states_through_the_final_norm(arch):
     assert torch.equal(lens.token_ids[-1, ..., 0], output.logits.argmax(-1))
 
 
+def test_logit_lens_at_chosen_positions_equals_those_columns_of_the_full_lens():
+    model = causal_model("gpt2", seed=75)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(76))
+    full = logit_lens(model, ids, k=3)
+    some = logit_lens(model, ids, k=3, positions=[-1, 2])
+    assert some.positions == [10, 2] and some.token_ids.shape == (3, 2, 2, 3)
+    assert torch.equal(some.token_ids, full.token_ids[:, :, [10, 2]])
+    torch.testing.assert_close(some.logprobs, full.logprobs[:, :, [10, 2]])
+    assert torch.equal(some.norms, full.norms)  # norms at every token either way
+    with pytest.raises(ValueError, match=r"positions \[11\] are outside the input's 11 tokens"):
+        logit_lens(model, ids, positions=[0, 11])
+
+
 def test_logit_lens_chunks_long_inputs(monkeypatch):
     import recon_fast.logit_lens as module
 

@@ -94,6 +94,17 @@ def test_residual_prints_a_row_per_layer_with_norms_and_the_lens(run_cli, smollm
     assert len(lens_rows) == 31
 
 
+def test_residual_shows_and_unembeds_only_the_last_positions(run_cli):
+    out = run_cli("residual", "--prompt", "The capital of France is", "--max-positions", "2", "--json")
+    document = json.loads(out)
+    assert document["positions"] == [3, 4] and len(document["token_ids"][0][0]) == 2
+    assert len(document["norms"][0][0]) == 5
+    table = run_cli("residual", "--prompt", "The capital of France is", "--max-positions", "2")
+    assert "; last 2 of 5 positions" in table.splitlines()[0]
+    norm_rows = [line for line in table.splitlines() if " norm " in line]
+    assert len(norm_rows) == 31 and all(len(row.split()) == 5 + 2 for row in norm_rows)
+
+
 def test_json_and_report(run_cli, tmp_path):
     out = run_cli("attribute", "--prompt", "Why do bees buzz?", "--json", "--report", str(tmp_path))
     document = json.loads(out)
