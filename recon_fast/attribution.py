@@ -234,9 +234,11 @@ def _check_reconstruction(model: nn.Module, terms: dict[str, torch.Tensor], resi
     total = torch.zeros_like(residual)
     largest = residual.norm(dim=-1)
     for vector in terms.values():
-        part = vector.sum(-2) if vector.dim() == 4 else vector  # heads add up to the attention output
-        total += part
-        largest = torch.maximum(largest, vector.norm(dim=-1).amax(-1) if vector.dim() == 4 else vector.norm(dim=-1))
+        sizes = vector.norm(dim=-1)
+        if vector.dim() == 4:  # [B, P, H, d]: the heads add up to the attention output
+            vector, sizes = vector.sum(-2), sizes.amax(-1)
+        total += vector
+        largest = torch.maximum(largest, sizes)
     error = ((total - residual).norm(dim=-1) / largest.clamp_min(torch.finfo(torch.float64).tiny))
     tolerance = RECONSTRUCTION_TOLERANCE.get(model_dtype(model), 1e-4)
     worst = float(error.max())
@@ -280,7 +282,8 @@ def _logit_terms(parts: Anatomy, terms: dict[str, torch.Tensor], residual: torch
     device = residual.device
     weight = parts.unembed.weight
     unembed_rows = weight.index_select(0, targets.flatten().to(weight.device)).to(device, torch.float64)
-    direction = unembed_rows.view(*targets.shape, -1)  # [B, P, d]
+    unembed_rows = unembed_rows.view(*targets.shape, -1)  # [B, P, d]
+    direction = unembed_rows
     if norm.weight is not None:
         direction = direction * norm.weight.to(device, torch.float64)
     if norm.kind == "layernorm":
@@ -302,7 +305,7 @@ def _logit_terms(parts: Anatomy, terms: dict[str, torch.Tensor], residual: torch
     if norm.bias is not None:
         labels.append("norm_bias")
         bias = norm.bias.to(device, torch.float64)
-        columns.append((unembed_rows.view(*targets.shape, -1) * bias).sum(-1, keepdim=True))
+        columns.append((unembed_rows * bias).sum(-1, keepdim=True))
     unembed_bias = getattr(parts.unembed, "bias", None)
     if unembed_bias is not None:
         labels.append("unembed_bias")

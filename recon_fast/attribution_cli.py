@@ -100,8 +100,9 @@ def shown_token(text: str) -> str:
     return _ESCAPED.sub(lambda m: json.dumps(m.group())[1:-1], text)
 
 
-def token_header(attribution, row: int = 0) -> str:
-    return f'Token: "{shown_token(attribution.target_text[row])}" (index {attribution.position})'
+def token_header(attribution, where: str | None = None, row: int = 0) -> str:
+    where = where or f"index {attribution.position}"
+    return f'Token: "{shown_token(attribution.target_text[row])}" ({where})'
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -153,8 +154,7 @@ def cmd_cot(args) -> int:
     for step in steps:
         print()
         print(f"Step {step.number}: {step.text}")
-        print(token_header(step.attribution).replace(f"(index {step.attribution.position})",
-                                                     f"(token {step.token_index})"))
+        print(token_header(step.attribution, where=f"token {step.token_index}"))
         print("\n".join(bar_lines(step.attribution.top(args.top_k))))
     if args.report:
         print(f"\nReport: {args.report}/cot.json, {args.report}/cot.png")
@@ -167,9 +167,10 @@ def cmd_residual(args) -> int:
     if args.lens_k < 1 or args.max_positions < 1:
         raise ValueError("--lens-k and --max-positions must be at least 1")
     model, tokenizer = _load(args)
-    length = len(tokenizer(args.prompt)["input_ids"])
+    inputs = tokenizer(args.prompt, return_tensors="pt")  # once: its length picks the positions shown
+    length = inputs["input_ids"].shape[1]
     shown = list(range(max(0, length - args.max_positions), length))
-    lens = logit_lens(model, args.prompt, k=args.lens_k, positions=shown, tokenizer=tokenizer)
+    lens = logit_lens(model, inputs, k=args.lens_k, positions=shown, tokenizer=tokenizer)
     document = {"prompt": args.prompt, "model": args.model, **lens.to_dict()}
     if args.report:
         from recon_fast import report
