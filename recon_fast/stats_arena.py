@@ -45,11 +45,28 @@ class StatsArena:
         return slot, chunks[-1][fill : fill + rows].view(*lead_shape, NUM_STATS)
 
     def to_host(self) -> "HostArena":
-        """Copies every used row to the host: one transfer per chunk, after the forward pass."""
-        host = {}
+        """Copies every used row to the host: one transfer per chunk, after the forward pass.
+
+        From a CUDA device the chunks go into pinned buffers without blocking, and one event per
+        device is waited on: the only synchronisation of a traced run, after all its kernels.
+        """
+        host, done = {}, []
         for device, chunks in self._chunks.items():
             used = [c.shape[0] for c in chunks[:-1]] + [self._fill[device]]
-            host[device] = [c[:n].cpu() for c, n in zip(chunks, used)]
+            if device.type != "cuda":
+                host[device] = [c[:n].cpu() for c, n in zip(chunks, used)]
+                continue
+            copies = []
+            for chunk, n in zip(chunks, used):
+                pinned = torch.empty((n, NUM_STATS), dtype=torch.float32, pin_memory=True)
+                pinned.copy_(chunk[:n], non_blocking=True)
+                copies.append(pinned)
+            host[device] = copies
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            done.append(event)
+        for event in done:
+            event.synchronize()
         return HostArena(host)
 
     def read(self, slot: ArenaSlot) -> torch.Tensor:
