@@ -3,10 +3,22 @@
 
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <vector>
 
 namespace recon_fast {
 namespace {
+
+// "[4, 8]": shapes are formatted here rather than by streaming an IntArrayRef into TORCH_CHECK,
+// which crashed (SIGSEGV while building the message) in the CUDA build against torch 2.11.
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (d) text += ", ";
+    text += std::to_string(sizes[d]);
+  }
+  return text + "]";
+}
 
 StatsDtype stats_dtype_of(const at::Tensor& x) {
   switch (x.scalar_type()) {
@@ -75,8 +87,8 @@ TokenStatsPlan plan_token_stats(const at::Tensor& x_in, const at::Tensor& out) {
   const auto lead = x_in.sizes().slice(0, x_in.dim() - 1);
   TORCH_CHECK(out.dim() == x_in.dim() && out.sizes().slice(0, out.dim() - 1) == lead &&
                   out.size(-1) == kNumStats,
-              "token_stats: out must have shape ", lead, " + [", kNumStats, "] for x of shape ",
-              x_in.sizes(), ", got ", out.sizes());
+              "token_stats: out must have shape ", shape_str(lead), " + [", kNumStats,
+              "] for x of shape ", shape_str(x_in.sizes()), ", got ", shape_str(out.sizes()));
 
   TokenStatsPlan plan;
   // The kernels read each row as a contiguous run; a strided last dim is made contiguous once

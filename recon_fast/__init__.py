@@ -3,7 +3,7 @@
 `recon_fast.ops.token_stats` is the fused per-token statistics kernel everything rests on.
 """
 
-__version__ = "0.1.0"
+from recon_fast._version import __version__
 
 from recon_fast.ops import STATS, backend, token_stats, token_stats_ref
 from recon_fast.cube import ActivityCube

@@ -15,6 +15,8 @@ from importlib import metadata
 import torch
 from torch import nn
 
+from recon_fast._version import __version__
+
 _PACKAGES = ("torch", "transformers", "recon-fast", "numpy", "orjson", "accelerate", "gguf")
 
 
@@ -27,6 +29,8 @@ def _installed_versions() -> tuple[tuple[str, str], ...]:
         except metadata.PackageNotFoundError:
             continue
     versions["torch"] = torch.__version__
+    # A source checkout built in place (no pip install) has no metadata: its own version then.
+    versions.setdefault("recon_fast", __version__)
     return tuple(versions.items())
 
 

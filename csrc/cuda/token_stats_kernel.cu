@@ -1,11 +1,14 @@
 // CUDA token_stats: one read of each element, 128-bit loads, fp32 accumulation (fp64 for fp64
-// input), a warp per row for short rows and a block per row for long ones.
+// input), a group of 4..32 lanes per row for rows up to 4096 elements (sized so every lane folds
+// several packs) and a block per row for longer ones.
 //
 // Each thread folds its elements in packs (the 8 bf16/fp16, 4 fp32 or 2 fp64 of one 128-bit
-// load): a pack's own mean and centred M2 are exact enough in registers, and packs merge into the
-// thread's running moments with Chan's formula, as do threads across the warp (shuffles) and the
-// block (shared memory). The sum of squares is kept apart for the energy, and the raw sum flags
-// rows holding Inf/NaN, which get torch's answers (mean +-inf/NaN, std NaN) for that row alone.
+// load): a pack's own mean and centred M2 are computed in registers on values shifted by the
+// row's first element (so a large mean with a small spread keeps its digits: 1e4 +- 1e-2 in
+// float32), and packs merge into the thread's running moments with Chan's formula, as do lanes
+// across the group (shuffles) and warps across the block (shared memory). The sum of squares is
+// kept apart for the energy. Rows holding Inf/NaN are recognised from min/max and the sum of
+// squares, and get torch's answers (mean +-inf/NaN, std NaN) for that row alone.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,9 +21,9 @@ namespace {
 
 constexpr int kWarp = 32;
 
-// Short rows: one warp per row, this many rows per block. Long rows: one block per row.
-constexpr int kRowsPerWarpBlock = 4;
-constexpr int64_t kWarpPerRowMaxDim = 4096;
+// Short rows: a group of lanes per row, this many warps per block. Long rows: a block per row.
+constexpr int kWarpsPerGroupBlock = 4;
+constexpr int64_t kGroupPerRowMaxDim = 4096;
 
 template <typename T> __device__ __forceinline__ float to_acc(T v);
 template <> __device__ __forceinline__ float to_acc<float>(float v) { return v; }
@@ -30,13 +33,14 @@ template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16
 }
 __device__ __forceinline__ double to_acc_d(double v) { return v; }
 
+// mean and m2 are of the values minus the row's shift; sumsq, lo and hi of the values themselves.
 template <typename acc_t>
 struct Moments {
-  acc_t n, mean, m2, sumsq, raw_sum, lo, hi;
+  acc_t n, mean, m2, sumsq, lo, hi;
 
   __device__ __forceinline__ static Moments empty() {
     Moments m;
-    m.n = m.mean = m.m2 = m.sumsq = m.raw_sum = acc_t(0);
+    m.n = m.mean = m.m2 = m.sumsq = acc_t(0);
     m.lo = acc_t(INFINITY);
     m.hi = acc_t(-INFINITY);
     return m;
@@ -56,7 +60,6 @@ struct Moments {
     m2 += b.m2 + delta * delta * n * wb;
     n = total;
     sumsq += b.sumsq;
-    raw_sum += b.raw_sum;
     lo = lo < b.lo ? lo : b.lo;
     hi = hi > b.hi ? hi : b.hi;
   }
@@ -71,14 +74,16 @@ __device__ __forceinline__ typename AccOf<T>::type widen(T v) {
   else return to_acc<T>(v);
 }
 
-// The moments of N values held in registers.
+// The moments of N values held in registers, mean and M2 taken around `shift`.
 template <typename acc_t, int N>
-__device__ __forceinline__ Moments<acc_t> pack_moments(const acc_t (&v)[N]) {
+__device__ __forceinline__ Moments<acc_t> pack_moments(const acc_t (&v)[N], acc_t shift) {
   Moments<acc_t> m;
   acc_t sum = 0, sq = 0, lo = v[0], hi = v[0];
+  acc_t d[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    sum += v[i];
+    d[i] = v[i] - shift;
+    sum += d[i];
     sq += v[i] * v[i];
     lo = v[i] < lo ? v[i] : lo;
     hi = v[i] > hi ? v[i] : hi;
@@ -86,8 +91,8 @@ __device__ __forceinline__ Moments<acc_t> pack_moments(const acc_t (&v)[N]) {
   const acc_t mean = sum * (acc_t(1) / acc_t(N));
   acc_t m2 = 0;
 #pragma unroll
-  for (int i = 0; i < N; ++i) m2 += (v[i] - mean) * (v[i] - mean);
-  m.n = acc_t(N), m.mean = mean, m.m2 = m2, m.sumsq = sq, m.raw_sum = sum, m.lo = lo, m.hi = hi;
+  for (int i = 0; i < N; ++i) m2 += (d[i] - mean) * (d[i] - mean);
+  m.n = acc_t(N), m.mean = mean, m.m2 = m2, m.sumsq = sq, m.lo = lo, m.hi = hi;
   return m;
 }
 
@@ -108,24 +113,26 @@ __device__ __forceinline__ Pack<T> load_pack(const T* p) {
 }
 
 template <typename T, typename acc_t>
-__device__ __forceinline__ void fold_pack(Moments<acc_t>& s, const Pack<T>& pk) {
+__device__ __forceinline__ void fold_pack(Moments<acc_t>& s, const Pack<T>& pk, acc_t shift) {
   acc_t v[Pack<T>::N];
 #pragma unroll
   for (int i = 0; i < Pack<T>::N; ++i) v[i] = widen<T>(pk.v[i]);
-  s.merge(pack_moments<acc_t, Pack<T>::N>(v));
+  s.merge(pack_moments<acc_t, Pack<T>::N>(v, shift));
 }
 
 template <typename T, typename acc_t>
-__device__ __forceinline__ void fold_scalar(Moments<acc_t>& s, T value) {
+__device__ __forceinline__ void fold_scalar(Moments<acc_t>& s, T value, acc_t shift) {
   acc_t v[1] = {widen<T>(value)};
-  s.merge(pack_moments<acc_t, 1>(v));
+  s.merge(pack_moments<acc_t, 1>(v, shift));
 }
 
 // Folds this thread's share of a row: elements are dealt to `nthreads` threads pack by pack.
+// The shift is the row's first element: every thread reads it (one cached load).
 template <typename T, typename acc_t, bool kVectorized>
 __device__ __forceinline__ Moments<acc_t> fold_row_share(const T* x, int64_t dim, int tid,
                                                          int nthreads) {
   Moments<acc_t> s = Moments<acc_t>::empty();
+  const acc_t shift = widen<T>(x[0]);
   int64_t tail_start = 0;
   if constexpr (kVectorized) {
     constexpr int N = Pack<T>::N;
@@ -137,12 +144,12 @@ __device__ __forceinline__ Moments<acc_t> fold_row_share(const T* x, int64_t dim
 #pragma unroll
       for (int u = 0; u < 4; ++u) a[u] = load_pack<T>(x + (k + u * nthreads) * N);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) fold_pack<T, acc_t>(s, a[u]);
+      for (int u = 0; u < 4; ++u) fold_pack<T, acc_t>(s, a[u], shift);
     }
-    for (; k < packs; k += nthreads) fold_pack<T, acc_t>(s, load_pack<T>(x + k * N));
+    for (; k < packs; k += nthreads) fold_pack<T, acc_t>(s, load_pack<T>(x + k * N), shift);
     tail_start = packs * N;
   }
-  for (int64_t i = tail_start + tid; i < dim; i += nthreads) fold_scalar<T, acc_t>(s, x[i]);
+  for (int64_t i = tail_start + tid; i < dim; i += nthreads) fold_scalar<T, acc_t>(s, x[i], shift);
   return s;
 }
 
@@ -151,16 +158,17 @@ __device__ __forceinline__ acc_t shfl_xor(acc_t v, int mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
 }
 
-template <typename acc_t>
-__device__ __forceinline__ void warp_merge(Moments<acc_t>& s) {
+// Merges the moments of `kLanes` consecutive lanes (an aligned group within the warp); every
+// lane of the warp must take part, since the shuffles name the whole warp.
+template <int kLanes = kWarp, typename acc_t>
+__device__ __forceinline__ void group_merge(Moments<acc_t>& s) {
 #pragma unroll
-  for (int mask = kWarp / 2; mask > 0; mask >>= 1) {
+  for (int mask = kLanes / 2; mask > 0; mask >>= 1) {
     Moments<acc_t> o;
     o.n = shfl_xor(s.n, mask);
     o.mean = shfl_xor(s.mean, mask);
     o.m2 = shfl_xor(s.m2, mask);
     o.sumsq = shfl_xor(s.sumsq, mask);
-    o.raw_sum = shfl_xor(s.raw_sum, mask);
     o.lo = shfl_xor(s.lo, mask);
     o.hi = shfl_xor(s.hi, mask);
     s.merge(o);
@@ -168,28 +176,40 @@ __device__ __forceinline__ void warp_merge(Moments<acc_t>& s) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ void write_stats(const Moments<acc_t>& s, float* out, int64_t os) {
-  const acc_t nan = acc_t(NAN);
-  const bool finite = isfinite(s.raw_sum);
-  const bool has_nan = isnan(s.sumsq);  // NaN squared stays NaN; Inf squared does not
+__device__ __forceinline__ void write_stats(const Moments<acc_t>& s, acc_t shift, float* out,
+                                            int64_t os) {
+  const acc_t nan = acc_t(NAN), inf = acc_t(INFINITY);
+  // NaN squared stays NaN (Inf squared does not); min/max skip NaN but keep +-Inf.
+  const bool has_nan = isnan(s.sumsq) || isnan(shift);
+  const bool has_pos_inf = s.hi == inf, has_neg_inf = s.lo == -inf;
   out[0] = static_cast<float>(sqrt(s.sumsq));
-  out[1 * os] = static_cast<float>(finite ? s.mean : s.raw_sum / s.n);
+  // Non-finite rows: what torch's sum / n gives (NaN, or the one infinity present).
+  const acc_t mean = has_nan || (has_pos_inf && has_neg_inf) ? nan
+                     : has_pos_inf                          ? inf
+                     : has_neg_inf                          ? -inf
+                                                            : shift + s.mean;
+  out[1 * os] = static_cast<float>(mean);
+  const bool finite = !has_nan && !has_pos_inf && !has_neg_inf;
   // n == 1 gives 0/0 = NaN, as torch.std with correction=1.
   out[2 * os] = static_cast<float>(finite ? sqrt((s.m2 > acc_t(0) ? s.m2 : acc_t(0)) / (s.n - 1)) : nan);
   out[3 * os] = static_cast<float>(has_nan ? nan : s.lo);
   out[4 * os] = static_cast<float>(has_nan ? nan : s.hi);
 }
 
-template <typename T, bool kVectorized>
-__global__ void token_stats_warp_per_row(TokenStatsProblem p) {
+template <typename T, bool kVectorized, int kLanes>
+__global__ void token_stats_group_per_row(TokenStatsProblem p) {
   using acc_t = typename AccOf<T>::type;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarp;
-  if (row >= p.rows) return;  // whole warps leave together: the shuffles below stay full
-  const T* x = static_cast<const T*>(p.x) + p.x_rows.offset(row);
-  Moments<acc_t> s = fold_row_share<T, acc_t, kVectorized>(x, p.dim, lane, kWarp);
-  warp_merge(s);
-  if (lane == 0) write_stats(s, p.out + p.out_rows.offset(row), p.out_stat_stride);
+  const int lane = threadIdx.x % kLanes;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + threadIdx.x / kLanes;
+  // Lanes past the last row still take part in the shuffles (the group's neighbours need them).
+  const bool active = row < p.rows;
+  const T* x = static_cast<const T*>(p.x) + (active ? p.x_rows.offset(row) : 0);
+  Moments<acc_t> s = active ? fold_row_share<T, acc_t, kVectorized>(x, p.dim, lane, kLanes)
+                            : Moments<acc_t>::empty();
+  group_merge<kLanes>(s);
+  if (active && lane == 0) {
+    write_stats(s, widen<T>(x[0]), p.out + p.out_rows.offset(row), p.out_stat_stride);
+  }
 }
 
 template <typename T, bool kVectorized>
@@ -199,15 +219,15 @@ __global__ void token_stats_block_per_row(TokenStatsProblem p) {
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + p.x_rows.offset(row);
   Moments<acc_t> s = fold_row_share<T, acc_t, kVectorized>(x, p.dim, threadIdx.x, blockDim.x);
-  warp_merge(s);
+  group_merge(s);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   if (lane == 0) partial[warp] = s;
   __syncthreads();
   if (warp == 0) {
     const int warps = blockDim.x / kWarp;
     s = lane < warps ? partial[lane] : Moments<acc_t>::empty();
-    warp_merge(s);
-    if (lane == 0) write_stats(s, p.out + p.out_rows.offset(row), p.out_stat_stride);
+    group_merge(s);
+    if (lane == 0) write_stats(s, widen<T>(x[0]), p.out + p.out_rows.offset(row), p.out_stat_stride);
   }
 }
 
@@ -228,12 +248,35 @@ bool rows_are_16B_aligned(const TokenStatsProblem& p) {
   return true;
 }
 
+// Lanes per row for rows up to kGroupPerRowMaxDim: about 8 packs per lane, so the loads in flight
+// and the shuffle merge are paid for by enough data (576 bf16 values: 8 lanes of 9 packs, where
+// a whole warp left most lanes idle in the last round).
+int lanes_per_row(int64_t dim, int pack) {
+  const int64_t packs = dim / pack;
+  if (packs >= 8 * 32) return 32;
+  if (packs >= 8 * 16) return 16;
+  if (packs >= 8 * 8) return 8;
+  return 4;
+}
+
+template <typename T, bool kVectorized, int kLanes>
+void launch_groups(const TokenStatsProblem& p, cudaStream_t stream) {
+  constexpr int threads = kWarpsPerGroupBlock * kWarp;
+  constexpr int rows_per_block = threads / kLanes;
+  const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
+  token_stats_group_per_row<T, kVectorized, kLanes>
+      <<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
+}
+
 template <typename T, bool kVectorized>
 cudaError_t launch_typed(const TokenStatsProblem& p, cudaStream_t stream) {
-  if (p.dim <= kWarpPerRowMaxDim) {
-    const int64_t blocks = (p.rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock;
-    token_stats_warp_per_row<T, kVectorized>
-        <<<static_cast<unsigned>(blocks), kRowsPerWarpBlock * kWarp, 0, stream>>>(p);
+  if (p.dim <= kGroupPerRowMaxDim) {
+    switch (lanes_per_row(p.dim, kVectorized ? Pack<T>::N : 1)) {
+      case 32: launch_groups<T, kVectorized, 32>(p, stream); break;
+      case 16: launch_groups<T, kVectorized, 16>(p, stream); break;
+      case 8: launch_groups<T, kVectorized, 8>(p, stream); break;
+      default: launch_groups<T, kVectorized, 4>(p, stream); break;
+    }
   } else {
     token_stats_block_per_row<T, kVectorized>
         <<<static_cast<unsigned>(p.rows), block_threads_for(p.dim), 0, stream>>>(p);
