@@ -157,7 +157,10 @@ def test_no_sync_added_by_tracing(benchmark, record_measure, shape):
     record_measure(f"GPU sync count, {shape}", "untraced forward", plain, "syncs", baseline=True)
     record_measure(f"GPU sync count, {shape}", "traced forward (hooks)", hooks, "syncs")
     record_measure(f"GPU sync count, {shape}", "Tracer.run()", traced, "syncs")
-    assert hooks == plain, f"the hooks added {hooks - plain} synchronisations"
+    # The model's own count varies between calls (transformers syncs on some first uses), so
+    # the hooks may not add any: a traced forward syncs no more often than the plain one did.
+    assert hooks <= plain, f"the hooks added {hooks - plain} synchronisations"
+    assert traced <= plain + 1, f"Tracer.run() added {traced - plain} synchronisations (one is its host copy)"
 
 
 LONG_CONTEXT = int(os.environ.get("RECON_GPU_LONG_TOKENS", "131072"))
