@@ -1,9 +1,11 @@
 """Device buffers that the tracer's hooks write token statistics into.
 
-Each hook call takes the next rows of a float32 [rows, 5] buffer on the device where its
-activation lives and hands that slice to token_stats as `out`. Growing allocates a new chunk
-(twice the last) and never copies or synchronises; the host reads each chunk once, after the
-forward pass.
+Each hook call takes the next rows of a float32 [rows, 5] chunk on the device where its activation
+lives and hands that slice to token_stats as `out`. Nothing in a hook copies to the host or
+synchronises. On a CUDA device chunks have a fixed size: a full chunk is copied to pinned host
+memory on a side stream, behind the kernels that wrote it, and its device memory goes back to
+the allocator once that copy is done, so a long-context run holds O(chunk) statistics on the
+device instead of O(layers x tokens). Elsewhere chunks double and stay where they are.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch
 
 from recon_fast.ops import NUM_STATS
 
+# Rows of one CUDA chunk: 20 MiB of statistics (1M tokens x layers) on the device at a time.
+CUDA_CHUNK_ROWS = 1 << 20
+
 
 @dataclass(frozen=True)
 class ArenaSlot:
@@ -23,55 +28,101 @@ class ArenaSlot:
     rows: int
 
 
+class _DeviceChunks:
+    """One device's chunks: `device[i]` while chunk i may still be written, `host[i]` once it
+    was sent (pinned, filled by the side stream by the time `done` has been waited on)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.chunks: list[torch.Tensor | None] = []
+        self.host: list[torch.Tensor | None] = []
+        self.fill = 0  # rows used in the last chunk
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
 class StatsArena:
     def __init__(self, initial_rows: int = 4096):
         self._initial_rows = max(1, initial_rows)
-        self._chunks: dict[torch.device, list[torch.Tensor]] = {}
-        self._fill: dict[torch.device, int] = {}  # rows used in the device's last chunk
+        self._devices: dict[torch.device, _DeviceChunks] = {}
 
     def take(self, device: torch.device, lead_shape: torch.Size) -> tuple[ArenaSlot, torch.Tensor]:
         """A slot for an activation with leading dims `lead_shape`, and its [*lead, 5] view."""
         rows = 1
         for size in lead_shape:
             rows *= size
-        chunks = self._chunks.setdefault(device, [])
-        fill = self._fill.get(device, 0)
-        if not chunks or fill + rows > chunks[-1].shape[0]:
-            capacity = max(rows, 2 * chunks[-1].shape[0] if chunks else self._initial_rows)
-            chunks.append(torch.empty(capacity, NUM_STATS, dtype=torch.float32, device=device))
-            fill = 0
-        slot = ArenaSlot(device, len(chunks) - 1, fill, rows)
-        self._fill[device] = fill + rows
-        return slot, chunks[-1][fill : fill + rows].view(*lead_shape, NUM_STATS)
+        chunks = self._devices.get(device)
+        if chunks is None:
+            chunks = self._devices[device] = _DeviceChunks(device)
+        last = chunks.chunks[-1] if chunks.chunks else None
+        if last is None or chunks.fill + rows > last.shape[0]:
+            last = self._new_chunk(chunks, rows)
+        fill = chunks.fill
+        chunks.fill = fill + rows
+        slot = ArenaSlot(device, len(chunks.chunks) - 1, fill, rows)
+        return slot, last[fill : fill + rows].view(*lead_shape, NUM_STATS)
+
+    def _new_chunk(self, chunks: _DeviceChunks, rows: int) -> torch.Tensor:
+        previous = chunks.chunks[-1] if chunks.chunks else None
+        if chunks.copy_stream is not None:
+            if previous is not None:
+                self._send(chunks, len(chunks.chunks) - 1)
+            capacity = max(rows, min(CUDA_CHUNK_ROWS, 2 * previous.shape[0] if previous is not None
+                                     else self._initial_rows))
+        else:
+            capacity = max(rows, 2 * previous.shape[0] if previous is not None else self._initial_rows)
+        chunk = torch.empty(capacity, NUM_STATS, dtype=torch.float32, device=chunks.device)
+        chunks.chunks.append(chunk)
+        chunks.host.append(None)
+        chunks.fill = 0
+        return chunk
+
+    @staticmethod
+    def _send(chunks: _DeviceChunks, index: int) -> None:
+        """Copies chunk `index` to pinned host memory on the side stream, after the kernels
+        already enqueued on the current stream, and lets its device memory go once copied."""
+        chunk = chunks.chunks[index]
+        used = chunks.fill if index == len(chunks.chunks) - 1 else chunk.shape[0]
+        stream = chunks.copy_stream
+        stream.wait_stream(torch.cuda.current_stream(chunks.device))
+        with torch.cuda.stream(stream):
+            host = torch.empty((used, NUM_STATS), dtype=torch.float32, pin_memory=True)
+            host.copy_(chunk[:used], non_blocking=True)
+        # The caching allocator must not hand this memory out before the side stream read it.
+        chunk.record_stream(stream)
+        chunks.host[index] = host
+        chunks.chunks[index] = None
 
     def to_host(self) -> "HostArena":
-        """Copies every used row to the host: one transfer per chunk, after the forward pass.
-
-        From a CUDA device the chunks go into pinned buffers without blocking, and one event per
-        device is waited on: the only synchronisation of a traced run, after all its kernels.
-        """
+        """Every used row on the host, after the forward pass: the last chunks are sent like the
+        others, and one event per CUDA device is waited on (the only sync of a traced run)."""
         host, done = {}, []
-        for device, chunks in self._chunks.items():
-            used = [c.shape[0] for c in chunks[:-1]] + [self._fill[device]]
-            if device.type != "cuda":
-                host[device] = [c[:n].cpu() for c, n in zip(chunks, used)]
+        for device, chunks in self._devices.items():
+            if chunks.copy_stream is None:
+                host[device] = [c[:n] for c, n in zip(chunks.chunks, self._used(chunks))]
                 continue
-            copies = []
-            for chunk, n in zip(chunks, used):
-                pinned = torch.empty((n, NUM_STATS), dtype=torch.float32, pin_memory=True)
-                pinned.copy_(chunk[:n], non_blocking=True)
-                copies.append(pinned)
-            host[device] = copies
+            for index, chunk in enumerate(chunks.chunks):
+                if chunk is not None:
+                    self._send(chunks, index)
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
+            event.record(chunks.copy_stream)
             done.append(event)
+            host[device] = list(chunks.host)
         for event in done:
             event.synchronize()
         return HostArena(host)
 
+    @staticmethod
+    def _used(chunks: _DeviceChunks) -> list[int]:
+        return [c.shape[0] for c in chunks.chunks[:-1]] + [chunks.fill]
+
     def read(self, slot: ArenaSlot) -> torch.Tensor:
         """One slot's rows on the host ([rows, 5]); for streaming, a layer at a time."""
-        return self._chunks[slot.device][slot.chunk][slot.row0 : slot.row0 + slot.rows].cpu()
+        chunks = self._devices[slot.device]
+        sent = chunks.host[slot.chunk]
+        if sent is not None:
+            chunks.copy_stream.synchronize()
+            return sent[slot.row0 : slot.row0 + slot.rows]
+        return chunks.chunks[slot.chunk][slot.row0 : slot.row0 + slot.rows].cpu()
 
 
 class HostArena:
@@ -80,3 +131,12 @@ class HostArena:
 
     def read(self, slot: ArenaSlot) -> torch.Tensor:
         return self._chunks[slot.device][slot.chunk][slot.row0 : slot.row0 + slot.rows]
+
+    def span(self, first: ArenaSlot, last: ArenaSlot) -> torch.Tensor:
+        """The rows from `first` to `last` inclusive, which must lie back to back in one chunk."""
+        return self._chunks[first.device][first.chunk][first.row0 : last.row0 + last.rows]
+
+
+def back_to_back(a: ArenaSlot, b: ArenaSlot) -> bool:
+    """Whether slot b starts where slot a ends, in the same chunk."""
+    return b.device == a.device and b.chunk == a.chunk and b.row0 == a.row0 + a.rows

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from recon_fast import __version__, export, ops, presets
+from recon_fast import export, ops, presets
+from recon_fast._version import __version__
 from recon_fast.cube import ActivityCube
 from recon_fast.model_inputs import model_device, model_dtype, prepare_inputs, token_texts
 from recon_fast.ops import STATS
 from recon_fast.provenance import model_provenance
-from recon_fast.stats_arena import ArenaSlot, StatsArena
+from recon_fast.stats_arena import ArenaSlot, StatsArena, back_to_back
 
 
 def extract_tensor(output) -> torch.Tensor | None:
@@ -317,8 +318,25 @@ class Tracer:
             return
         host = session.arena.to_host()
         data = np.empty((len(layers), batch, length, len(columns)), dtype=np.float32)
-        for i, (name, calls, lengths) in enumerate(layers):
-            data[i] = stats_of(calls, lengths, host)
+        whole = [len(calls) == 1 and calls[0].slot.rows == batch * length for _, calls, _ in layers]
+        i = 0
+        while i < len(layers):
+            name, calls, lengths = layers[i]
+            if not whole[i]:
+                data[i] = stats_of(calls, lengths, host)
+                i += 1
+                continue
+            # Layers whose rows lie back to back in the arena are copied in one go: per-layer
+            # copies cost more than the forward pass itself at short T on a GPU.
+            j = i + 1
+            while j < len(layers) and whole[j] and back_to_back(layers[j - 1][1][0].slot, layers[j][1][0].slot):
+                j += 1
+            rows = host.span(calls[0].slot, layers[j - 1][1][0].slot).numpy()
+            block = data[i:j]
+            block[...] = rows.reshape(j - i, batch, length, host_cols)[..., columns]
+            if padding is not None:
+                block[:, padding] = np.nan
+            i = j
         self._cube = ActivityCube(tokens=tokens, layer_names=[name for name, _, _ in layers],
                                   metrics=self.metrics, data=data, padding_mask=padding, meta=meta,
                                   provenance=provenance, attention=attention_entries, raw=raw)

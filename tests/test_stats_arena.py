@@ -1,0 +1,71 @@
+"""StatsArena: slots, chunk growth, and on CUDA the chunks sent to pinned host memory behind the
+kernels that filled them (no sync, bounded device memory, every row intact)."""
+
+import pytest
+import torch
+
+from recon_fast import stats_arena
+from recon_fast.ops import token_stats, token_stats_ref
+from recon_fast.stats_arena import StatsArena, back_to_back
+from conftest import DEVICES
+
+
+def fill(arena, activations, device):
+    slots = []
+    for a in activations:
+        slot, out = arena.take(torch.device(device), a.shape[:-1])
+        token_stats(a, out=out)
+        slots.append(slot)
+    return slots
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_slot_reads_back_its_own_rows(device, monkeypatch):
+    monkeypatch.setattr(stats_arena, "CUDA_CHUNK_ROWS", 300)  # many CUDA chunks, sent as they fill
+    g = torch.Generator().manual_seed(0)
+    activations = [torch.randn(2, int(n), 24, generator=g).to(device)
+                   for n in torch.randint(1, 120, (40,), generator=g)]
+    arena = StatsArena(initial_rows=64)
+    slots = fill(arena, activations, device)
+    assert len({s.chunk for s in slots}) > 3
+    streamed = [arena.read(s) for s in slots]  # the streaming path, before to_host
+    host = arena.to_host()
+    for slot, a, rows in zip(slots, activations, streamed):
+        want = token_stats_ref(a.cpu()).view(-1, 5)
+        torch.testing.assert_close(host.read(slot), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
+
+
+def test_back_to_back_slots_span_one_copy():
+    arena = StatsArena(initial_rows=16)
+    activations = [torch.randn(1, 4, 8) for _ in range(6)]  # 24 rows: two chunks (16, then 32)
+    slots = fill(arena, activations, "cpu")
+    host = arena.to_host()
+    assert back_to_back(slots[0], slots[1]) and back_to_back(slots[2], slots[3])
+    assert not back_to_back(slots[3], slots[4])  # the fifth did not fit: a new chunk
+    span = host.span(slots[0], slots[3])
+    torch.testing.assert_close(span, torch.cat([host.read(s) for s in slots[:4]]))
+
+
+@pytest.mark.cuda
+def test_cuda_chunks_leave_the_device_without_a_sync(monkeypatch):
+    monkeypatch.setattr(stats_arena, "CUDA_CHUNK_ROWS", 4096)
+    a = torch.randn(4096, 64, device="cuda")
+    arena = StatsArena(initial_rows=4096)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    peak = 0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        slots = []
+        for _ in range(64):  # 64 chunks' worth: 5 MiB of statistics
+            slots += fill(arena, [a], "cuda")
+            peak = max(peak, torch.cuda.memory_allocated() - before)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # Sent chunks go back to the allocator: the device holds a few chunks, not all 64.
+    assert peak <= 8 * 4096 * 5 * 4
+    host = arena.to_host()
+    want = token_stats_ref(a.cpu())
+    for slot in slots:
+        torch.testing.assert_close(host.read(slot), want, rtol=1e-5, atol=1e-5)
