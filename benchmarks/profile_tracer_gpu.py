@@ -6,6 +6,7 @@ benchmark: its figures guide changes, the benchmarks judge them."""
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
 import statistics
 import sys
@@ -13,7 +14,8 @@ import time
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench_tracer_gpu, and recon_fast from a checkout
 from bench_tracer_gpu import build_model  # noqa: E402
 
 from recon_fast import Tracer  # noqa: E402

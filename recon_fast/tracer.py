@@ -280,6 +280,8 @@ class Tracer:
         ids = ids[:, :length]
         padding = self._padding(attention_mask, batch, length)
         columns = [STATS.index(m) for m in self.metrics]
+        contiguous = columns == list(range(columns[0], columns[0] + len(columns)))
+        picked = slice(columns[0], columns[0] + len(columns)) if contiguous else columns
         host_cols = len(STATS)
         device = self._model_device()
         meta = {
@@ -333,7 +335,8 @@ class Tracer:
                 j += 1
             rows = host.span(calls[0].slot, layers[j - 1][1][0].slot).numpy()
             block = data[i:j]
-            block[...] = rows.reshape(j - i, batch, length, host_cols)[..., columns]
+            # One copy: a list of columns would make numpy gather into a temporary first.
+            block[...] = rows.reshape(j - i, batch, length, host_cols)[..., picked]
             if padding is not None:
                 block[:, padding] = np.nan
             i = j
