@@ -4,11 +4,18 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "token_stats_rows.h"
+
 extern "C" {
-// `import recon_fast._C` only needs to load the shared object; the ops are reached through
-// torch.ops.recon_fast. An empty module keeps this independent of pybind11 and the Python ABI.
+// `import recon_fast._C` loads the shared object; the ops are reached through torch.ops.recon_fast.
+// The module's one function is the tracer's hook path (token_stats_rows), plain C API: no
+// pybind11 module, so importing stays independent of pybind11's version.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"token_stats_rows", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&recon_fast::token_stats_rows)),
+       METH_FASTCALL, "token_stats_rows(x, buffer, row0): token_stats of x into buffer[row0 : row0 + rows]"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

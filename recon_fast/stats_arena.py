@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from recon_fast.ops import NUM_STATS
+from recon_fast import _library
+from recon_fast.ops import NUM_STATS, token_stats
+
+# The compiled hook path (recon_fast._C.token_stats_rows), absent with a JIT-built or no library.
+_token_stats_rows = None
+if _library.loaded_from == "extension":
+    from recon_fast import _C
+
+    _token_stats_rows = getattr(_C, "token_stats_rows", None)
 
 # Rows of one CUDA chunk: 20 MiB of statistics (1M tokens x layers) on the device at a time.
 CUDA_CHUNK_ROWS = 1 << 20
@@ -45,11 +53,25 @@ class StatsArena:
         self._initial_rows = max(1, initial_rows)
         self._devices: dict[torch.device, _DeviceChunks] = {}
 
+    def write(self, x: torch.Tensor) -> ArenaSlot:
+        """Enqueues token_stats(x) into the next rows (x [..., D], D > 0); returns where they are.
+        The hooks' path: with the compiled library no tensor is made in Python."""
+        chunk, slot = self._reserve(x.device, x.numel() // x.shape[-1])
+        if _token_stats_rows is not None:
+            _token_stats_rows(x, chunk, slot.row0)
+        else:
+            token_stats(x, out=chunk[slot.row0 : slot.row0 + slot.rows].view(*x.shape[:-1], NUM_STATS))
+        return slot
+
     def take(self, device: torch.device, lead_shape: torch.Size) -> tuple[ArenaSlot, torch.Tensor]:
         """A slot for an activation with leading dims `lead_shape`, and its [*lead, 5] view."""
         rows = 1
         for size in lead_shape:
             rows *= size
+        chunk, slot = self._reserve(device, rows)
+        return slot, chunk[slot.row0 : slot.row0 + rows].view(*lead_shape, NUM_STATS)
+
+    def _reserve(self, device: torch.device, rows: int) -> tuple[torch.Tensor, ArenaSlot]:
         chunks = self._devices.get(device)
         if chunks is None:
             chunks = self._devices[device] = _DeviceChunks(device)
@@ -58,8 +80,7 @@ class StatsArena:
             last = self._new_chunk(chunks, rows)
         fill = chunks.fill
         chunks.fill = fill + rows
-        slot = ArenaSlot(device, len(chunks.chunks) - 1, fill, rows)
-        return slot, last[fill : fill + rows].view(*lead_shape, NUM_STATS)
+        return last, ArenaSlot(device, len(chunks.chunks) - 1, fill, rows)
 
     def _new_chunk(self, chunks: _DeviceChunks, rows: int) -> torch.Tensor:
         previous = chunks.chunks[-1] if chunks.chunks else None

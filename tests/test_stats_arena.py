@@ -69,3 +69,29 @@ def test_cuda_chunks_leave_the_device_without_a_sync(monkeypatch):
     want = token_stats_ref(a.cpu())
     for slot in slots:
         torch.testing.assert_close(host.read(slot), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-path", "python-path"])
+def test_write_equals_take_then_token_stats(device, compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(stats_arena, "_token_stats_rows", None)
+    elif stats_arena._token_stats_rows is None:
+        pytest.skip("recon_fast._C has no token_stats_rows (JIT-built or missing library)")
+    g = torch.Generator().manual_seed(3)
+    activations = [torch.randn(2, 5, 40, generator=g).to(device, dtype)
+                   for dtype in (torch.float32, torch.bfloat16, torch.float16)] * 3
+    activations.append(torch.randn(7, 40, 3, generator=g).to(device).transpose(0, 1))  # strided rows
+    arena = StatsArena(initial_rows=32)
+    slots = [arena.write(a) for a in activations]
+    host = arena.to_host()
+    for slot, a in zip(slots, activations):
+        assert slot.rows == a.numel() // a.shape[-1]
+        torch.testing.assert_close(host.read(slot), token_stats_ref(a.cpu()).reshape(-1, 5), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_write_names_bad_rows():
+    if stats_arena._token_stats_rows is None:
+        pytest.skip("recon_fast._C has no token_stats_rows")
+    with pytest.raises(RuntimeError, match=r"rows \[8, 14\) are outside the buffer's 10"):
+        stats_arena._token_stats_rows(torch.randn(2, 3, 8), torch.empty(10, 5), 8)
