@@ -24,4 +24,11 @@ TORCH_LIBRARY(recon_fast, m) {
   // Reduces the last dim of x to [energy, mean, std, min, max] per row, written into out
   // (float32, shape x.shape[:-1] + [5], any strides, e.g. a slice of a tracer's buffer).
   m.def("token_stats(Tensor x, Tensor(a!) out) -> ()");
+  // Per query of q [batch, heads, q_len, head_dim] against k [batch, kv_heads, k_len, head_dim]
+  // (GQA: heads a multiple of kv_heads), the softmax(q k^T * scaling) row summarised as float32
+  // [batch, heads, q_len, 8] (entropy, max_weight, argmax, sink_mass, mean_distance, self_weight,
+  // prev_weight, lse) in one online pass over key blocks; the [q_len, k_len] weights never exist.
+  m.def(
+      "attention_stats(Tensor q, Tensor k, float scaling, bool causal, int? window, float? softcap, "
+      "Tensor? key_padding_mask, Tensor? mask, int sink_tokens) -> Tensor");
 }

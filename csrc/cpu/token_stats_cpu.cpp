@@ -3,33 +3,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "../token_stats_plan.h"
+#include "cpu_capability.h"
 #include "token_stats_cpu.h"
 
 namespace recon_fast::cpu {
 namespace {
 
 using RowsKernel = void (*)(const TokenStatsProblem&, int64_t, int64_t);
-
-bool processor_has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-// Honours ATen's own switch (ATEN_CPU_CAPABILITY=default) so one variable pins both torch and
-// recon_fast to the baseline kernels; read on every call so tests can exercise both.
-bool baseline_requested() {
-  const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-  return cap != nullptr && std::strcmp(cap, "default") == 0;
-}
 
 RowsKernel select_kernel() {
   static const bool avx2 = avx2_kernel_compiled() && processor_has_avx2();

@@ -1,0 +1,270 @@
+"""attention_stats: per query, the softmax(q k^T) row summarised as 8 numbers, in one online pass
+over key blocks, so that attention is visible at any context length without a [T, T] matrix.
+
+The op is declared in csrc/ops.cpp and implemented per backend (csrc/cpu/attention_stats_*,
+csrc/cuda/attention_stats_*); this module is its typed Python face, its fake implementation for
+torch.compile, and the plain-PyTorch blocked reference `attention_stats_ref`, which serves (with a
+one-time warning) when the compiled library is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from recon_fast import _library
+
+# The channels of attention_stats' last dimension, in order (csrc/attention_stats_problem.h).
+ATTENTION_STATS: tuple[str, ...] = (
+    "entropy",        # -sum p log p, in nats
+    "max_weight",     # max p
+    "argmax",         # key index of the max p (the first at ties), as a float
+    "sink_mass",      # sum of p over the first sink_tokens keys
+    "mean_distance",  # sum p_j (i' - j): how far back the query looks, in tokens
+    "self_weight",    # p at j = i'
+    "prev_weight",    # p at j = i' - 1
+    "lse",            # log sum exp of the scores
+)
+NUM_ATTENTION_STATS = len(ATTENTION_STATS)
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_OP = "recon_fast::attention_stats"
+
+_library.load()
+
+_registered: dict[str, bool] = {}
+
+
+def _op_registered(dispatch_key: str) -> bool:
+    known = _registered.get(dispatch_key)
+    if known is None:
+        known = _library.loaded_from is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            _OP, dispatch_key
+        )
+        _registered[dispatch_key] = known
+    return known
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """Which implementation attention_stats uses on `device`: "cpp", "cuda" or "torch" (fallback)."""
+    device = torch.device(device)
+    key = _DISPATCH_KEYS.get(device.type)
+    if key is not None and _op_registered(key):
+        return "cpp" if device.type == "cpu" else "cuda"
+    return "torch"
+
+
+_warned_fallback: set[str] = set()
+
+
+def _warn_fallback_once(device_type: str) -> None:
+    if device_type in _warned_fallback:
+        return
+    _warned_fallback.add(device_type)
+    why = _library.load_error or f"the library was built without a {device_type} kernel"
+    warnings.warn(
+        f"recon_fast.attention_stats is using the plain-PyTorch fallback on {device_type} "
+        f"(blocked matmuls, several times slower): {why}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def attention_stats(
+    q: torch.Tensor,  # [B, H, Tq, D]
+    k: torch.Tensor,  # [B, Hkv, Tk, D], H a multiple of Hkv
+    *,
+    scaling: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,  # bool [B, Tk], True = keep
+    mask: torch.Tensor | None = None,  # bool (True = keep) or additive [B|1, H|1, Tq, Tk]
+    sink_tokens: int = 4,
+) -> torch.Tensor:  # float32 [B, H, Tq, 8]
+    """Statistics of every query's attention distribution softmax(q k^T * scaling), per head.
+
+    q, k: float32/float64/float16/bfloat16 on the same device; any strides (a strided head_dim is
+    copied once). Grouped-query attention: head h reads k's head h // (H / Hkv); k is never
+    repeated. Queries are the last Tq of the Tk positions (a KV cache): query i sits at
+    i' = i + Tk - Tq.
+    scaling: multiplies q k^T; default 1 / sqrt(D).
+    causal: key j visible only when j <= i'.
+    window: sliding window of `window` keys, i' itself included: j > i' - window (HF's
+        Mistral/Qwen2 convention; flash-attention's window_size=(window - 1, 0)); without causal
+        also j < i' + window.
+    softcap: Gemma2's logit soft-cap, s = softcap * tanh(s / softcap), before any mask.
+    key_padding_mask: bool [B, Tk], True for real tokens.
+    mask: a general mask, the slow path: bool (True = keep) or floating (added to the scores).
+    sink_tokens: how many leading keys count as attention sinks for `sink_mass`.
+
+    Returns float32 [B, H, Tq, 8], channels named by ATTENTION_STATS. Rows that see no key are
+    NaN in every channel. Accumulates in float32; runs on the current CUDA stream without
+    synchronising.
+    """
+    if scaling is None:
+        if q.dim() < 1 or q.shape[-1] == 0:
+            _check_args(q, k, 1.0, causal, window, softcap, key_padding_mask, mask, sink_tokens)
+        scaling = 1.0 / math.sqrt(q.shape[-1])
+    key = _DISPATCH_KEYS.get(q.device.type) or q.device.type.upper()
+    if _op_registered(key):
+        return torch.ops.recon_fast.attention_stats(
+            q, k, float(scaling), bool(causal), window, softcap, key_padding_mask, mask,
+            int(sink_tokens),
+        )
+    _warn_fallback_once(q.device.type)
+    _check_args(q, k, scaling, causal, window, softcap, key_padding_mask, mask, sink_tokens)
+    return attention_stats_ref(
+        q, k, scaling=scaling, causal=causal, window=window, softcap=softcap,
+        key_padding_mask=key_padding_mask, mask=mask, sink_tokens=sink_tokens,
+    )
+
+
+if _library.loaded_from is not None:
+
+    @torch.library.register_fake(_OP)
+    def _attention_stats_fake(q, k, scaling, causal, window, softcap, key_padding_mask, mask,
+                              sink_tokens):
+        # The same checks as the kernels, so torch.compile and meta tensors reject what they would.
+        _check_args(q, k, scaling, causal, window, softcap, key_padding_mask, mask, sink_tokens)
+        return q.new_empty((q.shape[0], q.shape[1], q.shape[2], NUM_ATTENTION_STATS),
+                           dtype=torch.float32)
+
+
+def _check_args(q, k, scaling, causal, window, softcap, key_padding_mask, mask, sink_tokens) -> None:
+    """The compiled op's argument checks (csrc/attention_stats_plan.cpp), same words."""
+
+    def fail(msg: str):
+        raise RuntimeError(f"attention_stats: {msg}")
+
+    if q.dim() != 4:
+        fail(f"q must be 4-D [batch, heads, q_len, head_dim], got shape {list(q.shape)}")
+    if k.dim() != 4:
+        fail(f"k must be 4-D [batch, kv_heads, k_len, head_dim], got shape {list(k.shape)}")
+    if q.dtype != k.dtype:
+        fail(f"q is {q.dtype} but k is {k.dtype}")
+    if q.dtype not in _FLOAT_DTYPES:
+        fail(f"q and k must be float32, float64, float16 or bfloat16, got {q.dtype}")
+    if q.device != k.device:
+        fail(f"q is on {q.device} but k is on {k.device}")
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if k.shape[0] != batch:
+        fail(f"q has batch {batch} but k has batch {k.shape[0]}")
+    if k.shape[3] != head_dim:
+        fail(f"q has head_dim {head_dim} but k has head_dim {k.shape[3]}")
+    if head_dim == 0:
+        fail("head_dim is empty (size 0)")
+    if kv_heads == 0 or heads % kv_heads != 0:
+        fail(f"q has {heads} heads, not a multiple of k's {kv_heads}")
+    if not math.isfinite(scaling):
+        fail(f"scaling must be finite, got {scaling}")
+    if window is not None and window < 1:
+        fail(f"window must be at least 1 (keys a query sees, itself included), got {window}")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        fail(f"softcap must be positive and finite, got {softcap}")
+    if sink_tokens < 0:
+        fail(f"sink_tokens must be >= 0, got {sink_tokens}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            fail(f"key_padding_mask must be bool (true = keep), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (batch, k_len):
+            fail(f"key_padding_mask must have shape [{batch}, {k_len}] ([batch, k_len]), got "
+                 f"{list(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            fail(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if mask is not None:
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            fail(f"mask must be bool (true = keep) or floating (added to the scores), got {mask.dtype}")
+        if (mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads)
+                or mask.shape[2] != q_len or mask.shape[3] != k_len):
+            fail(f"mask must have shape [{batch} or 1, {heads} or 1, {q_len}, {k_len}], got "
+                 f"{list(mask.shape)}")
+        if mask.device != q.device:
+            fail(f"mask is on {mask.device} but q is on {q.device}")
+
+
+def attention_stats_ref(
+    q: torch.Tensor,  # [B, H, Tq, D]
+    k: torch.Tensor,  # [B, Hkv, Tk, D]
+    *,
+    scaling: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    sink_tokens: int = 4,
+    key_block: int = 512,
+    float64: bool = False,
+) -> torch.Tensor:  # [B, H, Tq, 8]
+    """Plain-PyTorch attention_stats: the fallback, and the benchmarks' blocked baseline.
+
+    The same online softmax as the kernels, over blocks of `key_block` keys with batched matmuls,
+    so memory is O(Tq * key_block) per head, never O(Tq * Tk). Computes in float32 (float64 for
+    float64 input, or when float64=True, which also returns float64); returns float32 otherwise.
+    """
+    acc = torch.float64 if float64 or q.dtype == torch.float64 else torch.float32
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(head_dim)
+    device = q.device
+    # [B, Hkv, G * Tq, D]: the G query heads of a kv head share one matmul with its keys.
+    qg = (q.to(acc) * scaling).reshape(batch, kv_heads, group * q_len, head_dim)
+    pos = torch.arange(q_len, device=device) + (k_len - q_len)  # absolute query positions
+    shape = (batch, heads, q_len)
+    m = torch.full(shape, -math.inf, dtype=acc, device=device)
+    l, t, u, sink, self_w, prev_w = (torch.zeros(shape, dtype=acc, device=device) for _ in range(6))
+    argmax = torch.zeros(shape, dtype=torch.long, device=device)
+
+    for j0 in range(0, k_len, key_block):
+        j1 = min(k_len, j0 + key_block)
+        j = torch.arange(j0, j1, device=device)
+        s = (qg @ k[:, :, j0:j1].to(acc).transpose(-1, -2)).reshape(batch, heads, q_len, j1 - j0)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        visible = torch.ones(q_len, j1 - j0, dtype=torch.bool, device=device)
+        if causal:
+            visible &= j[None] <= pos[:, None]
+        if window is not None:
+            visible &= j[None] > pos[:, None] - window
+            if not causal:
+                visible &= j[None] < pos[:, None] + window
+        s = s.masked_fill(~visible, -math.inf)
+        if key_padding_mask is not None:
+            s = s.masked_fill(~key_padding_mask[:, None, None, j0:j1], -math.inf)
+        if mask is not None:
+            block = mask[..., j0:j1]
+            s = s.masked_fill(~block, -math.inf) if block.dtype == torch.bool else s + block.to(acc)
+
+        block_max = s.amax(-1)
+        m_new = torch.maximum(m, block_max)
+        shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        alpha = torch.exp(m - shift)
+        delta = torch.where(l > 0, m - shift, torch.zeros_like(m))
+        d = s - shift[..., None]
+        e = torch.exp(d)
+        d = torch.where(e > 0, d, torch.zeros_like(d))  # masked keys: 0, not 0 * -inf
+        t = alpha * (t + delta * l) + (e * d).sum(-1)
+        l = alpha * l + e.sum(-1)
+        u = alpha * u + (e * (pos[:, None] - j).to(acc)).sum(-1)
+        sink = alpha * sink + e[..., : max(0, sink_tokens - j0)].sum(-1)
+        self_w = alpha * self_w + (e * (j[None] == pos[:, None])).sum(-1)
+        prev_w = alpha * prev_w + (e * (j[None] == pos[:, None] - 1)).sum(-1)
+        argmax = torch.where(block_max > m, j0 + s.argmax(-1), argmax)
+        m = m_new
+
+    log_l = torch.log(l)
+    stats = torch.stack(
+        (log_l - t / l, 1 / l, argmax.to(acc), sink / l, u / l, self_w / l, prev_w / l, m + log_l),
+        dim=-1,
+    )
+    stats = torch.where((l > 0)[..., None], stats, torch.full_like(stats, math.nan))
+    return stats if float64 else stats.to(torch.float32)
