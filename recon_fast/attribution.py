@@ -60,6 +60,11 @@ class Attribution:
     n_heads: int
     per_head: bool
 
+    def __repr__(self) -> str:
+        top = ", ".join(f"{label} {value:+.3g}" for label, value, _ in self.top(3))
+        return (f"Attribution(position={self.position}, batch={self.values.shape[0]}, terms={len(self.labels)}, "
+                f"target={self.target_text[0]!r}, logit={float(self.logit[0]):.4g}, top: {top})")
+
     def total(self) -> torch.Tensor:
         """[batch] the sum of all terms (equals `logit` up to float rounding)."""
         return self.values.sum(-1)
@@ -121,9 +126,7 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
     """direct_logit_attribution at several positions from one forward pass (a causal model's
     prefix up to each position is the same as a separate run on that prefix)."""
     parts = anatomy(model)
-    if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} is in training mode: its dropout would make the terms "
-                         "random and they would not add up; call model.eval() first")
+    _check_eval_mode(model)
     inputs = prepare_inputs(model, tokenizer, input_ids, dict(model_kwargs), caller="direct_logit_attribution()")
     ids = inputs["input_ids"]
     length = ids.shape[1]
@@ -150,6 +153,17 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
                     index=indices[j], n_layers=len(parts.blocks), n_heads=parts.n_heads, per_head=per_head)
         for j in range(len(indices))
     ]
+
+
+def _check_eval_mode(model: nn.Module) -> None:
+    """Training mode is refused outright: dropout hides in nn.Dropout modules, in config fields
+    (attention_dropout, attn_pdrop, ...) applied functionally inside attention kernels, and in
+    whatever a future family invents; any of it makes the terms random."""
+    training = next((name or type(model).__name__ for name, m in model.named_modules() if m.training), None)
+    if training is not None:
+        raise ValueError(f"{type(model).__name__} is in training mode ({training!r}): its dropout (modules or "
+                         "attention_dropout) would make the terms random and they would not add up; "
+                         "call model.eval() first")
 
 
 def _index(position: int, length: int) -> int:
@@ -239,6 +253,7 @@ def _check_reconstruction(model: nn.Module, terms: dict[str, torch.Tensor], resi
             vector, sizes = vector.sum(-2), sizes.amax(-1)
         total += vector
         largest = torch.maximum(largest, sizes)
+    _check_finite(model, terms, residual, indices)
     error = ((total - residual).norm(dim=-1) / largest.clamp_min(torch.finfo(torch.float64).tiny))
     tolerance = RECONSTRUCTION_TOLERANCE.get(model_dtype(model), 1e-4)
     worst = float(error.max())
@@ -248,6 +263,23 @@ def _check_reconstruction(model: nn.Module, terms: dict[str, torch.Tensor], resi
             f"embedding, attention and MLP outputs (relative error {worst:.3g} > {tolerance:g}): this "
             "architecture needs its own adapter in recon_fast.anatomy"
         )
+
+
+def _check_finite(model: nn.Module, terms: dict[str, torch.Tensor], residual: torch.Tensor,
+                  indices: list[int]) -> None:
+    """NaN or Inf in the residual stream is the model's own (weights, overflow), not a missing
+    term: name the first part, in residual order, that carries it."""
+    if bool(torch.isfinite(residual).all()):
+        return
+    for label, vector in terms.items():
+        bad = ~torch.isfinite(vector).flatten(2).all(-1)  # [B, P]
+        if bool(bad.any()):
+            row, column = bad.nonzero()[0].tolist()
+            raise ValueError(f"non-finite values (NaN/Inf) in the residual stream of {type(model).__name__}: "
+                             f"first written by {label} at position {indices[column]} (sequence {row}); "
+                             "check the model's weights and dtype")
+    raise ValueError(f"non-finite values (NaN/Inf) in the residual stream of {type(model).__name__} at "
+                     f"positions {indices}; check the model's weights and dtype")
 
 
 def _targets(target, logits: torch.Tensor, tokenizer) -> torch.Tensor:

@@ -12,6 +12,7 @@ import re
 import numpy as np
 import orjson
 
+from recon_fast import cli_checks, export
 from recon_fast.attribution import layer_term
 from recon_fast.models import load_model
 
@@ -107,7 +108,15 @@ def token_header(attribution, where: str | None = None, row: int = 0) -> str:
 
 # ---- commands -----------------------------------------------------------------------------------
 def _load(args):
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype, progress=False)
+
+
+def _check(args, report: str) -> None:
+    """What can be checked before the model loads: prompt, model, device, dtype, --report."""
+    cli_checks.check_prompt(args.prompt)
+    cli_checks.check_model(args)
+    if args.report:
+        export.check_writable(f"{args.report}/{report}.json")
 
 
 def cmd_attribute(args) -> int:
@@ -116,6 +125,7 @@ def cmd_attribute(args) -> int:
     from recon_fast.attribution import direct_logit_attribution
 
     _check_top_k(args.top_k)
+    _check(args, "attribution")
     model, tokenizer = _load(args)
     target = int(args.target) if args.target is not None and args.target.lstrip("-").isdigit() else args.target
     attribution = direct_logit_attribution(model, args.prompt, position=args.position, target=target,
@@ -142,6 +152,7 @@ def cmd_cot(args) -> int:
     from recon_fast.chain_of_thought import chain_of_thought, steps_to_dict
 
     _check_top_k(args.top_k)
+    _check(args, "cot")
     model, tokenizer = _load(args)
     steps = chain_of_thought(model, tokenizer, args.prompt, per_head=args.per_head)
     document = {"prompt": args.prompt, "model": args.model, "steps": steps_to_dict(steps)}
@@ -166,6 +177,7 @@ def cmd_residual(args) -> int:
 
     if args.lens_k < 1 or args.max_positions < 1:
         raise ValueError("--lens-k and --max-positions must be at least 1")
+    _check(args, "residual")
     model, tokenizer = _load(args)
     inputs = tokenizer(args.prompt, return_tensors="pt")  # once: its length picks the positions shown
     length = inputs["input_ids"].shape[1]

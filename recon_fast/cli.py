@@ -1,19 +1,31 @@
-"""The `recon-fast` command line: `trace` writes an ActivityCube for a prompt; `attribute`, `cot`
-and `residual` (recon_fast.attribution_cli) explain a prediction."""
+"""The `recon-fast` command line: `trace` writes an ActivityCube for a prompt (or for each prompt
+of a file); `attribute`, `cot` and `residual` (recon_fast.attribution_cli) explain a prediction.
+Every failure is one line on stderr and a non-zero exit; arguments are checked before any model
+is loaded (recon_fast.cli_checks); warnings (skipped layers, NaN) are one line each on stderr."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from recon_fast import attribution_cli
+from recon_fast import attribution_cli, cli_checks, export
 from recon_fast.models import DEFAULT_MODEL, ModelNotFound, load_model
 
 PROGRESS_MIN_TOKENS = 256  # below this a forward pass is too quick for a progress bar to help
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -25,12 +37,19 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _trace_parser(sub) -> None:
     p = sub.add_parser("trace", help="trace a prompt and write its ActivityCube")
-    p.add_argument("--prompt", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-file", metavar="FILE",
+                        help="one prompt per line (one model load for all; --out cube.json writes cube-1.json, ...)")
+    p.add_argument("--whole-file", action="store_true", help="with --prompt-file: the whole file is one prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template "
+                   "(a user turn, then the assistant's turn begins), for instruct models")
     _add_model_args(p)
-    p.add_argument("--out", default="cube.json", help="output file (default: cube.json)")
+    p.add_argument("--out", default="cube.json", help="output file: .json, .json.gz or .npz (default: cube.json)")
     p.add_argument("--layers", default="all", help="a preset (all, residual, attn, mlp, components, "
                    "blocks+components) or a regex over module names (default: all)")
-    p.add_argument("--format", choices=("json", "npz"), default=None, help="default: from --out's suffix")
+    p.add_argument("--format", choices=("json", "npz"), default=None,
+                   help="must agree with --out's suffix, which decides (default: from the suffix)")
     p.add_argument("--rows", type=int, default=12, help="rows of the summary table (default: 12)")
     p.set_defaults(run=cmd_trace)
 
@@ -43,74 +62,157 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="module", leave=False, file=sys.stderr)
 
 
+def output_paths(out: str, count: int) -> list[str]:
+    """One file per prompt: `out` itself for one, else cube-1.json, cube-2.json ... beside it."""
+    if count == 1:
+        return [out]
+    suffix = next(s for s in export.SUFFIXES if out.lower().endswith(s))
+    base = out[: len(out) - len(suffix)]
+    return [f"{base}-{i}{out[len(base):]}" for i in range(1, count + 1)]
+
+
+def encode(tokenizer, prompt: str, chat: bool):
+    """The prompt's token ids: as text, or as a user turn of the tokenizer's chat template."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_dict=True, return_tensors="pt")
+
+
 def cmd_trace(args) -> int:
     from recon_fast.tracer import Tracer
 
+    # Everything that can be checked without the model, before the slow load.
+    if args.prompt_file is not None:
+        prompts = cli_checks.read_prompts(args.prompt_file, args.whole_file)
+    else:
+        if args.whole_file:
+            raise ValueError("--whole-file goes with --prompt-file")
+        prompts = [cli_checks.check_prompt(args.prompt)]
+    fmt = cli_checks.check_output(args.out, args.format)
+    outs = output_paths(args.out, len(prompts))
+    if args.rows < 0:
+        raise ValueError(f"--rows must be 0 or more, got {args.rows}")
+    cli_checks.check_layers(args.layers)
+    cli_checks.check_model(args)
+
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=False)
     loaded = time.perf_counter()
-    fmt = args.format or ("npz" if args.out.endswith(".npz") else "json")
-    tracer = Tracer(model, tokenizer, layers=args.layers)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
-    tokens = inputs["input_ids"].shape[1]
-    bar = _progress(len(tracer.hooks), tokens >= PROGRESS_MIN_TOKENS, "forward")
-    if bar is not None:
-        tracer.on_hook = lambda name: bar.update(1)
-    try:
-        tracer.run(inputs)
-    finally:
-        if bar is not None:
-            bar.close()
-        tracer.clear_hooks()
-    cube = tracer.cube
-    cube.export(args.out, fmt)
-    print(f"model   {cube.meta['model_name']} ({args.model}), {cube.meta['dtype']} on {cube.meta['device']}, "
-          f"backend {cube.meta['backend']}")
-    print(f"tokens  {tokens}   layers {cube.num_layers}   forward {cube.meta['seconds'] * 1e3:.1f} ms   "
-          f"load {loaded - started:.1f} s")
-    if tracer.skipped:
-        print(f"skipped {len(cube.meta.get('skipped', []))} module outputs (listed in meta.skipped)")
-    print(summary_table(cube, args.rows))
-    size = Path(args.out).stat().st_size
-    print(f"wrote   {args.out} ({fmt}, {size / 1e6:.2f} MB)")
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat: the tokenizer of {args.model!r} has no chat template")
+    with Tracer(model, tokenizer, layers=args.layers) as tracer:
+        for n, (prompt, out) in enumerate(zip(prompts, outs), start=1):
+            inputs = encode(tokenizer, prompt, args.chat)
+            tokens = inputs["input_ids"].shape[1]
+            bar = _progress(len(tracer.hooks), tokens >= PROGRESS_MIN_TOKENS, "forward")
+            tracer.on_hook = (lambda name: bar.update(1)) if bar is not None else None
+            try:
+                tracer.run(inputs)
+            finally:
+                if bar is not None:
+                    bar.close()
+            cube = tracer.cube
+            cube.export(out, fmt)
+            size = Path(out).stat().st_size
+            if n == 1:
+                print(f"model   {cube.meta['model_name']} ({args.model}), {cube.meta['dtype']} on "
+                      f"{cube.meta['device']}, backend {cube.meta['backend']}   load {loaded - started:.1f} s")
+            if len(prompts) > 1:
+                print(f"prompt {n}/{len(prompts)}: {tokens} tokens, {cube.num_layers} layers, forward "
+                      f"{cube.meta['seconds'] * 1e3:.1f} ms; wrote {out} ({fmt}, {size / 1e6:.2f} MB)")
+                continue
+            print(f"tokens  {tokens}   layers {cube.num_layers}   forward {cube.meta['seconds'] * 1e3:.1f} ms")
+            print(summary_table(cube, args.rows))
+            print(f"wrote   {out} ({fmt}, {size / 1e6:.2f} MB)")
     return 0
 
 
 def summary_table(cube, rows: int) -> str:
-    """The layers whose energy peaks highest: peak energy, the token where it peaks, mean std."""
-    energy = cube.metric("energy")[:, 0]  # [layers, tokens] of the first sequence
-    peaks = np.nanmax(energy, axis=1) if energy.size else np.zeros(0)
-    order = np.argsort(-np.nan_to_num(peaks, nan=-np.inf))[:rows]
-    std = cube.metric("std")[:, 0] if "std" in cube.metrics else None
-    name_width = max([len("layer")] + [len(cube.layer_names[i]) for i in order])
-    lines = [f"{'layer':<{name_width}}  {'peak energy':>11}  {'at token':<16}  {'mean std':>9}"]
-    for i in order:
-        t = int(np.nanargmax(energy[i]))
-        token = repr(cube.tokens[0][t])[:16]
-        mean_std = f"{np.nanmean(std[i]):9.4f}" if std is not None else ""
-        lines.append(f"{cube.layer_names[i]:<{name_width}}  {peaks[i]:11.3f}  {token:<16}  {mean_std}")
+    """The layers of batch item 0 whose energy (L2 norm of a token's activation) peaks highest:
+    the peak, the token where it peaks, and the mean of the per-token std. Layers with NaN or Inf
+    come first, showing the first token where one appears."""
+    lines = [f"{'layer':<{_name_width(cube)}}  {'peak energy':>11}  {'at token':<16}  {'mean std':>9}"]
+    entries = []
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: handled below
+        for i, name in enumerate(cube.layer_names):
+            layer = cube.layer(i)[0]  # [tokens of its axis, metrics] of the first sequence
+            energy = layer[:, cube.metrics.index("energy")] if "energy" in cube.metrics else np.zeros(0)
+            std = layer[:, cube.metrics.index("std")] if "std" in cube.metrics else None
+            real = ~(cube.padding_mask[0] if cube.padding_mask is not None and cube.token_axis(i) == "tokens"
+                     else np.zeros(energy.shape, bool))[: energy.shape[0]]
+            bad = ~np.isfinite(energy) & real
+            finite = np.isfinite(energy)
+            if bad.any():
+                t = int(np.argmax(bad))
+                entries.append((0, -np.inf, name, f"{energy[t]!s:>11}", t, i, std))
+            elif finite.any():
+                t = int(np.argmax(np.where(finite, energy, -np.inf)))
+                entries.append((1, -float(energy[t]), name, f"{energy[t]:11.3f}", t, i, std))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        for _, _, name, peak, t, i, std in entries[:rows]:
+            axis = cube.tokens if cube.token_axis(i) == "tokens" else cube.decoder_tokens
+            token = repr(axis[0][t])[:16]
+            mean_std = f"{np.nanmean(std):9.4f}" if std is not None and np.isfinite(std).any() else f"{'nan':>9}"
+            lines.append(f"{name:<{_name_width(cube)}}  {peak}  {token:<16}  {mean_std}")
     return "\n".join(lines)
 
 
+def _name_width(cube) -> int:
+    return max([len("layer")] + [len(n) for n in cube.layer_names])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recon-fast", description="Fast activation tracing for transformers.")
+    parser = OneLineParser(prog="recon-fast", description="Fast activation tracing for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _trace_parser(sub)
     attribution_cli.add_parsers(sub, _add_model_args)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = attribution_cli.hexray_argv(sys.argv[1:] if argv is None else list(argv))
-    args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except ModelNotFound as exc:
-        print(f"recon-fast: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError) as exc:
-        print(f"recon-fast: {exc}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            code = args.run(args)
+        except KeyboardInterrupt:
+            code, error = 130, "interrupted"
+        except (ModelNotFound, ValueError, KeyError, TypeError, OSError) as exc:
+            code, error = 2, _one_line(exc)
+        except Exception as exc:  # a bug or a model's own failure: still one line
+            if os.environ.get("RECON_FAST_TRACEBACK"):
+                raise
+            code, error = 1, f"{type(exc).__name__}: {_one_line(exc)} (RECON_FAST_TRACEBACK=1 shows where)"
+        else:
+            error = None
+    _report_warnings(caught)
+    if error is not None:
+        print(f"recon-fast: {error}", file=sys.stderr)
+    return code
+
+
+def _report_warnings(caught) -> None:
+    """recon_fast's own warnings as one line each on stderr; anyone else's as Python shows them."""
+    seen = set()
+    for w in caught:
+        ours = issubclass(w.category, UserWarning) and str(w.filename).startswith(_PACKAGE_DIR)
+        if not ours:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif str(w.message) not in seen:
+            seen.add(str(w.message))
+            print(f"recon-fast: warning: {_one_line(w.message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
 """ReconTracer: a drop-in for the original `recon_trace.tracer.ReconTracer` (mr-recon-tracer).
 
 Same constructor, methods and attributes, same layer names, order, keys and numbers (energy = L2
-norm, mean, unbiased std per token of batch item 0), tokens as str(id), and the original's habit
-of asking the model for attentions and hidden states and appending `attention.{i}` entries when
-it returns attentions. The difference is speed: the default metrics run in the fused token_stats
+norm, mean, unbiased std per token of batch item 0), tokens as str(id), and `attention.{i}`
+entries appended when the model returns attentions. The difference is speed: the default metrics run in the fused token_stats
 kernel on the device, and values reach the host once after the forward pass instead of one
 .item() per token per metric.
 
 Deliberate differences, each where the original misbehaves: NaN/Inf are written as null (the
 original wrote invalid JSON); exports are atomic; hooks are removed when the forward raises;
 outputs with fewer than 3 dims (which made the original raise inside the forward) are skipped
-and listed in `skipped`; `provenance` is filled in (see recon_fast.provenance).
+and listed in `skipped`; `provenance` is filled in (see recon_fast.provenance). The model is left as
+found: attentions are asked for only where the attention implementation returns them (eager;
+under sdpa the original got a warning and nothing), hidden states never (the original asked and
+never used them), and the output-capturing hooks transformers installs for good when asked are
+removed after each run (recon_fast.model_state).
 User `metric_funcs` (callables on one token's vector) run per token as before: the slow path.
 """
 
@@ -22,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from recon_fast import export, presets
+from recon_fast.model_state import ModelState, returns_attentions
 from recon_fast.ops import token_stats
 from recon_fast.provenance import model_provenance
 from recon_fast.tracer import accepts_kwargs, extract_tensor
@@ -134,9 +138,12 @@ class ReconTracer:
         }
         self._cube["tokens"] = [str(x) for x in input_ids[0].tolist()]
         self._cube["provenance"] = model_provenance(self.model)
-        ask = {"output_attentions": True, "output_hidden_states": True, "return_dict": True}
+        ask = {"output_attentions": True, "return_dict": True}
         if not accepts_kwargs(self.model, *ask):  # a plain nn.Module: call it as it is
             ask = {}
+        elif not returns_attentions(self.model):  # sdpa/flash: asking only logs a warning
+            ask = {"return_dict": True}
+        state = ModelState(self.model)
         try:
             with torch.no_grad():
                 output = self.model(input_ids, **ask, **model_kwargs)
@@ -144,6 +151,8 @@ class ReconTracer:
             self._pending.clear()
             self.clear_hooks()
             raise
+        finally:
+            state.restore()  # transformers' output-capturing hooks, installed for good when asked
         self._flush()
         for layer_idx, attn in enumerate(getattr(output, "attentions", None) or ()):
             if isinstance(attn, torch.Tensor):

@@ -1,5 +1,9 @@
 """ActivityCube: tokens x layers x metrics from one traced forward pass, with access by metric and
-by layer (numpy or torch), the established JSON schema, a binary form, and loading of both."""
+by layer (numpy or torch), the established JSON schema, a binary form, and loading of both.
+
+An encoder-decoder's cube has two token axes: `tokens` (the encoder's input) and `decoder_tokens`;
+each layer says which it is on (`token_axis(i)`, the JSON's "token_axis"), and the data's token
+dim is the longer of the two, NaN past a layer's own axis."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from recon_fast import export
 from recon_fast.ops import STATS
 
 
-@dataclass
+@dataclass(repr=False)
 class ActivityCube:
     tokens: list[list[str]]  # [batch][tokens]: decoded text, or str(id) without a tokenizer
     layer_names: list[str]  # one per layer entry (a module that fired twice appears twice)
@@ -31,6 +35,9 @@ class ActivityCube:
     # Raw activation slices by layer index: {"array": [batch, tokens, dims], "token_range",
     # "dim_range"}; written to a sidecar file "<cube file>.raw.npz" and referenced from the layer.
     raw: dict[int, dict] = field(default_factory=dict)
+    # An encoder-decoder's second token axis ([batch][decoder tokens]); layers on it say so with
+    # layer_extras[i]["token_axis"] == "decoder_tokens".
+    decoder_tokens: list[list[str]] | None = None
 
     def __post_init__(self):
         self.data = np.asarray(self.data, dtype=np.float32)
@@ -39,10 +46,28 @@ class ActivityCube:
         unknown = [m for m in self.metrics if m not in STATS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {list(STATS)}")
-        expected = (len(self.layer_names), len(self.tokens), len(self.tokens[0]) if self.tokens else 0, len(self.metrics))
+        length = max(self.axis_length("tokens"), self.axis_length("decoder_tokens"))
+        expected = (len(self.layer_names), len(self.tokens), length, len(self.metrics))
         if self.data.shape != expected:
             raise ValueError(f"ActivityCube data shape {self.data.shape} does not match "
                              f"layers x batch x tokens x metrics = {expected}")
+
+    def __repr__(self) -> str:
+        names = self.layer_names[:3]
+        more = f", ... +{len(self.layer_names) - 3}" if len(self.layer_names) > 3 else ""
+        decoder = f", decoder_tokens={self.axis_length('decoder_tokens')}" if self.decoder_tokens else ""
+        return (f"ActivityCube(layers={self.num_layers}, batch={len(self.tokens)}, "
+                f"tokens={self.axis_length('tokens')}{decoder}, metrics=({', '.join(self.metrics)}), "
+                f"layer_names=[{', '.join(names)}{more}])")
+
+    def axis_length(self, axis: str) -> int:
+        """The length of a token axis: "tokens" or "decoder_tokens" (0 where the cube has none)."""
+        rows = self.tokens if axis == "tokens" else self.decoder_tokens
+        return len(rows[0]) if rows else 0
+
+    def token_axis(self, index: int) -> str:
+        """Which token axis layer `index` is on: "tokens", or "decoder_tokens" (encoder-decoders)."""
+        return self.layer_extras.get(index, {}).get("token_axis", "tokens")
 
     # ---- shape and access -------------------------------------------------------------------
     @property
@@ -58,13 +83,13 @@ class ActivityCube:
             raise KeyError(f"metric {name!r} not in this cube; it has {list(self.metrics)}")
         return self.data[..., self.metrics.index(name)]
 
-    def layer(self, key: int | str) -> np.ndarray:  # -> [batch, tokens, metrics]
-        """A layer entry by index or name (the first entry of that name)."""
+    def layer(self, key: int | str) -> np.ndarray:  # -> [batch, tokens of its axis, metrics]
+        """A layer entry by index or name (the first entry of that name), over its own token axis."""
         if isinstance(key, str):
             if key not in self.layer_names:
                 raise KeyError(f"layer {key!r} not in this cube")
             key = self.layer_names.index(key)
-        return self.data[key]
+        return self.data[key, :, : self.axis_length(self.token_axis(key))]
 
     def torch(self) -> torch.Tensor:
         """The data as a torch tensor (sharing memory)."""
@@ -76,7 +101,7 @@ class ActivityCube:
         flat = len(self.tokens) == 1
         for i, name in enumerate(self.layer_names):
             extra = {**self.layer_extras.get(i, {}), **self.raw_reference(path, i)}
-            yield export.layer_object(i, name, self.data[i], self.metrics, flat, extra)
+            yield export.layer_object(i, name, self.layer(i), self.metrics, flat, extra)
         yield from self.attention
 
     @staticmethod
@@ -106,24 +131,28 @@ class ActivityCube:
 
     def to_dict(self) -> dict:
         """The JSON document as Python objects (numpy arrays where lists of numbers go)."""
-        return {
-            "meta": self.meta_for_export(),
-            "tokens": self.tokens[0] if len(self.tokens) == 1 else self.tokens,
-            "layers": list(self.layer_objects()),
-            "provenance": self.provenance,
-        }
+        flat = len(self.tokens) == 1
+        doc = {"meta": self.meta_for_export(), "tokens": self.tokens[0] if flat else self.tokens}
+        if self.decoder_tokens is not None:
+            doc["decoder_tokens"] = self.decoder_tokens[0] if flat else self.decoder_tokens
+        doc["layers"] = list(self.layer_objects())
+        doc["provenance"] = self.provenance
+        return doc
 
     def export_json(self, path: str | os.PathLike) -> int:
-        """Streams the cube to `path` as JSON, atomically; returns the bytes written."""
+        """Streams the cube to `path` as JSON (gzipped for a .gz name), atomically; returns the
+        bytes of JSON written."""
         self.write_raw_sidecar(path)
         return export.write_json(path, meta=self.meta_for_export(), tokens=self.tokens,
-                                 layers=self.layer_objects(path), provenance=self.provenance)
+                                 layers=self.layer_objects(path), provenance=self.provenance,
+                                 decoder_tokens=self.decoder_tokens)
 
     def export_npz(self, path: str | os.PathLike) -> None:
         """The binary form: exact float32 data beside the same metadata."""
         header = {"meta": self.meta_for_export(), "tokens": self.tokens, "layer_names": self.layer_names,
                   "metrics": list(self.metrics), "provenance": self.provenance,
-                  "attention": self.attention, "layer_extras": {str(k): v for k, v in self.layer_extras.items()}}
+                  "attention": self.attention, "layer_extras": {str(k): v for k, v in self.layer_extras.items()},
+                  "decoder_tokens": self.decoder_tokens}
         header["raw"] = {str(i): {k: v for k, v in e.items() if k != "array"} for i, e in self.raw.items()}
         arrays = {"data": self.data, **{f"raw_{i}": e["array"] for i, e in self.raw.items()}}
         if self.padding_mask is not None:
@@ -131,19 +160,20 @@ class ActivityCube:
         export.write_npz(path, header=header, arrays=arrays)
 
     def export(self, path: str | os.PathLike, format: str | None = None) -> None:
-        """JSON or npz, by `format` or by the file's suffix."""
-        format = format or ("npz" if str(path).endswith(".npz") else "json")
+        """JSON or npz, by the file's suffix (.json, .json.gz, .npz); `format`, if given, must agree."""
+        format = export.cube_format(path, format)
+        export.check_writable(path)
         if format == "npz":
             self.export_npz(path)
-        elif format == "json":
-            self.export_json(path)
         else:
-            raise ValueError(f"unknown cube format {format!r}; use 'json' or 'npz'")
+            self.export_json(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ActivityCube":
         """Reads a cube written by export_json, export_npz or a streaming Tracer."""
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no cube file {str(path)!r}")
         with open(path, "rb") as f:
             is_zip = f.read(2) == b"PK"
         return cls._from_npz(path) if is_zip else cls._from_json(path)
@@ -159,7 +189,8 @@ class ActivityCube:
                    padding_mask=arrays.get("padding_mask"), meta=meta,
                    provenance=header["provenance"], attention=header["attention"],
                    layer_extras={int(k): v for k, v in header["layer_extras"].items()},
-                   raw={int(i): {**e, "array": arrays[f"raw_{i}"]} for i, e in header.get("raw", {}).items()})
+                   raw={int(i): {**e, "array": arrays[f"raw_{i}"]} for i, e in header.get("raw", {}).items()},
+                   decoder_tokens=header.get("decoder_tokens"))
 
     @classmethod
     def _from_json(cls, path: Path) -> "ActivityCube":
@@ -168,7 +199,13 @@ class ActivityCube:
         tokens = doc["tokens"]
         if tokens and not isinstance(tokens[0], list):
             tokens = [tokens]
-        batch, length = len(tokens), len(tokens[0]) if tokens else 0
+        decoder_tokens = doc.get("decoder_tokens")
+        if decoder_tokens and not isinstance(decoder_tokens[0], list):
+            decoder_tokens = [decoder_tokens]
+        batch = len(tokens)
+        lengths = {"tokens": len(tokens[0]) if tokens else 0,
+                   "decoder_tokens": len(decoder_tokens[0]) if decoder_tokens else 0}
+        length = max(lengths.values())
         metric_keys = meta.pop("metrics", None)
         names, blocks, attention, extras, references = [], [], [], {}, {}
         for entry in doc["layers"]:
@@ -179,7 +216,10 @@ class ActivityCube:
             if metric_keys is None:
                 metric_keys = list(core)
             stats = np.stack([export.as_float32(core[k]) for k in metric_keys], axis=-1)
-            blocks.append(stats.reshape(batch, length, len(metric_keys)))
+            own = lengths[entry.get("token_axis", "tokens")]
+            block = np.full((batch, length, len(metric_keys)), np.nan, np.float32)
+            block[:, :own] = stats.reshape(batch, own, len(metric_keys))
+            blocks.append(block)
             extra = {k: v for k, v in entry.items() if k not in ("layer_index", "layer_name", "core_metrics")}
             reference = extra.pop("raw_tensors", None)
             if isinstance(reference, dict) and "key" in reference:
@@ -199,7 +239,13 @@ class ActivityCube:
                    for i, r in references.items()}
         return cls(tokens=tokens, layer_names=names, metrics=metrics, data=data,
                    padding_mask=None if mask is None else np.asarray(mask, dtype=bool), meta=meta,
-                   provenance=doc.get("provenance", {}), attention=attention, layer_extras=extras, raw=raw)
+                   provenance=doc.get("provenance", {}), attention=attention, layer_extras=extras, raw=raw,
+                   decoder_tokens=decoder_tokens)
+
+    def _token_labels(self, index: int, length: int) -> np.ndarray:
+        """[batch * length] the token text of layer `index`'s axis ("" past its end)."""
+        rows = self.tokens if self.token_axis(index) == "tokens" else self.decoder_tokens
+        return np.array([t for seq in rows for t in seq + [""] * (length - len(seq))], dtype=object)
 
     def to_pandas(self):
         """A tidy DataFrame: one row per (layer, batch, token), one column per metric."""
@@ -212,5 +258,6 @@ class ActivityCube:
                                            names=["layer_index", "batch", "position"])
         frame = pd.DataFrame(self.data.reshape(-1, len(self.metrics)), index=index, columns=list(self.metrics))
         frame.insert(0, "layer_name", np.repeat(np.array(self.layer_names, dtype=object), batch * length))
-        frame.insert(1, "token", np.tile(np.array([t for seq in self.tokens for t in seq], dtype=object), layers))
+        frame.insert(1, "token", np.concatenate([self._token_labels(i, length) for i in range(layers)])
+                     if layers else np.zeros(0, dtype=object))
         return frame.reset_index()

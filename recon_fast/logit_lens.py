@@ -5,6 +5,7 @@ positions at a time, so neither [tokens, d_model] per layer nor [tokens, vocab] 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,9 @@ LENS_CHUNK = 256  # positions unembedded at once: bounds the transient [chunk, v
 class LogitLens:
     """layers:    "embed" (the residual entering block 0), then "L0" ... (after each block).
     positions: the token positions the lens was computed at (every one by default).
-    token_ids: [layers, batch, positions, k] the top-k predicted tokens per layer and position.
-    logprobs:  [layers, batch, positions, k] their log-probabilities (float32).
+    token_ids: [layers, batch, positions, k] the top-k predicted tokens per layer and position;
+               -1 where the residual is not finite (NaN/Inf: there is nothing to predict).
+    logprobs:  [layers, batch, positions, k] their log-probabilities (float32; NaN there).
     norms:     [layers, batch, tokens] L2 norm of the residual stream at every token (float32).
     shape:     the residual's shape, [batch, tokens, d_model].
     tokens:    the input tokens as text per sequence (ids as text without a tokenizer)."""
@@ -36,6 +38,10 @@ class LogitLens:
     shape: tuple[int, int, int]
     tokens: list[list[str]]
     predicted: list[list[list[str]]] | None = None  # [layers][batch][positions] top-1 text
+
+    def __repr__(self) -> str:
+        return (f"LogitLens(layers={len(self.layers)} [{', '.join(self.layers[:2])}, ...], shape={list(self.shape)}, "
+                f"positions={len(self.positions)}, k={self.token_ids.shape[-1]})")
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "shape": list(self.shape), "tokens": self.tokens, "positions": self.positions,
@@ -91,7 +97,16 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, positions: list[int] | N
                      token_ids=ids, logprobs=gathered(1), norms=gathered(2), shape=shapes[-1],
                      tokens=token_texts(tokenizer, inputs["input_ids"].tolist()))
     if tokenizer is not None:
-        lens.predicted = [token_texts(tokenizer, layer) for layer in ids[..., 0].tolist()]
+        top1 = ids[..., 0]  # [layers, batch, positions]; -1 where the residual is not finite
+        texts = [token_texts(tokenizer, layer) for layer in top1.clamp_min(0).tolist()]
+        lens.predicted = [[["<non-finite>" if t < 0 else text for t, text in zip(id_row, text_row)]
+                           for id_row, text_row in zip(layer_ids, layer_texts)]
+                          for layer_ids, layer_texts in zip(top1.tolist(), texts)]
+    bad = (ids[..., 0] < 0).nonzero()
+    if len(bad):
+        layer, row, column = bad[0].tolist()
+        warnings.warn(f"non-finite residual stream (NaN/Inf): first after {lens.layers[layer]} at token "
+                      f"{positions[column]} (sequence {row}); its lens is -1 / NaN", UserWarning, stacklevel=3)
     return lens
 
 
@@ -109,6 +124,7 @@ def _read_residual(parts: Anatomy, residual: torch.Tensor, where: torch.Tensor, 
         logits = parts.unembed(normed.to(parts.unembed.weight.device)).float()
         logprobs = torch.log_softmax(logits, dim=-1)
         values, ids = logprobs.topk(k, dim=-1)
-        top_ids.append(ids)
-        top_logprobs.append(values)
+        finite = torch.isfinite(chunk).all(-1, keepdim=True).to(ids.device)  # [B, chunk, 1]
+        top_ids.append(ids.masked_fill(~finite, -1))
+        top_logprobs.append(values.masked_fill(~finite, float("nan")))
     return torch.cat(top_ids, 1), torch.cat(top_logprobs, 1), norms

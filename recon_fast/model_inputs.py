@@ -1,9 +1,11 @@
-"""Turning what a user hands us (text, token ids, a BatchEncoding) into the keyword arguments of a
-model's forward, on the model's device: shared by the Tracer and the attribution tools."""
+"""Turning what a user hands us (text, token ids, a BatchEncoding, or any tensors a forward takes)
+into the inputs of a model's forward, on the model's device, with token ids checked against the
+vocabulary before the forward: shared by the Tracer and the attribution tools."""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,40 +37,150 @@ def token_texts(tokenizer, rows: list[list[int]]) -> list[list[str]]:
     return [tokenizer.batch_decode([[t] for t in row]) for row in rows]
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (or config.vocab_size); None when it has neither."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    rows = getattr(embedding, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_token_ids(model: nn.Module, ids: torch.Tensor, name: str = "input_ids") -> None:
+    """Token ids the embedding can look up, checked before the forward (torch's own error is a
+    bare "index out of range in self" from deep inside it)."""
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        raise ValueError(f"{name} holds a negative token id ({low})")
+    vocab = vocabulary_size(model)
+    if vocab is not None and high >= vocab:
+        raise ValueError(f"{name}: token id {high} >= vocabulary size {vocab} of {type(model).__name__}")
+
+
 def _is_text(value) -> bool:
     return isinstance(value, str) or (
         isinstance(value, list) and bool(value) and all(isinstance(s, str) for s in value))
+
+
+def _is_mapping(value) -> bool:
+    return isinstance(value, dict) or isinstance(getattr(value, "data", None), dict)
+
+
+def _first_parameter(model: nn.Module) -> str | None:
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return params[0].name if params else None
+
+
+@dataclass
+class ModelCall:
+    """How to call a model's forward, and what its token axes are.
+
+    ids:         [batch, tokens] token ids when the input is token ids, else None (then the token
+                 axis of each activation is its second-to-last dim, and tokens are positions).
+    decoder_ids: an encoder-decoder's [batch, decoder tokens] ids, when given.
+    batch:       the batch size (dim 0 of the first input tensor)."""
+
+    args: tuple
+    kwargs: dict
+    ids: torch.Tensor | None
+    decoder_ids: torch.Tensor | None
+    batch: int
+
+    def __call__(self, model: nn.Module):
+        return model(*self.args, **self.kwargs)
+
+
+def prepare_call(model: nn.Module, tokenizer, inputs: tuple, kwargs: dict, *, caller: str = "run()") -> ModelCall:
+    """The positional and keyword inputs of model.forward, every tensor on the model's device.
+    inputs: text (with a tokenizer), token ids ([T] or [B, T]), a dict/BatchEncoding of keyword
+    inputs, or whatever positional tensors the forward takes (images, feature sequences ...)."""
+    inputs = tuple(inputs)
+    if len(inputs) == 1 and _is_text(inputs[0]):
+        if tokenizer is None:
+            raise ValueError(f"text input to {caller} needs a tokenizer")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        inputs = (tokenizer(inputs[0], return_tensors="pt", padding=True),)
+    kwargs = dict(kwargs)
+    if len(inputs) == 1 and _is_mapping(inputs[0]):
+        kwargs = {**dict(inputs[0]), **kwargs}
+        inputs = ()
+    tensors = [v for v in (*inputs, *kwargs.values()) if torch.is_tensor(v)]
+    if not tensors:
+        shown = repr(inputs[0])[:40] if inputs else "no inputs"
+        kind = type(inputs[0]).__name__ if inputs else "nothing"
+        raise TypeError(f"{caller} takes token ids, text (with a tokenizer), a dict of model inputs or the tensors "
+                        f"the model's forward takes; got {shown} ({kind})")
+    first = _first_parameter(model)
+    ids = kwargs.get("input_ids")
+    if inputs and torch.is_tensor(inputs[0]):
+        head = inputs[0]
+        if first == "input_ids" or (not head.is_floating_point() and not head.is_complex()):
+            ids = head
+            inputs = inputs[1:]
+            if first == "input_ids":  # by name, so that keyword inputs keep their meaning
+                kwargs["input_ids"] = ids
+            else:
+                inputs = (ids, *inputs)
+    if ids is not None:
+        ids = _token_ids(model, ids, kwargs, caller)
+        if "input_ids" in kwargs:
+            kwargs["input_ids"] = ids
+        else:
+            inputs = (ids, *inputs[1:])
+    decoder_ids = kwargs.get("decoder_input_ids")
+    if torch.is_tensor(decoder_ids):
+        check_token_ids(model, decoder_ids, "decoder_input_ids")
+    else:
+        decoder_ids = None
+    batch_of = ids if ids is not None else tensors[0]
+    batch = batch_of.shape[0] if batch_of.dim() > 0 else 1
+    device = model_device(model)
+    move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
+    return ModelCall(args=tuple(move(v) for v in inputs), kwargs={k: move(v) for k, v in kwargs.items()},
+                     ids=None if ids is None else ids.to(device),
+                     decoder_ids=None if decoder_ids is None else decoder_ids.to(device), batch=batch)
+
+
+def _token_ids(model: nn.Module, ids, kwargs: dict, caller: str) -> torch.Tensor:
+    """input_ids as [batch, tokens] integer ids in the vocabulary (a 1-D input becomes one row)."""
+    if not torch.is_tensor(ids):
+        raise ValueError("model inputs have no input_ids tensor")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"input_ids must be integer token ids, got {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+        if torch.is_tensor(kwargs.get("attention_mask")) and kwargs["attention_mask"].dim() == 1:
+            kwargs["attention_mask"] = kwargs["attention_mask"].unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(ids.shape)}")
+    check_token_ids(model, ids)
+    return ids
 
 
 def prepare_inputs(model: nn.Module, tokenizer, input_ids, kwargs: dict, *, caller: str = "run()") -> dict:
     """Model keyword arguments with input_ids as [batch, tokens] (a 1-D input becomes one row),
     every tensor on the model's device. input_ids: token ids, a dict/BatchEncoding of model
     inputs, or text (a string or a list of strings, padded) when a tokenizer is given."""
-    if _is_text(input_ids):
-        if tokenizer is None:
-            raise ValueError(f"text input to {caller} needs a tokenizer")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        input_ids = tokenizer(input_ids, return_tensors="pt", padding=True)
     if input_ids is None:
         input_ids = kwargs.pop("input_ids", None)
-    if isinstance(input_ids, dict) or hasattr(input_ids, "data") and isinstance(getattr(input_ids, "data"), dict):
-        inputs = {**dict(input_ids), **kwargs}
-    elif torch.is_tensor(input_ids):
-        inputs = {"input_ids": input_ids, **kwargs}
-    else:
+        if input_ids is None:
+            raise ValueError("model inputs have no input_ids tensor")
+    if not (torch.is_tensor(input_ids) or _is_text(input_ids) or _is_mapping(input_ids)):
         raise TypeError(f"{caller} takes token ids, a dict of model inputs or text; got {type(input_ids).__name__}")
-    ids = inputs.get("input_ids")
-    if not torch.is_tensor(ids):
+    if torch.is_tensor(input_ids) and (input_ids.is_floating_point() or input_ids.dtype == torch.bool):
+        raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    call = prepare_call(model, tokenizer, (input_ids,), kwargs, caller=caller)
+    if call.ids is None:
         raise ValueError("model inputs have no input_ids tensor")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be integer token ids, got {ids.dtype}")
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-        if torch.is_tensor(inputs.get("attention_mask")) and inputs["attention_mask"].dim() == 1:
-            inputs["attention_mask"] = inputs["attention_mask"].unsqueeze(0)
-    if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(ids.shape)}")
-    device = model_device(model)
-    inputs["input_ids"] = ids
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    if call.args:
+        raise TypeError(f"{caller} needs a model whose forward takes input_ids")
+    return call.kwargs

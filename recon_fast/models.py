@@ -32,20 +32,64 @@ def smollm2_location() -> tuple[Path, str]:
     return folder, _SMOLLM2_FILE
 
 
+def check_model_spec(spec: str | None) -> None:
+    """ModelNotFound (one line) for a --model that names a local path that cannot hold a model:
+    missing, an empty or config-less folder, a file that is not .gguf. Hub ids pass through."""
+    if spec in (None, DEFAULT_MODEL):
+        return
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith((".", "/", "~")) or (os.sep in spec and path.parent.exists())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model folder {spec!r} has no config.json: not a Hugging Face model folder "
+                                "(save one with model.save_pretrained and tokenizer.save_pretrained)")
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFound(f"{spec!r} is not a model folder or .gguf file")
+    elif looks_local:
+        raise ModelNotFound(f"model path {spec!r} does not exist")
+
+
+def auto_class(config, gguf: bool):
+    """The transformers auto class for a checkpoint: the causal-LM head only where the checkpoint
+    says it has one (or it is GGUF, a format for language models), a sequence-to-sequence LM for
+    encoder-decoders with a generation head, the bare model otherwise (encoders such as BERT or
+    MiniLM, whose LM head would be random)."""
+    import transformers
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    if gguf or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return transformers.AutoModelForCausalLM
+    if getattr(config, "is_encoder_decoder", False) and any(a.endswith("ForConditionalGeneration")
+                                                          for a in architectures):
+        return transformers.AutoModelForSeq2SeqLM
+    for name in architectures:  # the checkpoint's own class, whatever its head
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
 def load_model(spec: str | None = None, *, device: str | None = None, dtype: str | None = None,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, progress: bool = True):
     """(model, tokenizer) for `spec`: None/"smollm2" for the embedded default, a local folder,
-    a .gguf file, or a hub id present in the local cache. Never downloads."""
+    a .gguf file, or a hub id present in the local cache. Never downloads. The model class comes
+    from the checkpoint's config (see auto_class), and weights it would have to initialise at
+    random are an error. progress=False turns transformers' progress bars off.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_model_spec(spec)
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    if not progress:  # the command line prints its own lines; no "Loading weights" bars
+        transformers_logging.disable_progress_bar()
 
     kwargs = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if dtype:
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
-        kwargs["dtype"] = getattr(torch, dtype)
+        kwargs["dtype"] = torch_dtype(dtype)
     if spec in (None, DEFAULT_MODEL):
         folder, gguf = smollm2_location()
         source, extra = str(folder), {"gguf_file": gguf}
@@ -54,17 +98,32 @@ def load_model(spec: str | None = None, *, device: str | None = None, dtype: str
     else:
         source, extra = spec, {"local_files_only": True}
     try:
+        config = AutoConfig.from_pretrained(source, **extra)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, **extra, **kwargs)
+        model_class = auto_class(config, gguf="gguf_file" in extra)
+        model, info = model_class.from_pretrained(source, **extra, **kwargs, output_loading_info=True)
     except (OSError, ValueError) as exc:
         if spec is None or Path(spec).exists():
-            raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFound(f"cannot load {spec or DEFAULT_MODEL!r}: {first}") from None
         raise ModelNotFound(
             f"model {spec!r} is not available offline ({type(exc).__name__}); pass --model with a "
             f"local Hugging Face folder or .gguf file, or leave --model out to use the embedded "
             f"SmolLM2-135M-Instruct ({_GET_DEFAULT})"
         ) from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f", ... +{len(missing) - 3}" if len(missing) > 3 else "")
+        raise ValueError(f"{len(missing)} weights of {type(model).__name__} are not in the checkpoint at {source!r} "
+                         f"and would be random: {shown}")
     model.eval()
     if device:
         model.to(device)
     return model, tokenizer
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (e.g. float32, bfloat16, float16)")
+    return dtype

@@ -91,12 +91,17 @@ def select_preset(model: nn.Module, preset: str) -> list[str]:
     return names
 
 
-def select_regex(model: nn.Module, pattern: str) -> list[str]:
-    """Module names matching `pattern` in full (re.fullmatch), in named_modules() order."""
+def compile_pattern(pattern: str) -> re.Pattern:
+    """A module-name regex, or ValueError naming what is wrong with it."""
     try:
-        compiled = re.compile(pattern)
+        return re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"bad module pattern {pattern!r}: {exc}") from None
+
+
+def select_regex(model: nn.Module, pattern: str) -> list[str]:
+    """Module names matching `pattern` in full (re.fullmatch), in named_modules() order."""
+    compiled = compile_pattern(pattern)
     names = [name for name, _ in model.named_modules() if name and compiled.fullmatch(name)]
     if not names:
         raise ValueError(f"no module name matches {pattern!r} in full (e.g. 'model\\.layers\\.\\d+')")

@@ -4,14 +4,24 @@ ActivityCube afterwards.
 
 During the forward pass a hook does no .item(), .cpu(), .tolist() or stream sync: it takes a
 slice of a device buffer (StatsArena) and enqueues token_stats into it. Results reach the host
-once, after the pass, or layer by layer while streaming to disk.
+once, after the pass, or layer by layer while streaming to disk. Nothing is dropped quietly:
+outputs that cannot be traced are listed in meta["skipped"] and warned about once per run, and
+non-finite activations are named (first layer and token) from the statistics already computed.
+
+The token axis: with token ids as input, dim 1 of every activation ([B, T, ...]; per-head
+[B, T, H, d] outputs are reduced over H * d and say so with "feature_shape"); with any other
+input (images, feature sequences), the activation's second-to-last dim, a [B, D] output being
+one position, and the cube's tokens are positions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +33,8 @@ from torch import nn
 from recon_fast import export, ops, presets
 from recon_fast._version import __version__
 from recon_fast.cube import ActivityCube
-from recon_fast.model_inputs import model_device, model_dtype, prepare_inputs, token_texts
+from recon_fast.model_inputs import ModelCall, model_device, model_dtype, prepare_call, token_texts
+from recon_fast.model_state import ModelState, returns_attentions
 from recon_fast.ops import STATS
 from recon_fast.provenance import model_provenance
 from recon_fast.stats_arena import ArenaSlot, StatsArena, back_to_back
@@ -55,35 +66,57 @@ class RawSlices:
 
 @dataclass
 class _Call:
-    """One hook call: which module, the activation's leading shape, where its stats went."""
+    """One hook call: which module, the activation's [batch, positions] shape, where its stats
+    went, which token axis and (generate) which forward pass it belongs to."""
 
     name: str
     lead_shape: tuple[int, ...]
     slot: ArenaSlot
     raw: torch.Tensor | None = None
+    axis: str = "tokens"
+    step: int = -1  # index of the model.forward call within generate(); -1 outside one
+    feature_shape: list[int] | None = None
 
 
 @dataclass
 class _Session:
     arena: StatsArena
+    token_ids: bool  # the input is token ids: dim 1 is the token axis
     calls: list[_Call] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    axis: str = "tokens"  # "decoder_tokens" once an encoder-decoder's decoder starts
+    steps: list[int] = field(default_factory=list)  # positions fed by each model.forward (generate)
+
+
+@dataclass
+class _Layer:
+    name: str
+    axis: str
+    calls: list[_Call]
+    starts: list[int]  # where each call's rows go on the token axis
+    lengths: list[int]
+
+
+def _remove_handles(handles: dict) -> None:
+    for handle in handles.values():
+        handle.remove()
+    handles.clear()
 
 
 class Tracer:
     """Per-token activation statistics of any nn.Module (Hugging Face models as they are).
 
-    tracer = Tracer(model, tokenizer)        # or `with Tracer(model) as tracer:`
-    tracer.add_preset("residual")            # or add_hook(name), add_hooks_all(), add_hooks("regex")
-    tracer.run("some text")                  # or token ids, or a BatchEncoding
-    tracer.cube.metric("energy")             # [layers, batch, tokens]
+    with Tracer(model, tokenizer) as tracer:  # hooks come off at the end (or when it is collected)
+        tracer.add_preset("residual")         # or add_hook(name), add_hooks_all(), add_hooks("regex")
+        tracer.run("some text")               # or token ids, a BatchEncoding, or any forward's tensors
+    tracer.cube.metric("energy")              # [layers, batch, tokens]
 
     metrics:   which of STATS the cube keeps (all five by default).
     attention: None, "full" (every attention probability) or "summary" (per head and query:
                entropy, max weight, argmax); needs a model that returns attentions (eager).
     raw:       RawSlices to keep raw activation slices, written to a sidecar file on export.
-    stream_to: a path; the cube is streamed there (JSON, or .npz) layer by layer instead of
-               being kept in memory.
+    stream_to: a path (.json, .json.gz or .npz); the cube is streamed there layer by layer instead
+               of being kept in memory.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, metrics: Iterable[str] = STATS,
@@ -97,17 +130,31 @@ class Tracer:
             raise ValueError(f"unknown or no metrics {unknown or self.metrics}; choose from {list(STATS)}")
         if attention not in (None, "full", "summary"):
             raise ValueError(f"attention must be None, 'full' or 'summary', got {attention!r}")
+        if raw is not None:
+            presets.compile_pattern(raw.layers)
+        if stream_to is not None:
+            export.check_writable(stream_to)
+            export.cube_format(stream_to)
         self.attention = attention
         self.raw = raw
         self.stream_to = stream_to
         # Called with the module name after each hook call (e.g. a progress bar); keep it cheap.
         self.on_hook: Callable[[str], None] | None = None
         self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        # The hooks hold the Tracer weakly, so a Tracer nobody holds is collected and its hooks
+        # come off the model with it.
+        self._finalizer = weakref.finalize(self, _remove_handles, self.hooks)
+        self._detached: list[str] = []  # hooks taken off by a failed run, put back by the next
         self._session: _Session | None = None
         self._cube: ActivityCube | None = None
         self.skipped: list[dict] = []
         if layers is not None:
             self.add_hooks(layers)
+
+    def __repr__(self) -> str:
+        names = list(self.hooks)[:3]
+        more = f", ... +{len(self.hooks) - 3}" if len(self.hooks) > 3 else ""
+        return f"Tracer({type(self.model).__name__}, hooks={len(self.hooks)} [{', '.join(names)}{more}])"
 
     # ---- hook selection ---------------------------------------------------------------------
     def add_hook(self, name: str) -> None:
@@ -139,9 +186,8 @@ class Tracer:
             self.add_hook(name)
 
     def clear_hooks(self) -> None:
-        for handle in self.hooks.values():
-            handle.remove()
-        self.hooks.clear()
+        _remove_handles(self.hooks)
+        self._detached.clear()
 
     def __enter__(self) -> "Tracer":
         return self
@@ -151,10 +197,13 @@ class Tracer:
 
     # ---- the hook ---------------------------------------------------------------------------
     def _make_hook(self, name: str):
+        tracer = weakref.ref(self)
+
         def hook(module, inputs, output):
-            session = self._session
+            owner = tracer()
+            session = owner._session if owner is not None else None
             if session is not None:  # hooks stay silent outside run()/generate()
-                self._record(session, name, output)
+                owner._record(session, name, output)
 
         return hook
 
@@ -169,43 +218,77 @@ class Tracer:
         if tensor.dim() == 0 or tensor.shape[-1] == 0:
             session.skipped.append({"layer_name": name, "reason": f"activation shape {tuple(tensor.shape)} has no feature dim"})
             return
-        lead = tuple(tensor.shape[:-1])
-        slot, out = session.arena.take(tensor.device, tensor.shape[:-1])
-        ops.token_stats(tensor.detach(), out=out)
+        # Runs are under no_grad; a tensor that still needs grad (a hook outside run()) is detached.
+        x, feature_shape = self._rows_of(tensor.detach() if tensor.requires_grad else tensor, session.token_ids)
+        slot = session.arena.write(x)
         raw = None
-        if self.raw is not None and tensor.dim() >= 2 and self.raw.wants(name):
+        if self.raw is not None and x.dim() >= 2 and self.raw.wants(name):
             (t0, t1), (d0, d1) = self.raw.tokens, self.raw.dims
-            raw = tensor.detach()[..., t0:t1, d0:d1].clone()
-        session.calls.append(_Call(name, lead, slot, raw))
+            raw = x[..., t0:t1, d0:d1].clone()
+        step = len(session.steps) - 1
+        session.calls.append(_Call(name, tuple(x.shape[:-1]), slot, raw, session.axis, step, feature_shape))
         if self.on_hook is not None:
             self.on_hook(name)
 
+    @staticmethod
+    def _rows_of(x: torch.Tensor, token_ids: bool) -> tuple[torch.Tensor, list[int] | None]:
+        """The activation as [..., positions, features] rows for token_stats, and the shape of
+        the features when several dims were folded into them."""
+        if token_ids:
+            if x.dim() >= 4:  # [B, T, H, d] (per-head norms): one row per token over H * d
+                return x.flatten(2), list(x.shape[2:])
+            return x, None
+        if x.dim() == 2:  # [B, D]: one position per batch item
+            return x.unsqueeze(1), None
+        if x.dim() >= 4:  # [B, ..., T, D]: the token axis is the second-to-last dim
+            features = [*x.shape[1:-2], x.shape[-1]]
+            return x.movedim(-2, 1).flatten(2), features
+        return x, None
+
     # ---- running ----------------------------------------------------------------------------
-    def run(self, input_ids=None, **model_kwargs):
+    def run(self, *inputs, **model_kwargs):
         """Runs the model once without autograd and builds the cube; returns the model's output.
 
-        input_ids: token ids ([T] or [B, T]), a dict/BatchEncoding of model inputs, or text (a
-        string or list of strings) when a tokenizer is set. An attention_mask marks padding.
+        inputs: token ids ([T] or [B, T]), a dict/BatchEncoding of model inputs, text (a string
+        or list of strings) when a tokenizer is set, or whatever tensors the model's forward
+        takes, positionally or by keyword (images, feature sequences, pixel_values=...). An
+        attention_mask marks padding; an encoder-decoder's decoder_input_ids get their own axis.
         """
-        inputs = self._prepare_inputs(input_ids, model_kwargs)
-        if self.attention is not None:
-            inputs["output_attentions"] = True
-        output, session, seconds = self._traced(lambda: self.model(**inputs))
-        ids = inputs["input_ids"]
-        self._finish(session, ids, inputs.get("attention_mask"), seconds, "forward",
-                     attentions=getattr(output, "attentions", None) if self.attention else None)
+        with self._detached_on_failure():
+            call = self._prepare(inputs, model_kwargs)
+            if self.attention is not None:
+                self._check_attentions_returned()
+                call.kwargs["output_attentions"] = True
+            output, session, seconds = self._traced(lambda: call(self.model), call, mode="forward")
+            attentions = getattr(output, "attentions", None) if self.attention else None
+            self._finish(session, call, seconds, "forward", attentions=attentions)
         return output
 
-    def generate(self, input_ids=None, **generate_kwargs):
+    def generate(self, *inputs, **generate_kwargs):
         """Traces model.generate(): the prompt pass and every generated token, so the token axis
         covers every position that went through the model. Returns generate()'s output."""
-        if self.attention is not None:
-            raise ValueError("attention capture works with run(), not generate()")
-        inputs = self._prepare_inputs(input_ids, generate_kwargs)
-        output, session, seconds = self._traced(lambda: self.model.generate(**inputs))
-        sequences = output if torch.is_tensor(output) else output.sequences
-        self._finish(session, sequences, inputs.get("attention_mask"), seconds, "generate")
+        with self._detached_on_failure():
+            if self.attention is not None:
+                raise ValueError("attention capture works with run(), not generate()")
+            call = self._prepare(inputs, generate_kwargs)
+            if call.ids is None:
+                raise ValueError("generate() needs token ids (or text with a tokenizer)")
+            output, session, seconds = self._traced(lambda: self.model.generate(*call.args, **call.kwargs), call,
+                                                    mode="generate")
+            sequences = output if torch.is_tensor(output) else output.sequences
+            self._finish(session, call, seconds, "generate", sequences=sequences)
         return output
+
+    @contextlib.contextmanager
+    def _detached_on_failure(self):
+        """Whatever fails in a run (bad input, the model's forward, building the cube) leaves the
+        model without our hooks; the next run puts them back."""
+        try:
+            yield
+        except BaseException:
+            self._detached = list(dict.fromkeys([*self._detached, *self.hooks]))
+            _remove_handles(self.hooks)
+            raise
 
     @property
     def cube(self) -> ActivityCube:
@@ -225,43 +308,119 @@ class Tracer:
         dtype = model_dtype(self.model)
         return str(dtype).removeprefix("torch.") if dtype is not None else None
 
-    def _prepare_inputs(self, input_ids, kwargs: dict) -> dict:
-        return prepare_inputs(self.model, self.tokenizer, input_ids, kwargs)
+    def _prepare(self, inputs: tuple, kwargs: dict) -> ModelCall:
+        return prepare_call(self.model, self.tokenizer, inputs, kwargs)
 
-    def _traced(self, forward):
+    def _check_attentions_returned(self) -> None:
+        if not returns_attentions(self.model):
+            impl = getattr(getattr(self.model, "config", None), "_attn_implementation", "unknown")
+            raise ValueError(
+                f"the model returns no attention probabilities (attention implementation: {impl}); "
+                "load it with attn_implementation='eager' or call model.set_attn_implementation('eager')"
+            )
+
+    def _is_encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+
+    def _traced(self, forward, call: ModelCall, mode: str):
+        if self._detached:  # a failed run took them off the model; put them back
+            names, self._detached = self._detached, []
+            for name in names:
+                self.add_hook(name)
         if not self.hooks:
             raise RuntimeError("no hooks: add some with add_hook, add_preset, add_hooks_all or add_hooks")
-        session = _Session(StatsArena())
+        session = _Session(StatsArena(), token_ids=call.ids is not None)
+        state = ModelState(self.model) if self.attention is not None else None
+        helpers = self._session_hooks(session, mode)
         self._session = session
         start = time.perf_counter()
         try:
             with torch.no_grad():
                 output = forward()
-        except BaseException:
-            self.clear_hooks()  # the model is left clean whatever went wrong inside it
-            raise
         finally:
             self._session = None
+            for handle in helpers:
+                handle.remove()
+            if state is not None:
+                state.restore()
         return output, session, time.perf_counter() - start
 
-    def _layers(self, session: _Session, batch: int, length: int, mode: str):
-        """Groups hook calls into cube layers: (name, [calls]) whose rows cover [batch, length]."""
+    def _session_hooks(self, session: _Session, mode: str) -> list:
+        """Hooks that live for one run: an encoder-decoder's decoder switches the token axis, and
+        under generate() each model.forward call starts a pass of known length."""
+        handles = []
+        encoder_decoder = self._is_encoder_decoder()
+        if encoder_decoder and hasattr(self.model, "get_decoder"):
+            def decoder_starts(module, args):
+                session.axis = "decoder_tokens"
+
+            handles.append(self.model.get_decoder().register_forward_pre_hook(decoder_starts))
+        if mode == "generate":
+            key = "decoder_input_ids" if encoder_decoder else "input_ids"
+
+            def step_starts(module, args, kwargs):
+                fed = kwargs.get(key, args[0] if args and not encoder_decoder else None)
+                if not torch.is_tensor(fed):
+                    fed = kwargs.get("inputs_embeds" if not encoder_decoder else "decoder_inputs_embeds")
+                session.steps.append(int(fed.shape[1]) if torch.is_tensor(fed) else 0)
+
+            handles.append(self.model.register_forward_pre_hook(step_starts, with_kwargs=True))
+        return handles
+
+    def _axis_lengths(self, session: _Session, call: ModelCall, mode: str, sequences) -> dict[str, int]:
+        """Length of each token axis of the cube."""
+        if call.ids is None:  # positions: the longest activation
+            counts = [self._tokens_of(c.lead_shape, call.batch) or 0 for c in session.calls]
+            return {"tokens": max(counts, default=0)}
+        lengths = {"tokens": call.ids.shape[1]}
+        stepped = "decoder_tokens" if self._is_encoder_decoder() else "tokens"
+        if mode == "generate" and session.steps:
+            # the positions fed through the model; the last generated token never is
+            lengths[stepped] = min(sum(session.steps), sequences.shape[1])
+        elif call.decoder_ids is not None:
+            lengths["decoder_tokens"] = call.decoder_ids.shape[1]
+        elif any(c.axis == "decoder_tokens" for c in session.calls):  # decoder ids made from labels
+            lengths["decoder_tokens"] = max(self._tokens_of(c.lead_shape, call.batch) or 0
+                                            for c in session.calls if c.axis == "decoder_tokens")
+        return lengths
+
+    def _layers(self, session: _Session, batch: int, lengths: dict[str, int], mode: str,
+                exact: bool) -> tuple[list[_Layer], list[dict]]:
+        """Groups hook calls into cube layers and places their rows on their token axis."""
         if mode == "forward":
-            groups = [(call.name, [call]) for call in session.calls]
-        else:  # generate: a module's calls, in order, extend the token axis
-            by_name: dict[str, list[_Call]] = {}
+            groups = [[call] for call in session.calls]
+        else:  # generate: a module's calls, in order, extend its token axis
+            by_key: dict[tuple[str, str], list[_Call]] = {}
             for call in session.calls:
-                by_name.setdefault(call.name, []).append(call)
-            groups = list(by_name.items())
+                by_key.setdefault((call.name, call.axis), []).append(call)
+            groups = list(by_key.values())
+        ends = np.cumsum(session.steps).tolist()  # where each generate() pass ends
         layers, skipped = [], []
-        for name, calls in groups:
-            lengths = [self._tokens_of(c.lead_shape, batch) for c in calls]
-            if None in lengths or sum(lengths) != length:
+        for calls in groups:
+            name, axis = calls[0].name, calls[0].axis
+            counts = [self._tokens_of(c.lead_shape, batch) for c in calls]
+            other = "tokens" if axis == "decoder_tokens" else None
+            if mode == "forward" and other and counts[0] not in (None, lengths[axis]) and counts[0] == lengths[other]:
+                axis = other  # a decoder's cross-attention keys/values are on the encoder's axis
+            length = lengths.get(axis, 0)
+            starts, placed = [], 0
+            for call, n in zip(calls, counts):
+                if n is None:
+                    break
+                # A pass's rows end where the pass ends: lm_head under generate() sees only each
+                # pass's last position (logits_to_keep=1).
+                start = ends[call.step] - n if mode == "generate" and 0 <= call.step < len(ends) else placed
+                starts.append(start)
+                placed = start + n
+            fits = (None not in counts and all(s >= 0 for s in starts) and placed <= length
+                    and (placed == length or not exact or mode == "generate"))
+            if not fits:
                 shapes = sorted({c.lead_shape for c in calls})
+                where = f"{axis}={length}" if length else axis
                 skipped.append({"layer_name": name,
-                                "reason": f"activation leading shape {shapes[0]} is not [batch={batch}, tokens={length}]"})
+                                "reason": f"activation leading shape {shapes[0]} is not [batch={batch}, {where}]"})
                 continue
-            layers.append((name, calls, lengths))
+            layers.append(_Layer(name, axis, calls, starts, counts))
         return layers, skipped
 
     @staticmethod
@@ -272,13 +431,15 @@ class Tracer:
             return lead[0]
         return None
 
-    def _finish(self, session: _Session, ids: torch.Tensor, attention_mask, seconds: float,
-                mode: str, attentions=None) -> None:
-        batch = ids.shape[0]
-        length = self._traced_length(session, ids, mode)
-        layers, shape_skipped = self._layers(session, batch, length, mode)
-        ids = ids[:, :length]
-        padding = self._padding(attention_mask, batch, length)
+    def _finish(self, session: _Session, call: ModelCall, seconds: float, mode: str,
+                attentions=None, sequences=None) -> None:
+        batch = call.batch
+        lengths = self._axis_lengths(session, call, mode, sequences)
+        layers, shape_skipped = self._layers(session, batch, lengths, mode, exact=call.ids is not None)
+        length = max(lengths.values())
+        token_length = lengths["tokens"]
+        attention_mask = call.kwargs.get("attention_mask")
+        padding = self._padding(attention_mask, batch, token_length) if call.ids is not None else None
         columns = [STATS.index(m) for m in self.metrics]
         contiguous = columns == list(range(columns[0], columns[0] + len(columns)))
         picked = slice(columns[0], columns[0] + len(columns)) if contiguous else columns
@@ -287,7 +448,7 @@ class Tracer:
         meta = {
             "model_name": type(self.model).__name__,
             "timestamp": datetime.now().isoformat(),
-            "input_shape": [batch, length],
+            "input_shape": [batch, token_length],
             "mode": mode,
             "dtype": self._model_dtype(),
             "device": str(device),
@@ -296,91 +457,132 @@ class Tracer:
             "hooks": len(self.hooks),
             "recon_fast_version": __version__,
         }
-        self.skipped = session.skipped + shape_skipped
+        tokens, decoder_tokens = self._token_texts(call, lengths, mode, sequences)
+        if decoder_tokens is not None:
+            meta["decoder_input_shape"] = [batch, lengths["decoder_tokens"]]
+        self.skipped = self._dedupe(session.skipped + shape_skipped)
         if self.skipped:
-            meta["skipped"] = self._dedupe(self.skipped)
+            meta["skipped"] = self.skipped
         attention_entries = self._attention_entries(attentions, len(layers)) if self.attention else []
-        tokens = token_texts(self.tokenizer, ids.tolist())
         provenance = model_provenance(self.model)
+        nonfinite = _NonFinite()
 
-        def stats_of(calls, lengths, host) -> np.ndarray:  # -> [batch, length, metrics]
-            parts = [host.read(c.slot).view(-1, n, host_cols).expand(batch, n, host_cols)
-                     for c, n in zip(calls, lengths)]
-            stats = torch.cat(parts, dim=1)[..., columns].numpy()
-            if padding is not None:
-                stats[padding] = np.nan
-            return stats
+        def stats_of(index: int, layer: _Layer, host) -> np.ndarray:  # -> [batch, length, metrics]
+            stats = np.full((batch, length, host_cols), np.nan, dtype=np.float32)
+            written = np.zeros((batch, length), dtype=bool)
+            for c, start, n in zip(layer.calls, layer.starts, layer.lengths):
+                stats[:, start:start + n] = host.read(c.slot).view(-1, n, host_cols).expand(batch, n, host_cols).numpy()
+                written[:, start:start + n] = True
+            if padding is not None and layer.axis == "tokens":
+                written[:, :token_length] &= ~padding
+                stats[:, :token_length][padding] = np.nan
+            nonfinite.check(index, layer.name, stats[..., 0], written)
+            return stats[..., columns]
 
+        extras = {i: self._layer_extra(layer, decoder_tokens is not None) for i, layer in enumerate(layers)}
+        extras = {i: e for i, e in extras.items() if e}
         raw = self._raw_arrays(layers)
+        shell = dict(tokens=tokens, metrics=self.metrics, padding_mask=padding, meta=meta, provenance=provenance,
+                     attention=attention_entries, raw=raw, decoder_tokens=decoder_tokens)
         # The binary form needs the whole array anyway: it is built as in memory, then written.
-        if self.stream_to is not None and not str(self.stream_to).endswith(".npz"):
+        if self.stream_to is not None and export.cube_format(self.stream_to) == "json":
             self._cube = None
-            self._stream(layers, stats_of, session, batch, length, meta, tokens, provenance,
-                         attention_entries, padding, raw)
+            self._stream(layers, stats_of, session, batch, length, shell, extras)
+            self._warn(nonfinite, len(layers))
             return
         host = session.arena.to_host()
         data = np.empty((len(layers), batch, length, len(columns)), dtype=np.float32)
-        whole = [len(calls) == 1 and calls[0].slot.rows == batch * length for _, calls, _ in layers]
+        whole = [layer.axis == "tokens" and len(layer.calls) == 1 and layer.lengths[0] == length
+                 and layer.calls[0].slot.rows == batch * length for layer in layers]
+        counted = ~padding if padding is not None else np.ones((batch, length), dtype=bool)
         i = 0
         while i < len(layers):
-            name, calls, lengths = layers[i]
             if not whole[i]:
-                data[i] = stats_of(calls, lengths, host)
+                data[i] = stats_of(i, layers[i], host)
                 i += 1
                 continue
             # Layers whose rows lie back to back in the arena are copied in one go: per-layer
             # copies cost more than the forward pass itself at short T on a GPU.
             j = i + 1
-            while j < len(layers) and whole[j] and back_to_back(layers[j - 1][1][0].slot, layers[j][1][0].slot):
+            while j < len(layers) and whole[j] and back_to_back(layers[j - 1].calls[0].slot, layers[j].calls[0].slot):
                 j += 1
-            rows = host.span(calls[0].slot, layers[j - 1][1][0].slot).numpy()
+            rows = host.span(layers[i].calls[0].slot, layers[j - 1].calls[0].slot).numpy()
+            rows = rows.reshape(j - i, batch, length, host_cols)
+            if not np.isfinite(rows[..., 0]).all():  # rare: then layer by layer, in order
+                for k in range(i, j):
+                    nonfinite.check(k, layers[k].name, rows[k - i, ..., 0], counted)
             block = data[i:j]
             # One copy: a list of columns would make numpy gather into a temporary first.
-            block[...] = rows.reshape(j - i, batch, length, host_cols)[..., picked]
+            block[...] = rows[..., picked]
             if padding is not None:
                 block[:, padding] = np.nan
             i = j
-        self._cube = ActivityCube(tokens=tokens, layer_names=[name for name, _, _ in layers],
-                                  metrics=self.metrics, data=data, padding_mask=padding, meta=meta,
-                                  provenance=provenance, attention=attention_entries, raw=raw)
+        if nonfinite.first is not None:
+            meta["nonfinite"] = nonfinite.summary()
+        self._cube = ActivityCube(layer_names=[layer.name for layer in layers], data=data, layer_extras=extras,
+                                  **shell)
+        self._warn(nonfinite, len(layers))
         if self.stream_to is not None:
             self._cube.export_npz(self.stream_to)
             self._cube = None
 
-    def _stream(self, layers, stats_of, session, batch, length, meta, tokens, provenance,
-                attention_entries, padding, raw) -> None:
+    def _warn(self, nonfinite: "_NonFinite", layers: int) -> None:
+        """One warning per run for what was left out, one for non-finite values."""
+        if self.skipped:
+            names = list(dict.fromkeys(s["layer_name"] for s in self.skipped))
+            shown = ", ".join(names[:3]) + (f", ... +{len(names) - 3}" if len(names) > 3 else "")
+            plural = "s" if len(names) != 1 else ""
+            warnings.warn(f"{len(names)} module output{plural} not traced ({shown}): "
+                          f"meta['skipped'] says why", UserWarning, stacklevel=4)
+        if nonfinite.first is not None:
+            warnings.warn(nonfinite.message(layers), UserWarning, stacklevel=4)
+
+    @staticmethod
+    def _layer_extra(layer: _Layer, two_axes: bool) -> dict:
+        extra = {}
+        if two_axes:
+            extra["token_axis"] = layer.axis
+        if layer.calls[0].feature_shape is not None:
+            extra["feature_shape"] = layer.calls[0].feature_shape
+        return extra
+
+    def _token_texts(self, call: ModelCall, lengths: dict[str, int], mode: str, sequences):
+        """(tokens, decoder_tokens) as text: decoded ids, or positions for inputs that are not ids."""
+        batch = call.batch
+        if call.ids is None:
+            return [[str(i) for i in range(lengths["tokens"])] for _ in range(batch)], None
+        encoder_decoder = self._is_encoder_decoder()
+        source = sequences if mode == "generate" and not encoder_decoder else call.ids
+        tokens = token_texts(self.tokenizer, source[:, :lengths["tokens"]].tolist())
+        if "decoder_tokens" not in lengths:
+            return tokens, None
+        decoder = sequences if mode == "generate" else call.decoder_ids
+        if decoder is None:  # decoder ids the model made itself (from labels): positions
+            return tokens, [[str(i) for i in range(lengths["decoder_tokens"])] for _ in range(batch)]
+        return tokens, token_texts(self.tokenizer, decoder[:, :lengths["decoder_tokens"]].tolist())
+
+    def _stream(self, layers, stats_of, session, batch, length, shell: dict, extras: dict) -> None:
         """Writes the cube to stream_to, copying one layer at a time off the device."""
-        shell = ActivityCube(tokens=tokens, layer_names=[], metrics=self.metrics,
-                             data=np.zeros((0, batch, length, len(self.metrics)), np.float32),
-                             padding_mask=padding, meta=meta, provenance=provenance,
-                             attention=attention_entries, raw=raw)
+        cube = ActivityCube(layer_names=[], data=np.zeros((0, batch, length, len(self.metrics)), np.float32), **shell)
         path = str(self.stream_to)
         device_arena = session.arena
         flat = batch == 1
 
         def layer_objects() -> Iterator[dict]:
-            for i, (name, calls, lengths) in enumerate(layers):
-                stats = stats_of(calls, lengths, device_arena)
-                yield export.layer_object(i, name, stats, self.metrics, flat, shell.raw_reference(path, i))
-            yield from attention_entries
+            for i, layer in enumerate(layers):
+                stats = stats_of(i, layer, device_arena)
+                own = cube.axis_length(layer.axis)
+                extra = {**extras.get(i, {}), **cube.raw_reference(path, i)}
+                yield export.layer_object(i, layer.name, stats[:, :own], self.metrics, flat, extra)
+            yield from cube.attention
 
-        shell.write_raw_sidecar(path)
-        export.write_json(path, meta=shell.meta_for_export(), tokens=tokens, layers=layer_objects(),
-                          provenance=provenance)
-
-    @staticmethod
-    def _traced_length(session: _Session, ids: torch.Tensor, mode: str) -> int:
-        if mode == "forward":
-            return ids.shape[1]
-        # generate(): the positions fed through the model; the last generated token never is.
-        first = session.calls[0].name if session.calls else None
-        batch = ids.shape[0]
-        fed = sum(Tracer._tokens_of(c.lead_shape, batch) or 0 for c in session.calls if c.name == first)
-        return min(fed, ids.shape[1]) if fed else ids.shape[1]
+        cube.write_raw_sidecar(path)
+        export.write_json(path, meta=cube.meta_for_export(), tokens=cube.tokens, layers=layer_objects(),
+                          provenance=cube.provenance, decoder_tokens=cube.decoder_tokens)
 
     @staticmethod
     def _padding(attention_mask, batch: int, length: int) -> np.ndarray | None:
-        if attention_mask is None:
+        if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
             return None
         mask = attention_mask.detach().to("cpu", torch.bool)
         if mask.shape[1] < length:  # generate(): generated positions are real tokens
@@ -398,14 +600,14 @@ class Tracer:
                 unique.append(item)
         return unique
 
-    def _raw_arrays(self, layers) -> dict[int, dict]:
+    def _raw_arrays(self, layers: list[_Layer]) -> dict[int, dict]:
         raw = {}
         if self.raw is None:
             return raw
-        for i, (name, calls, _) in enumerate(layers):
-            if calls[0].raw is not None:
+        for i, layer in enumerate(layers):
+            if layer.calls[0].raw is not None:
                 (t0, t1), (d0, d1) = self.raw.tokens, self.raw.dims
-                raw[i] = {"array": torch.cat([c.raw for c in calls], dim=-2).float().cpu().numpy(),
+                raw[i] = {"array": torch.cat([c.raw for c in layer.calls], dim=-2).float().cpu().numpy(),
                           "token_range": [t0, t1], "dim_range": [d0, d1]}
         return raw
 
@@ -429,6 +631,35 @@ class Tracer:
                                               "argmax": where.cpu().numpy()}
             entries.append(entry)
         return entries
+
+
+class _NonFinite:
+    """The first layer and token whose statistics are NaN or Inf, from the stats already on the
+    host (energy is the L2 norm: non-finite exactly when some element is, or the row overflows).
+    Positions a layer never wrote (padding, past its own axis) do not count."""
+
+    def __init__(self):
+        self.first: dict | None = None
+        self.layers = 0
+
+    def check(self, index: int, name: str, energy: np.ndarray, counted: np.ndarray) -> None:
+        bad = ~np.isfinite(energy) & counted  # [batch, length]
+        if not bad.any():
+            return
+        self.layers += 1
+        if self.first is None:
+            where = np.argwhere(bad)
+            b, t = where[np.lexsort((where[:, 0], where[:, 1]))[0]]  # earliest token, then batch item
+            kind = "NaN" if np.isnan(energy[b, t]) else "Inf"
+            self.first = {"layer_index": index, "layer_name": name, "batch": int(b), "token": int(t), "value": kind}
+
+    def summary(self) -> dict:
+        return {**self.first, "layers": self.layers}
+
+    def message(self, layers: int) -> str:
+        f = self.first
+        return (f"non-finite activations ({f['value']}): first in {f['layer_name']} at token {f['token']} "
+                f"(batch item {f['batch']}); {self.layers} of {layers} layers have some (meta['nonfinite'])")
 
 
 def accepts_kwargs(module: nn.Module, *names: str) -> bool:

@@ -456,3 +456,40 @@ def test_cuda_attribution_equals_the_cpu_one(arch):
     lens = logit_lens(model, ids.to("cuda"), k=2)
     assert torch.equal(lens.token_ids[-1, ..., 0], on_cpu.target_id.new_tensor(
         model(ids.to("cuda")).logits.argmax(-1).cpu()))
+
+
+# ---- issue 10: NaN named, not misdiagnosed; every dropout in training mode refused; short reprs --------
+def test_non_finite_weights_are_named_not_called_an_unknown_architecture():
+    model = causal_model("llama", seed=71)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"non-finite.*L1\.mlp") as info:
+        direct_logit_attribution(model, torch.arange(6))
+    assert "adapter" not in str(info.value)
+    lens = logit_lens(model, torch.arange(6), k=2)
+    assert (lens.token_ids[:2] >= 0).all()  # embed and L0 are finite
+    assert (lens.token_ids[2:] == -1).all() and torch.isnan(lens.logprobs[2:]).all()
+
+
+def test_attention_dropout_in_training_mode_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, attention_dropout=0.5, attn_implementation="eager")
+    model = LlamaForCausalLM(config)
+    model.train()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())  # functional dropout only
+    with pytest.raises(ValueError, match=r"training mode.*model.eval\(\)"):
+        direct_logit_attribution(model, torch.arange(6))
+    model.eval()
+    direct_logit_attribution(model, torch.arange(6))
+
+
+def test_reprs_are_short():
+    model = causal_model("llama", seed=73)
+    lens = logit_lens(model, torch.arange(40), k=5)
+    attribution = direct_logit_attribution(model, torch.arange(40), per_head=True)
+    for text in (repr(lens), repr(attribution)):
+        assert len(text.splitlines()) == 1 and len(text) < 400, text
+    assert "layers=3" in repr(lens) and "L0" in repr(attribution)

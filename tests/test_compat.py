@@ -124,3 +124,43 @@ def test_real_smollm2_matches_the_original(smollm2, tmp_path):
     b = json.loads((tmp_path / "theirs.json").read_text())
     assert len(a["layers"]) > 300  # every module with parameters fires once
     assert_same_cube(a, b, rtol=1e-4)
+
+
+# ---- issue 10: the user's model is left as found -------------------------------------------------
+def model_state(model):
+    """Everything a tracer could leave behind on a model: hooks, the attention implementation,
+    the config, and transformers' output-capturing flag."""
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    return (hooks, model.config._attn_implementation, model.config.to_json_string(),
+            [getattr(m, "_output_capturing_hooks_installed", None) for m in model.modules()])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_model_is_left_as_found_after_every_run(attn, caplog):
+    model = make_model("llama", attn_implementation=attn)
+    before = model_state(model)
+    tokens = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    tracer = ReconTracer(model)
+    tracer.add_hooks_all(lambda name, m: name.endswith(".mlp"))
+    for _ in range(2):
+        tracer.run(tokens)
+        hooks, *rest = model_state(model)
+        assert rest == list(before[1:])
+        assert sum(f for f, _ in hooks) == len(tracer.hooks)
+    tracer.clear_hooks()
+    assert model_state(model) == before
+    names = [entry["layer_name"] for entry in tracer.activity_cube["layers"]]
+    # attentions are asked for (and appended) only where the implementation returns them
+    assert names.count("attention.0") == (2 if attn == "eager" else 0)
+    assert "does not support" not in caplog.text
+
+
+def test_the_tracer_leaves_the_model_as_found_with_attention_capture():
+    from recon_fast import Tracer
+
+    model = make_model("llama", attn_implementation="eager")
+    before = model_state(model)
+    with Tracer(model, layers="residual", attention="summary") as tracer:
+        tracer.run(torch.randint(1, VOCAB, (1, 5)))
+    assert len(tracer.cube.attention) == 2
+    assert model_state(model) == before

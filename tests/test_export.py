@@ -172,3 +172,83 @@ def test_peak_measurement_would_catch_a_whole_document_in_memory(tmp_path):
     whole = "len(__import__('orjson').dumps(cube.to_dict(), option=__import__('orjson').OPT_SERIALIZE_NUMPY))"
     size, growth, _ = measure_export_peak(tmp_path / "unused.json", 200, 12000, whole)
     assert growth > size / 2
+
+
+# ---- issue 10: the format follows the file name; no temporary file outlives an export ---------------
+import gzip  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+
+def test_the_format_follows_the_suffix_and_a_contradiction_is_an_error(tmp_path):
+    tracer, tokens = traced_cube()
+    cube = tracer.cube
+    cube.export(tmp_path / "c.json.gz")
+    assert (tmp_path / "c.json.gz").read_bytes()[:2] == b"\x1f\x8b"
+    np.testing.assert_array_equal(ActivityCube.load(tmp_path / "c.json.gz").data, cube.data)
+    cube.export(tmp_path / "c.npz")
+    assert (tmp_path / "c.npz").read_bytes()[:2] == b"PK"
+    with pytest.raises(ValueError, match=r"unknown file suffix '\.csv'.*\.json, \.json\.gz or \.npz"):
+        cube.export(tmp_path / "c.csv")
+    with pytest.raises(ValueError, match="conflicts"):
+        cube.export(tmp_path / "x.json", "npz")
+    with pytest.raises(ValueError, match="suffix"):
+        Tracer(tracer.model, layers="residual", stream_to=str(tmp_path / "s.csv"))
+    streamed = Tracer(tracer.model, layers="blocks+components", stream_to=str(tmp_path / "s.json.gz"))
+    streamed.run(tokens)
+    np.testing.assert_array_equal(ActivityCube.load(tmp_path / "s.json.gz").data, cube.data)
+    assert sorted(os.listdir(tmp_path)) == ["c.json.gz", "c.npz", "s.json.gz"]
+
+
+SLOW_EXPORT = textwrap.dedent("""
+    import sys, time
+    from recon_fast import export
+
+    def layers():
+        for i in range(3):
+            yield {"layer_index": i, "layer_name": "x" * 100000, "core_metrics": {}}
+        print("exporting", flush=True)
+        time.sleep(120)  # the signal arrives here, mid-export
+        yield {"layer_index": 3, "layer_name": "never", "core_metrics": {}}
+
+    export.write_json(sys.argv[1], meta={}, tokens=[["a"]], layers=layers(), provenance={})
+""")
+
+
+def _interrupted_export(path, sig):
+    child = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "exporting"
+        assert [n for n in os.listdir(path.parent) if n.endswith(".tmp")], "no temporary file mid-export"
+        child.send_signal(sig)
+        return child.wait(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_sigterm_during_an_export_removes_its_temporary_file(tmp_path):
+    code = _interrupted_export(tmp_path / "cube.json", signal.SIGTERM)
+    assert code == -signal.SIGTERM  # still dies of the signal, as it would have
+    assert os.listdir(tmp_path) == [], "SIGTERM left a temporary file behind"
+
+
+def test_a_later_export_removes_stale_temporary_files_of_its_own(tmp_path):
+    path = tmp_path / "cube.json"
+    assert _interrupted_export(path, signal.SIGKILL) == -signal.SIGKILL
+    (stale,) = os.listdir(tmp_path)  # SIGKILL cannot be caught: the temporary file stays ...
+    other = tmp_path / ".other.json.abc123.tmp"
+    other.write_text("another file's")
+    old = time.time() - 3600  # (/proc gives a process's start to the second: make the gap plain)
+    for left in (tmp_path / stale, other):
+        os.utime(left, (old, old))
+    export_in_a_new_process = "from recon_fast import export; export.write_json(__import__('sys').argv[1], " \
+                              "meta={}, tokens=[['a']], layers=[], provenance={})"
+    subprocess.run([sys.executable, "-c", export_in_a_new_process, str(path)], check=True)
+    # ... until the next export to that path, from a process started after it was left
+    assert sorted(os.listdir(tmp_path)) == [".other.json.abc123.tmp", "cube.json"]
+    # one that may belong to an export still running (newer than this process) is left alone
+    young = tmp_path / f".cube.json.{'x' * 8}.tmp"
+    young.write_text("in flight")
+    export.write_json(path, meta={}, tokens=[["a"]], layers=[], provenance={})
+    assert young.exists()

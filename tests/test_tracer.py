@@ -99,8 +99,12 @@ def test_hooks_removed_after_an_exception_inside_forward():
     tracer = Tracer(model)
     tracer.add_hooks_all()
     assert all_module_hooks(model) > 0
-    with pytest.raises(IndexError):
-        tracer.run(torch.tensor([[VOCAB + 50]]))  # out of the embedding's range
+    with pytest.raises(ValueError, match="vocabulary size"):  # checked before the forward
+        tracer.run(torch.tensor([[VOCAB + 50]]))
+    assert all_module_hooks(model) == 0 and not tracer.hooks
+    model.transformer.wte.register_forward_pre_hook(lambda *a: 1 / 0)  # fails inside the forward
+    with pytest.raises(ZeroDivisionError):
+        tracer.run(torch.tensor([[1]]))
     assert all_module_hooks(model) == 0 and not tracer.hooks
 
 
@@ -305,3 +309,124 @@ def test_cuda_hooks_never_sync():
     host = session.arena.to_host()
     for call, a in zip(session.calls, activations * 50):
         assert_cube_layer_close(host.read(call.slot).view(2, 64, 5).numpy(), a.float().cpu())
+
+
+# ---- issue 10: nothing dropped quietly, failures that leave the Tracer usable, hygiene ------------
+import gc  # noqa: E402
+import warnings  # noqa: E402
+
+
+def test_skipped_outputs_warn_once_per_run_with_a_count_and_first_names():
+    model = Weird()
+    model.to_dict.register_forward_hook(lambda m, i, o: {"not": "a tensor"})
+    model.to_ints.register_forward_hook(lambda m, i, o: o.long())
+    tracer = Tracer(model, layers=["emb", "to_dict", "to_ints"])
+    with pytest.warns(UserWarning) as record:
+        tracer.run(torch.tensor([[1, 2, 3]]))
+    messages = [str(w.message) for w in record if "not traced" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in record]
+    assert "2 module outputs" in messages[0] and "to_dict" in messages[0] and "to_ints" in messages[0]
+    assert "meta['skipped']" in messages[0]
+
+
+def test_per_head_norms_are_traced_over_heads_and_head_dim():
+    model = make_model("qwen3")  # q_norm / k_norm: [B, T, heads, head_dim]
+    tokens = ids(batch=2, length=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Tracer(model, layers=r"model\.layers\.\d+\.self_attn\.[qk]_norm") as tracer:
+            tracer.run(tokens)
+    cube = tracer.cube
+    assert cube.layer_names == ["model.layers.0.self_attn.q_norm", "model.layers.0.self_attn.k_norm",
+                                "model.layers.1.self_attn.q_norm", "model.layers.1.self_attn.k_norm"]
+    assert "skipped" not in cube.meta
+    seen = dict(capture_outputs(model, cube.layer_names[:1], lambda: model(tokens)))
+    q = seen[cube.layer_names[0]]  # [2, 5, 4, 12]
+    assert q.dim() == 4
+    assert_cube_layer_close(cube.data[0], q.flatten(2))
+    assert cube.layer_extras[0]["feature_shape"] == [4, 12]
+    assert cube.to_dict()["layers"][0]["feature_shape"] == [4, 12]
+
+
+def test_generate_keeps_lm_head_with_its_one_token_decode_steps():
+    model = make_model("llama")
+    prompt = ids(length=5, seed=3)
+    tracer = Tracer(model, layers=["lm_head", "model.norm"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = tracer.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    cube = tracer.cube
+    assert cube.layer_names == ["model.norm", "lm_head"] and "skipped" not in cube.meta
+    assert cube.shape == (2, 1, 8, 5)
+    full = Tracer(model, layers=["lm_head", "model.norm"])
+    full.run(out[:, :8])
+    np.testing.assert_allclose(cube.data[0], full.cube.data[0], rtol=1e-4, atol=1e-5)
+    # generate() asks for the logits of each pass's last position only (logits_to_keep=1): the
+    # prompt's last token, then each decode step's [B, 1, V]; the prompt's other positions are NaN.
+    np.testing.assert_allclose(cube.data[1, :, 4:], full.cube.data[1, :, 4:], rtol=1e-4, atol=1e-5)
+    assert np.isnan(cube.data[1, :, :4]).all()
+
+
+def test_a_failed_run_leaves_the_tracer_usable_and_names_the_cause():
+    model = make_model("gpt2")
+    tracer = Tracer(model, layers="residual")
+    with pytest.raises(ValueError, match=r"token id 1000000000 >= vocabulary size 96"):
+        tracer.run(torch.tensor([[1, 2, 10**9]]))
+    tracer.run(torch.tensor([[1, 2, 3]]))  # the next valid run works
+    assert tracer.cube.shape == (2, 1, 3, 5)
+    # a failure inside the forward: hooks come off the model and are put back by the next run
+    boom = model.transformer.h[1].register_forward_hook(lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        tracer.run(torch.tensor([[1, 2, 3]]))
+    assert all_module_hooks(model) == 1  # only the failing hook, none of the tracer's
+    boom.remove()
+    tracer.run(torch.tensor([[4, 5]]))
+    assert tracer.cube.shape == (2, 1, 2, 5) and all_module_hooks(model) == 2
+    tracer.clear_hooks()
+    assert all_module_hooks(model) == 0
+
+
+def test_non_finite_activations_are_named_with_their_first_layer_and_token():
+    model = make_model("llama")
+    tokens = ids(length=6)
+
+    def poison(module, inputs, output):  # NaN at token 3 of the first MLP's output only
+        output = output.clone()
+        output[:, 3] = float("nan")
+        return output
+
+    handle = model.model.layers[0].mlp.register_forward_hook(poison)
+    try:
+        with Tracer(model, layers="blocks+components") as tracer:
+            with pytest.warns(UserWarning, match=r"non-finite.*model\.layers\.0\.mlp.*token 3") as record:
+                tracer.run(tokens)
+    finally:
+        handle.remove()
+    assert sum("non-finite" in str(w.message) for w in record) == 1
+    first = tracer.cube.meta["nonfinite"]
+    assert first["layer_name"] == "model.layers.0.mlp" and first["token"] == 3 and first["batch"] == 0
+    assert first["layers"] == 5  # everything downstream of it
+    assert np.isfinite(tracer.cube.data[0]).all()  # the attention before it is clean
+
+
+def test_tracers_that_are_dropped_or_recreated_leave_no_hooks():
+    model = make_model("gpt2")
+    for _ in range(3):
+        tracer = Tracer(model)
+        tracer.add_hooks_all()
+    gc.collect()
+    assert all_module_hooks(model) == len(tracer.hooks)
+    del tracer
+    gc.collect()
+    assert all_module_hooks(model) == 0
+
+
+def test_reprs_are_short():
+    model = make_model("llama")
+    tracer = Tracer(model)
+    tracer.add_hooks_all()
+    tracer.run(ids(batch=2, length=40))
+    text = repr(tracer.cube)
+    assert len(text.splitlines()) == 1 and len(text) < 400, text
+    assert "layers=" in text and "tokens=40" in text and "energy" in text and "model.embed_tokens" in text
+    assert repr(tracer).startswith("Tracer(") and len(repr(tracer)) < 300

@@ -102,3 +102,80 @@ def per_token_float64(t: torch.Tensor) -> torch.Tensor:
     centred = x - mean.unsqueeze(-1)
     std = (centred.pow(2).sum(-1) / (x.shape[-1] - 1)).sqrt()
     return torch.stack([x.pow(2).sum(-1).sqrt(), mean, std, x.amin(-1), x.amax(-1)], dim=-1)
+
+
+# ---- models that are not decoder-only token models ------------------------------------------------
+def make_t5(seed: int = 0) -> torch.nn.Module:
+    """An encoder-decoder (T5): its decoder runs on a token axis of its own."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def make_vit(seed: int = 0) -> torch.nn.Module:
+    """A vision transformer: pixel_values in, [batch, patches + 1, d] activations."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=16, patch_size=8, num_labels=3)
+    return ViTForImageClassification(config).eval()
+
+
+class SmallCNN(torch.nn.Module):
+    """forward(x) on images [B, 3, 32, 32]: 4-D activations whose spatial size shrinks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.conv2 = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.head = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class SmallLSTM(torch.nn.Module):
+    """forward(x) on float sequences [B, T, F]; the LSTM returns (output, (h, c))."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(7, 12)
+        self.lstm = torch.nn.LSTM(12, 10, batch_first=True)
+        self.out = torch.nn.Linear(10, 2)
+
+    def forward(self, x):
+        hidden, _ = self.lstm(self.inp(x))
+        return self.out(hidden[:, -1])
+
+
+def word_tokenizer(folder=None):
+    """A word-level tokenizer over the tiny models' vocabulary ("t0 t5 t9"), with a chat template;
+    saved to `folder` (and reloaded from it) when one is given."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t0", eos_token="t0", unk_token="t1",
+                                        pad_token="t0")
+    tokenizer.chat_template = "{% for m in messages %}t2 {{ m['content'] }} t3 {% endfor %}{% if add_generation_prompt %}t4{% endif %}"
+    if folder is None:
+        return tokenizer
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def save_model_folder(folder, arch: str = "llama", model=None):
+    """A local Hugging Face folder (config, weights, tokenizer) that recon_fast.models.load_model
+    and `--model` read: a tiny random model of `arch` unless `model` is given."""
+    model = model if model is not None else make_model(arch)
+    model.save_pretrained(folder)
+    word_tokenizer(folder)
+    return folder
