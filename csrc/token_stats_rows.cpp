@@ -1,29 +1,20 @@
-// The tracer's hook path into token_stats: x's statistics into rows [row0, row0 + rows) of a
-// float32 [N, 5] arena chunk, called straight from Python (METH_FASTCALL). A hook that sliced
-// and viewed the chunk in Python and went through torch.ops paid ~20 us of host time on an
-// H100's host; the same steps here cost a few, which is what a launch-bound forward (short
-// sequences on a GPU) notices. Any device: the op is reached through the dispatcher.
-#include "token_stats_rows.h"
-
+// recon_fast::token_stats_rows(x, buffer, row0): token_stats of x into rows
+// [row0, row0 + rows) of a float32 [N, 5] arena chunk. The tracer's hooks call it so that the
+// slice and view of the chunk are made here, not in Python: on the H100 machine a hook's Python
+// slice + view + torch.ops call cost ~20 us of host time, which a launch-bound forward (short
+// sequences on a GPU) notices. One device-generic kernel: token_stats itself picks the backend.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/python_variable.h>
+#include <torch/library.h>
 
 #include <vector>
 
 #include "token_stats_problem.h"
 
 namespace recon_fast {
+namespace {
 
-PyObject* token_stats_rows(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  TORCH_CHECK(nargs == 3, "token_stats_rows(x, buffer, row0) takes 3 arguments, got ", nargs);
-  TORCH_CHECK(THPVariable_Check(args[0]) && THPVariable_Check(args[1]),
-              "token_stats_rows: x and buffer must be tensors");
-  const at::Tensor& x = THPVariable_Unpack(args[0]);
-  const at::Tensor& buffer = THPVariable_Unpack(args[1]);
-  const int64_t row0 = PyLong_AsLongLong(args[2]);
-  if (row0 == -1 && PyErr_Occurred()) return nullptr;
+void token_stats_rows(const at::Tensor& x, at::Tensor& buffer, int64_t row0) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0,
               "token_stats_rows: x needs a non-empty last dimension");
   TORCH_CHECK(buffer.dim() == 2 && buffer.size(1) == kNumStats && buffer.is_contiguous(),
@@ -37,13 +28,13 @@ PyObject* token_stats_rows(PyObject* /*module*/, PyObject* const* args, Py_ssize
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("recon_fast::token_stats", "")
                              .typed<void(const at::Tensor&, at::Tensor&)>();
-  {
-    // No autograd or version-counter work: statistics of an activation are not differentiated.
-    const at::AutoDispatchBelowADInplaceOrView guard;
-    op.call(x, out);
-  }
-  Py_RETURN_NONE;
-  END_HANDLE_TH_ERRORS
+  op.call(x, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(recon_fast, CompositeExplicitAutograd, m) {
+  m.impl("token_stats_rows", &token_stats_rows);
 }
 
 }  // namespace recon_fast

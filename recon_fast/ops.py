@@ -115,6 +115,11 @@ if _library.loaded_from is not None:
         # meta tensors reject what the kernels would.
         _check_args(x, out)
 
+    @torch.library.register_fake("recon_fast::token_stats_rows")
+    def _token_stats_rows_fake(x: torch.Tensor, buffer: torch.Tensor, row0: int) -> None:
+        # Writes rows of `buffer` in place; nothing to allocate.
+        return None
+
 
 def _check_args(x: torch.Tensor, out: torch.Tensor) -> None:
     """The compiled op's argument checks, for the fallback path (same conditions, same words)."""

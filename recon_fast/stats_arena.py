@@ -14,15 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from recon_fast import _library
+from recon_fast import ops
 from recon_fast.ops import NUM_STATS, token_stats
 
-# The compiled hook path (recon_fast._C.token_stats_rows), absent with a JIT-built or no library.
-_token_stats_rows = None
-if _library.loaded_from == "extension":
-    from recon_fast import _C
 
-    _token_stats_rows = getattr(_C, "token_stats_rows", None)
+def _rows_op_for(device_type: str):
+    """recon_fast::token_stats_rows where the compiled token_stats serves this device, else None
+    (the Python slice + token_stats, which also covers the plain-PyTorch fallback)."""
+    if ops.backend(device_type) == "torch":
+        return None
+    return torch.ops.recon_fast.token_stats_rows.default
+
 
 # Rows of one CUDA chunk: 20 MiB of statistics (1M tokens x layers) on the device at a time.
 CUDA_CHUNK_ROWS = 1 << 20
@@ -52,13 +54,17 @@ class StatsArena:
     def __init__(self, initial_rows: int = 4096):
         self._initial_rows = max(1, initial_rows)
         self._devices: dict[torch.device, _DeviceChunks] = {}
+        self._rows_ops: dict[str, object] = {}  # device type -> token_stats_rows, or None
 
     def write(self, x: torch.Tensor) -> ArenaSlot:
         """Enqueues token_stats(x) into the next rows (x [..., D], D > 0); returns where they are.
         The hooks' path: with the compiled library no tensor is made in Python."""
         chunk, slot = self._reserve(x.device, x.numel() // x.shape[-1])
-        if _token_stats_rows is not None:
-            _token_stats_rows(x, chunk, slot.row0)
+        rows_op = self._rows_ops.get(x.device.type, False)
+        if rows_op is False:
+            rows_op = self._rows_ops[x.device.type] = _rows_op_for(x.device.type)
+        if rows_op is not None:
+            rows_op(x, chunk, slot.row0)
         else:
             token_stats(x, out=chunk[slot.row0 : slot.row0 + slot.rows].view(*x.shape[:-1], NUM_STATS))
         return slot

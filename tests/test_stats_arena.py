@@ -72,12 +72,12 @@ def test_cuda_chunks_leave_the_device_without_a_sync(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-path", "python-path"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["rows-op", "python-slice"])
 def test_write_equals_take_then_token_stats(device, compiled, monkeypatch):
     if not compiled:
-        monkeypatch.setattr(stats_arena, "_token_stats_rows", None)
-    elif stats_arena._token_stats_rows is None:
-        pytest.skip("recon_fast._C has no token_stats_rows (JIT-built or missing library)")
+        monkeypatch.setattr(stats_arena, "_rows_op_for", lambda device_type: None)
+    elif stats_arena._rows_op_for(device) is None:
+        pytest.skip("no compiled token_stats for this device")
     g = torch.Generator().manual_seed(3)
     activations = [torch.randn(2, 5, 40, generator=g).to(device, dtype)
                    for dtype in (torch.float32, torch.bfloat16, torch.float16)] * 3
@@ -90,8 +90,15 @@ def test_write_equals_take_then_token_stats(device, compiled, monkeypatch):
         torch.testing.assert_close(host.read(slot), token_stats_ref(a.cpu()).reshape(-1, 5), rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_write_names_bad_rows():
-    if stats_arena._token_stats_rows is None:
-        pytest.skip("recon_fast._C has no token_stats_rows")
+def test_rows_op_names_bad_rows():
+    if stats_arena._rows_op_for("cpu") is None:
+        pytest.skip("no compiled token_stats")
     with pytest.raises(RuntimeError, match=r"rows \[8, 14\) are outside the buffer's 10"):
-        stats_arena._token_stats_rows(torch.randn(2, 3, 8), torch.empty(10, 5), 8)
+        torch.ops.recon_fast.token_stats_rows(torch.randn(2, 3, 8), torch.empty(10, 5), 8)
+
+
+def test_rows_op_passes_opcheck():
+    if stats_arena._rows_op_for("cpu") is None:
+        pytest.skip("no compiled token_stats")
+    torch.library.opcheck(torch.ops.recon_fast.token_stats_rows.default,
+                          (torch.randn(2, 3, 8), torch.zeros(10, 5), 2))
