@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "attention_stats_launch.h"
+#include "element_type.h"
 
 namespace recon_fast::cuda {
 namespace {
@@ -471,13 +472,9 @@ cudaError_t launch_attention_stats(const AttentionStatsProblem& p, cudaStream_t 
   if (p.k_len >= 0x7fffffffLL - 2 * kBlockN || p.q_len >= 0x7fffffffLL || p.heads > 65535 ||
       p.batch > 65535)
     return cudaErrorInvalidValue;  // 32-bit key positions, grid limits
-  switch (p.dtype) {
-    case StatsDtype::Float32: return launch_for_dtype<float>(p, stream);
-    case StatsDtype::Float64: return launch_for_dtype<double>(p, stream);
-    case StatsDtype::Float16: return launch_for_dtype<__half>(p, stream);
-    case StatsDtype::BFloat16: return launch_for_dtype<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(p.dtype, [&](auto tag) {
+    return launch_for_dtype<typename decltype(tag)::type>(p, stream);
+  });
 }
 
 }  // namespace recon_fast::cuda

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "token_stats_launch.h"
+#include "element_type.h"
 
 namespace recon_fast::cuda {
 namespace {
@@ -295,13 +296,9 @@ cudaError_t launch_for_dtype(const TokenStatsProblem& p, cudaStream_t stream) {
 cudaError_t launch_token_stats(const TokenStatsProblem& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   if (p.rows > 0x7fffffffLL) return cudaErrorInvalidValue;  // grid.x limit
-  switch (p.dtype) {
-    case StatsDtype::Float32: return launch_for_dtype<float>(p, stream);
-    case StatsDtype::Float64: return launch_for_dtype<double>(p, stream);
-    case StatsDtype::Float16: return launch_for_dtype<__half>(p, stream);
-    case StatsDtype::BFloat16: return launch_for_dtype<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(p.dtype, [&](auto tag) {
+    return launch_for_dtype<typename decltype(tag)::type>(p, stream);
+  });
 }
 
 }  // namespace recon_fast::cuda
