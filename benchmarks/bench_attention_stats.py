@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recon_fast.attention_stats import attention_stats, attention_stats_ref
+from recon_fast.kernels.attention_stats import attention_stats, attention_stats_ref
 
 CASES = [
     # device, heads, kv_heads, head_dim, T, dtype

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from recon_fast import Tracer
-from recon_fast.presets import default_filter
+from recon_fast.trace.presets import default_filter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -19,7 +19,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench_tracer_gpu, and recon_fast
 from bench_tracer_gpu import build_model  # noqa: E402
 
 from recon_fast import Tracer  # noqa: E402
-from recon_fast.presets import select_all  # noqa: E402
+from recon_fast.trace.presets import select_all  # noqa: E402
 
 
 def median_ms(fn, n=30) -> float:

@@ -26,7 +26,7 @@ if want build; then
   # sm_90 only: the machine's own chip; MAX_JOBS: its cores.
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} RECON_FAST_CUDA=1 \
     python3 setup.py -q build_ext --inplace >"$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
-  python3 -c "from recon_fast import ops; b = ops.backend('cuda'); print('backend(cuda) =', b); assert b == 'cuda'" || exit 1
+  python3 -c "from recon_fast.kernels import ops; b = ops.backend('cuda'); print('backend(cuda) =', b); assert b == 'cuda'" || exit 1
 fi
 if want tests; then
   # Not the tests that load the embedded SmolLM2 (its GGUF reader is not installed there).
@@ -46,7 +46,7 @@ if want ncu && command -v ncu >/dev/null; then
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     python3 - >"$LOGS/ncu.log" 2>&1 <<'EOF'
 import torch
-from recon_fast.ops import token_stats
+from recon_fast.kernels.ops import token_stats
 x = torch.randn(32768, 4096, device="cuda").bfloat16()
 out = torch.empty(32768, 5, device="cuda")
 x.sum(-1)

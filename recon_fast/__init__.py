@@ -5,11 +5,13 @@
 
 from recon_fast._version import __version__
 
-from recon_fast.ops import STATS, backend, token_stats, token_stats_ref
-from recon_fast.cube import ActivityCube
-from recon_fast.tracer import RawSlices, Tracer
-from recon_fast.compat import ReconTracer
-from recon_fast.attribution import Attribution, attribute_positions, direct_logit_attribution
+from recon_fast.kernels.ops import STATS, backend, token_stats, token_stats_ref
+from recon_fast.cube.cube import ActivityCube
+from recon_fast.trace.raw_capture import RawSlices
+from recon_fast.trace.tracer import Tracer
+from recon_fast.trace.compat import ReconTracer
+from recon_fast.attribution.direct import Attribution, attribute_positions, direct_logit_attribution
+import recon_fast.ops  # noqa: F401  (README's recon_fast.ops: an attribute after `import recon_fast`, as before)
 
 # logit_lens() and chain_of_thought() stay in their modules: exported here under the same names
 # as those modules, they would shadow them (`import recon_fast.logit_lens` would give a function).

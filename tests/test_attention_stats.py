@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from recon_fast import attention_stats as attn_module
-from recon_fast.attention_stats import ATTENTION_STATS, attention_stats, attention_stats_ref
+from recon_fast.kernels import attention_stats as attn_module
+from recon_fast.kernels.attention_stats import ATTENTION_STATS, attention_stats, attention_stats_ref
 
 from conftest import DEVICES
 

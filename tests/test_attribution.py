@@ -10,11 +10,11 @@ import pytest
 import torch
 from tiny_models import CAUSAL_ARCHS, VOCAB, make_model, perturb_vectors
 
-from recon_fast.anatomy import anatomy
 from recon_fast.attribution import attribute_positions, direct_logit_attribution
-from recon_fast.chain_of_thought import chain_of_thought, split_steps
-from recon_fast.logit_lens import logit_lens
-from recon_fast.position_capture import PositionCapture
+from recon_fast.attribution.anatomy import anatomy
+from recon_fast.attribution.chain_of_thought import chain_of_thought, split_steps
+from recon_fast.attribution.logit_lens import logit_lens
+from recon_fast.attribution.position_capture import PositionCapture
 
 # float32 models: the terms are summed in float64 from float32 activations, so they differ from
 # the model's own float32 logit by its rounding (~1e-7 relative); the bound is 1e-4.
@@ -389,7 +389,7 @@ def test_logit_lens_at_chosen_positions_equals_those_columns_of_the_full_lens():
 
 
 def test_logit_lens_chunks_long_inputs(monkeypatch):
-    import recon_fast.logit_lens as module
+    import recon_fast.attribution.logit_lens as module
 
     model = causal_model("llama", seed=73)
     ids = torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(74))

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from recon_fast import attribution_cli, cli
+from recon_fast import cli
 from recon_fast.attribution import direct_logit_attribution
+from recon_fast.cli import attribution as attribution_cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from recon_fast import ActivityCube, RawSlices, Tracer, attribution_cli, cli, models
+from recon_fast import ActivityCube, RawSlices, Tracer, cli, models
 from recon_fast.attribution import direct_logit_attribution
-from recon_fast.logit_lens import logit_lens
+from recon_fast.attribution.logit_lens import logit_lens
+from recon_fast.cli import attribution as attribution_cli
 
 from tiny_models import VOCAB, make_model, save_model_folder
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from recon_fast import ActivityCube, Tracer, export
+from recon_fast import ActivityCube, Tracer
+from recon_fast.cube import export
 
 from tiny_models import VOCAB, make_model
 
@@ -202,7 +203,7 @@ def test_the_format_follows_the_suffix_and_a_contradiction_is_an_error(tmp_path)
 
 SLOW_EXPORT = textwrap.dedent("""
     import sys, time
-    from recon_fast import export
+    from recon_fast.cube import export
 
     def layers():
         for i in range(3):
@@ -242,7 +243,7 @@ def test_a_later_export_removes_stale_temporary_files_of_its_own(tmp_path):
     old = time.time() - 3600  # (/proc gives a process's start to the second: make the gap plain)
     for left in (tmp_path / stale, other):
         os.utime(left, (old, old))
-    export_in_a_new_process = "from recon_fast import export; export.write_json(__import__('sys').argv[1], " \
+    export_in_a_new_process = "from recon_fast.cube import export; export.write_json(__import__('sys').argv[1], " \
                               "meta={}, tokens=[['a']], layers=[], provenance={})"
     subprocess.run([sys.executable, "-c", export_in_a_new_process, str(path)], check=True)
     # ... until the next export to that path, from a process started after it was left

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recon_fast import ops
-from recon_fast.ops import STATS, token_stats, token_stats_ref
+from recon_fast.kernels import ops
+from recon_fast.kernels.ops import STATS, token_stats, token_stats_ref
 
 from conftest import DEVICES
 

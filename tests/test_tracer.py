@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from recon_fast import ActivityCube, RawSlices, Tracer, presets
-from recon_fast.ops import STATS
+from recon_fast import ActivityCube, RawSlices, Tracer
+from recon_fast.kernels.ops import STATS
+from recon_fast.trace import presets
 
 from tiny_models import ARCHS, VOCAB, capture_outputs, make_model, per_token_float64
 
@@ -294,11 +295,11 @@ def test_raw_slices_go_to_a_sidecar_and_come_back(tmp_path):
 @pytest.mark.cuda
 def test_cuda_hooks_never_sync():
     # The hook path alone (the model's own code may sync; that is not ours to judge).
-    from recon_fast.stats_arena import StatsArena
-    from recon_fast.tracer import _Session
+    from recon_fast.trace.stats_arena import StatsArena
+    from recon_fast.trace.tracer import _Session
 
     tracer = Tracer(make_model("llama").cuda(), layers="residual")
-    session = _Session(StatsArena())
+    session = _Session(StatsArena(), token_ids=True)
     activations = [torch.randn(2, 64, 48, device="cuda", dtype=dt) for dt in (torch.float32, torch.bfloat16)]
     torch.cuda.set_sync_debug_mode("error")
     try:

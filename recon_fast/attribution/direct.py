@@ -5,7 +5,7 @@ residual, onto the unembedding row of the target token. What belongs to no compo
 unembedding bias) is a term of its own, so the terms add up to the model's logit.
 
 One forward pass serves any number of positions; only [batch, d_model] rows at those positions
-are kept (recon_fast.position_capture).
+are kept (recon_fast.attribution.position_capture).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recon_fast.anatomy import Anatomy, anatomy
-from recon_fast.model_inputs import forward_takes, model_dtype, prepare_inputs, token_texts
-from recon_fast.position_capture import PositionCapture
+from recon_fast.attribution.anatomy import Anatomy, anatomy
+from recon_fast.attribution.position_capture import PositionCapture
+from recon_fast.trace.model_inputs import forward_takes, model_dtype, prepare_inputs, token_texts
 
 # How far the sum of the captured parts may be from the captured residual, relative to the
 # largest of them, before we call the architecture undecomposable: a few roundings of the

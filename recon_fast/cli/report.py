@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from recon_fast.export import atomic_write
+from recon_fast.cube.export import atomic_write
 
 
 def write_json(folder: str | Path, name: str, document: dict) -> Path:

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon_fast import export
-from recon_fast.ops import STATS
+from recon_fast.cube import export
+from recon_fast.kernels.ops import STATS
 
 
 @dataclass(repr=False)
 class ActivityCube:
     tokens: list[list[str]]  # [batch][tokens]: decoded text, or str(id) without a tokenizer
     layer_names: list[str]  # one per layer entry (a module that fired twice appears twice)
-    metrics: tuple[str, ...]  # names from recon_fast.ops.STATS
+    metrics: tuple[str, ...]  # names from recon_fast.kernels.ops.STATS
     data: np.ndarray  # [layers, batch, tokens, metrics] float32; padding positions are NaN
     padding_mask: np.ndarray | None = None  # [batch, tokens] bool, True at padding
     meta: dict = field(default_factory=dict)

@@ -1,6 +1,8 @@
 """Tracer: forward hooks that reduce every hooked module's output to per-token statistics with
 token_stats, on the device, during one forward pass (or a whole generate()), and assemble an
-ActivityCube afterwards.
+ActivityCube afterwards. This module keeps hook registration, the session and running; each capture
+kind owns its device buffer and its part of the cube in a module of its own: stats_capture
+(token statistics, written into stats_arena), raw_capture (raw slices), attention_capture.
 
 During the forward pass a hook does no .item(), .cpu(), .tolist() or stream sync: it takes a
 slice of a device buffer (StatsArena) and enqueues token_stats into it. Results reach the host
@@ -18,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import re
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -30,14 +31,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from recon_fast import export, ops, presets
 from recon_fast._version import __version__
-from recon_fast.cube import ActivityCube
-from recon_fast.model_inputs import ModelCall, model_device, model_dtype, prepare_call, token_texts
-from recon_fast.model_state import ModelState, returns_attentions
-from recon_fast.ops import STATS
-from recon_fast.provenance import model_provenance
-from recon_fast.stats_arena import ArenaSlot, StatsArena, back_to_back
+from recon_fast.cube import export
+from recon_fast.cube.cube import ActivityCube
+from recon_fast.cube.provenance import model_provenance
+from recon_fast.kernels import ops
+from recon_fast.kernels.ops import STATS
+from recon_fast.trace import attention_capture, presets, raw_capture
+from recon_fast.trace.model_inputs import ModelCall, model_device, model_dtype, prepare_call, token_texts
+from recon_fast.trace.model_state import ModelState
+from recon_fast.trace.raw_capture import RawSlices
+from recon_fast.trace.stats_arena import ArenaSlot, StatsArena
+from recon_fast.trace.stats_capture import NonFinite, StatsCube
 
 
 def extract_tensor(output) -> torch.Tensor | None:
@@ -49,19 +54,6 @@ def extract_tensor(output) -> torch.Tensor | None:
         return next((item for item in output if torch.is_tensor(item)), None)
     hidden = getattr(output, "last_hidden_state", None)
     return hidden if torch.is_tensor(hidden) else None
-
-
-@dataclass(frozen=True)
-class RawSlices:
-    """Raw activation slices to keep: modules whose name matches `layers` (re.fullmatch), token
-    positions [tokens[0], tokens[1]) and features [dims[0], dims[1]) (None: to the end)."""
-
-    layers: str
-    tokens: tuple[int, int | None] = (0, None)
-    dims: tuple[int, int | None] = (0, 16)
-
-    def wants(self, name: str) -> bool:
-        return re.fullmatch(self.layers, name) is not None
 
 
 @dataclass
@@ -128,8 +120,7 @@ class Tracer:
         unknown = [m for m in self.metrics if m not in STATS]
         if unknown or not self.metrics:
             raise ValueError(f"unknown or no metrics {unknown or self.metrics}; choose from {list(STATS)}")
-        if attention not in (None, "full", "summary"):
-            raise ValueError(f"attention must be None, 'full' or 'summary', got {attention!r}")
+        attention_capture.check_mode(attention)
         if raw is not None:
             presets.compile_pattern(raw.layers)
         if stream_to is not None:
@@ -175,7 +166,7 @@ class Tracer:
             self.add_hook(name)
 
     def add_preset(self, preset: str) -> None:
-        """A named preset from recon_fast.presets.PRESETS (e.g. "residual", "components")."""
+        """A named preset from recon_fast.trace.presets.PRESETS (e.g. "residual", "components")."""
         for name in presets.select_preset(self.model, preset):
             self.add_hook(name)
 
@@ -221,10 +212,7 @@ class Tracer:
         # Runs are under no_grad; a tensor that still needs grad (a hook outside run()) is detached.
         x, feature_shape = self._rows_of(tensor.detach() if tensor.requires_grad else tensor, session.token_ids)
         slot = session.arena.write(x)
-        raw = None
-        if self.raw is not None and x.dim() >= 2 and self.raw.wants(name):
-            (t0, t1), (d0, d1) = self.raw.tokens, self.raw.dims
-            raw = x[..., t0:t1, d0:d1].clone()
+        raw = raw_capture.take(self.raw, name, x)
         step = len(session.steps) - 1
         session.calls.append(_Call(name, tuple(x.shape[:-1]), slot, raw, session.axis, step, feature_shape))
         if self.on_hook is not None:
@@ -257,7 +245,7 @@ class Tracer:
         with self._detached_on_failure():
             call = self._prepare(inputs, model_kwargs)
             if self.attention is not None:
-                self._check_attentions_returned()
+                attention_capture.check_returned(self.model)
                 call.kwargs["output_attentions"] = True
             output, session, seconds = self._traced(lambda: call(self.model), call, mode="forward")
             attentions = getattr(output, "attentions", None) if self.attention else None
@@ -310,14 +298,6 @@ class Tracer:
 
     def _prepare(self, inputs: tuple, kwargs: dict) -> ModelCall:
         return prepare_call(self.model, self.tokenizer, inputs, kwargs)
-
-    def _check_attentions_returned(self) -> None:
-        if not returns_attentions(self.model):
-            impl = getattr(getattr(self.model, "config", None), "_attn_implementation", "unknown")
-            raise ValueError(
-                f"the model returns no attention probabilities (attention implementation: {impl}); "
-                "load it with attn_implementation='eager' or call model.set_attn_implementation('eager')"
-            )
 
     def _is_encoder_decoder(self) -> bool:
         return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
@@ -440,10 +420,7 @@ class Tracer:
         token_length = lengths["tokens"]
         attention_mask = call.kwargs.get("attention_mask")
         padding = self._padding(attention_mask, batch, token_length) if call.ids is not None else None
-        columns = [STATS.index(m) for m in self.metrics]
-        contiguous = columns == list(range(columns[0], columns[0] + len(columns)))
-        picked = slice(columns[0], columns[0] + len(columns)) if contiguous else columns
-        host_cols = len(STATS)
+        stats = StatsCube(session.arena, self.metrics, batch, length, token_length, padding)
         device = self._model_device()
         meta = {
             "model_name": type(self.model).__name__,
@@ -463,60 +440,22 @@ class Tracer:
         self.skipped = self._dedupe(session.skipped + shape_skipped)
         if self.skipped:
             meta["skipped"] = self.skipped
-        attention_entries = self._attention_entries(attentions, len(layers)) if self.attention else []
+        attention_entries = (attention_capture.cube_part(self.model, self.attention, attentions, len(layers))
+                             if self.attention else [])
         provenance = model_provenance(self.model)
-        nonfinite = _NonFinite()
-
-        def stats_of(index: int, layer: _Layer, host) -> np.ndarray:  # -> [batch, length, metrics]
-            stats = np.full((batch, length, host_cols), np.nan, dtype=np.float32)
-            written = np.zeros((batch, length), dtype=bool)
-            for c, start, n in zip(layer.calls, layer.starts, layer.lengths):
-                stats[:, start:start + n] = host.read(c.slot).view(-1, n, host_cols).expand(batch, n, host_cols).numpy()
-                written[:, start:start + n] = True
-            if padding is not None and layer.axis == "tokens":
-                written[:, :token_length] &= ~padding
-                stats[:, :token_length][padding] = np.nan
-            nonfinite.check(index, layer.name, stats[..., 0], written)
-            return stats[..., columns]
-
         extras = {i: self._layer_extra(layer, decoder_tokens is not None) for i, layer in enumerate(layers)}
         extras = {i: e for i, e in extras.items() if e}
-        raw = self._raw_arrays(layers)
+        raw = raw_capture.cube_part(self.raw, layers)
         shell = dict(tokens=tokens, metrics=self.metrics, padding_mask=padding, meta=meta, provenance=provenance,
                      attention=attention_entries, raw=raw, decoder_tokens=decoder_tokens)
         # The binary form needs the whole array anyway: it is built as in memory, then written.
         if self.stream_to is not None and export.cube_format(self.stream_to) == "json":
             self._cube = None
-            self._stream(layers, stats_of, session, batch, length, shell, extras)
-            self._warn(nonfinite, len(layers))
+            stats.stream(self.stream_to, layers, shell, extras)
+            self._warn(stats.nonfinite, len(layers))
             return
-        host = session.arena.to_host()
-        data = np.empty((len(layers), batch, length, len(columns)), dtype=np.float32)
-        whole = [layer.axis == "tokens" and len(layer.calls) == 1 and layer.lengths[0] == length
-                 and layer.calls[0].slot.rows == batch * length for layer in layers]
-        counted = ~padding if padding is not None else np.ones((batch, length), dtype=bool)
-        i = 0
-        while i < len(layers):
-            if not whole[i]:
-                data[i] = stats_of(i, layers[i], host)
-                i += 1
-                continue
-            # Layers whose rows lie back to back in the arena are copied in one go: per-layer
-            # copies cost more than the forward pass itself at short T on a GPU.
-            j = i + 1
-            while j < len(layers) and whole[j] and back_to_back(layers[j - 1].calls[0].slot, layers[j].calls[0].slot):
-                j += 1
-            rows = host.span(layers[i].calls[0].slot, layers[j - 1].calls[0].slot).numpy()
-            rows = rows.reshape(j - i, batch, length, host_cols)
-            if not np.isfinite(rows[..., 0]).all():  # rare: then layer by layer, in order
-                for k in range(i, j):
-                    nonfinite.check(k, layers[k].name, rows[k - i, ..., 0], counted)
-            block = data[i:j]
-            # One copy: a list of columns would make numpy gather into a temporary first.
-            block[...] = rows[..., picked]
-            if padding is not None:
-                block[:, padding] = np.nan
-            i = j
+        data = stats.data(layers)
+        nonfinite = stats.nonfinite
         if nonfinite.first is not None:
             meta["nonfinite"] = nonfinite.summary()
         self._cube = ActivityCube(layer_names=[layer.name for layer in layers], data=data, layer_extras=extras,
@@ -526,7 +465,7 @@ class Tracer:
             self._cube.export_npz(self.stream_to)
             self._cube = None
 
-    def _warn(self, nonfinite: "_NonFinite", layers: int) -> None:
+    def _warn(self, nonfinite: NonFinite, layers: int) -> None:
         """One warning per run for what was left out, one for non-finite values."""
         if self.skipped:
             names = list(dict.fromkeys(s["layer_name"] for s in self.skipped))
@@ -561,25 +500,6 @@ class Tracer:
             return tokens, [[str(i) for i in range(lengths["decoder_tokens"])] for _ in range(batch)]
         return tokens, token_texts(self.tokenizer, decoder[:, :lengths["decoder_tokens"]].tolist())
 
-    def _stream(self, layers, stats_of, session, batch, length, shell: dict, extras: dict) -> None:
-        """Writes the cube to stream_to, copying one layer at a time off the device."""
-        cube = ActivityCube(layer_names=[], data=np.zeros((0, batch, length, len(self.metrics)), np.float32), **shell)
-        path = str(self.stream_to)
-        device_arena = session.arena
-        flat = batch == 1
-
-        def layer_objects() -> Iterator[dict]:
-            for i, layer in enumerate(layers):
-                stats = stats_of(i, layer, device_arena)
-                own = cube.axis_length(layer.axis)
-                extra = {**extras.get(i, {}), **cube.raw_reference(path, i)}
-                yield export.layer_object(i, layer.name, stats[:, :own], self.metrics, flat, extra)
-            yield from cube.attention
-
-        cube.write_raw_sidecar(path)
-        export.write_json(path, meta=cube.meta_for_export(), tokens=cube.tokens, layers=layer_objects(),
-                          provenance=cube.provenance, decoder_tokens=cube.decoder_tokens)
-
     @staticmethod
     def _padding(attention_mask, batch: int, length: int) -> np.ndarray | None:
         if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
@@ -599,67 +519,6 @@ class Tracer:
                 seen.add(key)
                 unique.append(item)
         return unique
-
-    def _raw_arrays(self, layers: list[_Layer]) -> dict[int, dict]:
-        raw = {}
-        if self.raw is None:
-            return raw
-        for i, layer in enumerate(layers):
-            if layer.calls[0].raw is not None:
-                (t0, t1), (d0, d1) = self.raw.tokens, self.raw.dims
-                raw[i] = {"array": torch.cat([c.raw for c in layer.calls], dim=-2).float().cpu().numpy(),
-                          "token_range": [t0, t1], "dim_range": [d0, d1]}
-        return raw
-
-    def _attention_entries(self, attentions, first_index: int) -> list[dict]:
-        if not attentions or any(a is None for a in attentions):
-            impl = getattr(getattr(self.model, "config", None), "_attn_implementation", "unknown")
-            raise ValueError(
-                f"the model returned no attention probabilities (attention implementation: {impl}); "
-                "load it with attn_implementation='eager' or call model.set_attn_implementation('eager')"
-            )
-        entries = []
-        for i, att in enumerate(attentions):  # [batch, heads, queries, keys]
-            entry = {"layer_index": first_index + i, "layer_name": f"attention.{i}"}
-            probs = att.detach().float()
-            if self.attention == "full":
-                entry["attention_scores"] = probs.cpu().numpy()
-            else:
-                entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-                top, where = probs.max(dim=-1)
-                entry["attention_summary"] = {"entropy": entropy.cpu().numpy(), "max_weight": top.cpu().numpy(),
-                                              "argmax": where.cpu().numpy()}
-            entries.append(entry)
-        return entries
-
-
-class _NonFinite:
-    """The first layer and token whose statistics are NaN or Inf, from the stats already on the
-    host (energy is the L2 norm: non-finite exactly when some element is, or the row overflows).
-    Positions a layer never wrote (padding, past its own axis) do not count."""
-
-    def __init__(self):
-        self.first: dict | None = None
-        self.layers = 0
-
-    def check(self, index: int, name: str, energy: np.ndarray, counted: np.ndarray) -> None:
-        bad = ~np.isfinite(energy) & counted  # [batch, length]
-        if not bad.any():
-            return
-        self.layers += 1
-        if self.first is None:
-            where = np.argwhere(bad)
-            b, t = where[np.lexsort((where[:, 0], where[:, 1]))[0]]  # earliest token, then batch item
-            kind = "NaN" if np.isnan(energy[b, t]) else "Inf"
-            self.first = {"layer_index": index, "layer_name": name, "batch": int(b), "token": int(t), "value": kind}
-
-    def summary(self) -> dict:
-        return {**self.first, "layers": self.layers}
-
-    def message(self, layers: int) -> str:
-        f = self.first
-        return (f"non-finite activations ({f['value']}): first in {f['layer_name']} at token {f['token']} "
-                f"(batch item {f['batch']}); {self.layers} of {layers} layers have some (meta['nonfinite'])")
 
 
 def accepts_kwargs(module: nn.Module, *names: str) -> bool:

@@ -2,7 +2,7 @@
 
 Order: the extension installed with the package (`recon_fast._C`); else a JIT build of csrc/
 with torch.utils.cpp_extension.load, cached under ~/.cache/recon_fast (a source checkout used
-without `pip install`); else nothing, and recon_fast.ops falls back to plain PyTorch. Import never
+without `pip install`); else nothing, and recon_fast.kernels.ops falls back to plain PyTorch. Import never
 fails: why the compiled library is missing is kept in `load_error` and said once, in a warning.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 loaded_from: str | None = None  # "extension", "jit" or None
 load_error: str | None = None

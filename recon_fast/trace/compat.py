@@ -9,11 +9,11 @@ kernel on the device, and values reach the host once after the forward pass inst
 Deliberate differences, each where the original misbehaves: NaN/Inf are written as null (the
 original wrote invalid JSON); exports are atomic; hooks are removed when the forward raises;
 outputs with fewer than 3 dims (which made the original raise inside the forward) are skipped
-and listed in `skipped`; `provenance` is filled in (see recon_fast.provenance). The model is left as
+and listed in `skipped`; `provenance` is filled in (see recon_fast.cube.provenance). The model is left as
 found: attentions are asked for only where the attention implementation returns them (eager;
 under sdpa the original got a warning and nothing), hidden states never (the original asked and
 never used them), and the output-capturing hooks transformers installs for good when asked are
-removed after each run (recon_fast.model_state).
+removed after each run (recon_fast.trace.model_state).
 User `metric_funcs` (callables on one token's vector) run per token as before: the slow path.
 """
 
@@ -24,11 +24,12 @@ from typing import Any, Callable
 
 import torch
 
-from recon_fast import export, presets
-from recon_fast.model_state import ModelState, returns_attentions
-from recon_fast.ops import token_stats
-from recon_fast.provenance import model_provenance
-from recon_fast.tracer import accepts_kwargs, extract_tensor
+from recon_fast.cube import export
+from recon_fast.cube.provenance import model_provenance
+from recon_fast.kernels.ops import token_stats
+from recon_fast.trace import presets
+from recon_fast.trace.model_state import ModelState, returns_attentions
+from recon_fast.trace.tracer import accepts_kwargs, extract_tensor
 
 _DEFAULT_KEYS = ("energy", "mean_activation", "std_activation")  # token_stats channels 0, 1, 2
 

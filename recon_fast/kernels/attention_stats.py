@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from recon_fast import _library
+from recon_fast.kernels import _library
 
 # The channels of attention_stats' last dimension, in order (csrc/attention_stats_problem.h).
 ATTENTION_STATS: tuple[str, ...] = (

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from recon_fast import ops
-from recon_fast.ops import NUM_STATS, token_stats
+from recon_fast.kernels import ops
+from recon_fast.kernels.ops import NUM_STATS, token_stats
 
 
 def _rows_op_for(device_type: str):

@@ -1,6 +1,6 @@
 """The `attribute`, `cot` and `residual` commands of the `recon-fast` program, printing HexRay's
 console formats (`- MLP  L9 : +46.16 (24.3%)`, bar charts per chain-of-thought step) from
-recon_fast.attribution, recon_fast.chain_of_thought and recon_fast.logit_lens."""
+recon_fast.attribution (direct, chain_of_thought, logit_lens)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import re
 import numpy as np
 import orjson
 
-from recon_fast import cli_checks, export
-from recon_fast.attribution import layer_term
+from recon_fast.attribution.direct import layer_term
+from recon_fast.cli import checks as cli_checks
+from recon_fast.cube import export
 from recon_fast.models import load_model
 
 BAR_WIDTH = 25  # blocks of the longest bar (HexRay's)
@@ -122,7 +123,7 @@ def _check(args, report: str) -> None:
 def cmd_attribute(args) -> int:
     if args.cot_debug:
         return cmd_cot(args)
-    from recon_fast.attribution import direct_logit_attribution
+    from recon_fast.attribution.direct import direct_logit_attribution
 
     _check_top_k(args.top_k)
     _check(args, "attribution")
@@ -149,7 +150,7 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_cot(args) -> int:
-    from recon_fast.chain_of_thought import chain_of_thought, steps_to_dict
+    from recon_fast.attribution.chain_of_thought import chain_of_thought, steps_to_dict
 
     _check_top_k(args.top_k)
     _check(args, "cot")
@@ -173,7 +174,7 @@ def cmd_cot(args) -> int:
 
 
 def cmd_residual(args) -> int:
-    from recon_fast.logit_lens import logit_lens
+    from recon_fast.attribution.logit_lens import logit_lens
 
     if args.lens_k < 1 or args.max_positions < 1:
         raise ValueError("--lens-k and --max-positions must be at least 1")
@@ -185,7 +186,7 @@ def cmd_residual(args) -> int:
     lens = logit_lens(model, inputs, k=args.lens_k, positions=shown, tokenizer=tokenizer)
     document = {"prompt": args.prompt, "model": args.model, **lens.to_dict()}
     if args.report:
-        from recon_fast import report
+        from recon_fast.cli import report
 
         report.write_json(args.report, "residual", document)
         report.write_heatmap(args.report, "residual", lens.norms[:, 0].numpy(), lens.layers,
@@ -229,7 +230,7 @@ def _check_top_k(k: int) -> None:
 
 
 def _attribution_report(folder: str, name: str, document: dict, attribution) -> None:
-    from recon_fast import report
+    from recon_fast.cli import report
 
     report.write_json(folder, name, document)
     rows, columns, grid = attribution.grid()
@@ -239,7 +240,7 @@ def _attribution_report(folder: str, name: str, document: dict, attribution) -> 
 
 
 def _cot_report(folder: str, document: dict, steps) -> None:
-    from recon_fast import report
+    from recon_fast.cli import report
 
     report.write_json(folder, "cot", document)
     components, matrix = [], []  # a row per layer component, a column per step

@@ -1,7 +1,7 @@
 """The `recon-fast` command line: `trace` writes an ActivityCube for a prompt (or for each prompt
-of a file); `attribute`, `cot` and `residual` (recon_fast.attribution_cli) explain a prediction.
+of a file); `attribute`, `cot` and `residual` (recon_fast.cli.attribution) explain a prediction.
 Every failure is one line on stderr and a non-zero exit; arguments are checked before any model
-is loaded (recon_fast.cli_checks); warnings (skipped layers, NaN) are one line each on stderr."""
+is loaded (recon_fast.cli.checks); warnings (skipped layers, NaN) are one line each on stderr."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_fast import attribution_cli, cli_checks, export
+from recon_fast.cli import attribution as attribution_cli
+from recon_fast.cli import checks as cli_checks
+from recon_fast.cube import export
 from recon_fast.models import DEFAULT_MODEL, ModelNotFound, load_model
 
 PROGRESS_MIN_TOKENS = 256  # below this a forward pass is too quick for a progress bar to help
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # recon_fast/: warnings from any of its modules are ours
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -80,7 +82,7 @@ def encode(tokenizer, prompt: str, chat: bool):
 
 
 def cmd_trace(args) -> int:
-    from recon_fast.tracer import Tracer
+    from recon_fast.trace.tracer import Tracer
 
     # Everything that can be checked without the model, before the slow load.
     if args.prompt_file is not None:
@@ -213,7 +215,3 @@ def _report_warnings(caught) -> None:
         elif str(w.message) not in seen:
             seen.add(str(w.message))
             print(f"recon-fast: warning: {_one_line(w.message)}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

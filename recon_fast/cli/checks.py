@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from recon_fast import export, presets
+from recon_fast.cube import export
 from recon_fast.models import check_model_spec, torch_dtype
+from recon_fast.trace import presets
 
 
 def check_prompt(prompt: str, where: str = "--prompt") -> str:

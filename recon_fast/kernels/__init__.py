@@ -1,0 +1,3 @@
+"""The compiled ops' typed Python faces: token_stats (ops.py) and attention_stats
+(attention_stats.py), each with its fake for torch.compile and its plain-PyTorch reference, and
+the loading of the compiled library (_library.py)."""

@@ -1,0 +1,163 @@
+"""token_stats: every row of an activation reduced to [energy, mean, std, min, max] in one read.
+
+The op is declared in csrc/ops.cpp and implemented per backend (csrc/cpu, csrc/cuda); this module
+is its typed Python face, its fake (meta) implementation for torch.compile, and the plain-PyTorch
+reference `token_stats_ref`, which tests compare against and which serves when the compiled
+library is missing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from recon_fast.kernels import _library
+
+# The channels of token_stats' last dimension, in order.
+STATS: tuple[str, ...] = ("energy", "mean", "std", "min", "max")
+NUM_STATS = len(STATS)
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_library.load()
+
+
+# Registrations are fixed once the library is loaded; the tracer calls token_stats once per hook,
+# so the dispatcher lookup is answered once per dispatch key.
+_registered: dict[str, bool] = {}
+
+
+def _op_registered(dispatch_key: str) -> bool:
+    known = _registered.get(dispatch_key)
+    if known is None:
+        known = _library.loaded_from is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "recon_fast::token_stats", dispatch_key
+        )
+        _registered[dispatch_key] = known
+    return known
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """Which implementation token_stats uses on `device`: "cpp", "cuda" or "torch" (fallback)."""
+    device = torch.device(device)
+    if device.type == "cpu" and _op_registered("CPU"):
+        return "cpp"
+    if device.type == "cuda" and _op_registered("CUDA"):
+        return "cuda"
+    return "torch"
+
+
+def cpu_kernel() -> str:
+    """The CPU kernel variant that would run now ("avx2" or "default"), or "torch" without one."""
+    if backend("cpu") != "cpp":
+        return "torch"
+    return torch.ops.recon_fast.cpu_kernel()
+
+
+_warned_fallback: set[str] = set()
+
+
+def _warn_fallback_once(device_type: str) -> None:
+    if device_type in _warned_fallback:
+        return
+    _warned_fallback.add(device_type)
+    why = _library.load_error or f"the library was built without a {device_type} kernel"
+    warnings.warn(
+        f"recon_fast.token_stats is using the plain-PyTorch fallback on {device_type} "
+        f"(slower, several passes over memory): {why}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def stats_shape(x_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of token_stats' result for an input of `x_shape`: x_shape[:-1] + (5,)."""
+    return tuple(x_shape[:-1]) + (NUM_STATS,)
+
+
+def token_stats(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row statistics of x over its last dimension, in one read of x.
+
+    x:   floating tensor [..., D] (float32, float64, float16, bfloat16), CPU or CUDA, any strides
+         (fastest when the last dim is contiguous).
+    out: optional float32 tensor [..., 5] on x's device, written in place (it may be a slice of a
+         larger buffer); allocated when None.
+    Returns float32 [..., 5]: energy (L2 norm), mean, std (unbiased, as torch.std), min, max;
+    `STATS` names them. Accumulates in float32 (float64 for float64 input), so, as with torch's
+    float32 reductions, magnitudes below ~1e-19 (whose squares underflow) or above ~1e19 (whose
+    squares overflow) lose the std/energy. Runs on the current CUDA stream without synchronising.
+    """
+    if out is None:
+        out = torch.empty(stats_shape(x.shape), dtype=torch.float32, device=x.device)
+    if _op_registered(_dispatch_key_of(x)):
+        torch.ops.recon_fast.token_stats(x, out)
+    else:
+        _warn_fallback_once(x.device.type)
+        _check_args(x, out)
+        out.copy_(token_stats_ref(x))
+    return out
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _dispatch_key_of(x: torch.Tensor) -> str:
+    device_type = x.device.type
+    return _DISPATCH_KEYS.get(device_type) or device_type.upper()
+
+
+if _library.loaded_from is not None:
+
+    @torch.library.register_fake("recon_fast::token_stats")
+    def _token_stats_fake(x: torch.Tensor, out: torch.Tensor) -> None:
+        # The op only writes `out` in place. The checks run here too, so that torch.compile and
+        # meta tensors reject what the kernels would.
+        _check_args(x, out)
+
+    @torch.library.register_fake("recon_fast::token_stats_rows")
+    def _token_stats_rows_fake(x: torch.Tensor, buffer: torch.Tensor, row0: int) -> None:
+        # Writes rows of `buffer` in place; nothing to allocate.
+        return None
+
+
+def _check_args(x: torch.Tensor, out: torch.Tensor) -> None:
+    """The compiled op's argument checks, for the fallback path (same conditions, same words)."""
+    if x.dim() < 1:
+        raise RuntimeError("token_stats: x must have at least one dimension (the one reduced)")
+    if x.is_complex():
+        raise RuntimeError(f"token_stats: complex x is not supported, got {x.dtype}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise RuntimeError(
+            "token_stats: x must be a floating tensor (float32, float64, float16, bfloat16), "
+            f"got {x.dtype}"
+        )
+    if x.shape[-1] == 0:
+        raise RuntimeError("token_stats: the last dimension of x is empty (size 0)")
+    if out.dtype != torch.float32:
+        raise RuntimeError(f"token_stats: out must be float32, got {out.dtype}")
+    if out.device != x.device:
+        raise RuntimeError(f"token_stats: out is on {out.device} but x is on {x.device}")
+    if tuple(out.shape) != stats_shape(x.shape):
+        raise RuntimeError(
+            f"token_stats: out must have shape {list(x.shape[:-1])} + [5] for x of shape "
+            f"{list(x.shape)}, got {list(out.shape)}"
+        )
+
+
+def token_stats_ref(x: torch.Tensor, *, float64: bool = False) -> torch.Tensor:  # [..., D] -> [..., 5]
+    """Plain-PyTorch token_stats: the reference for tests and the fallback.
+
+    Computes in float64 for float64 input and float32 otherwise, and returns float32, as
+    token_stats does. float64=True computes in float64 whatever the input and returns float64:
+    the independent reference the tests hold the kernels to. Several passes over memory.
+    """
+    acc = torch.float64 if float64 or x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    with warnings.catch_warnings():
+        # D == 1: torch.std warns about zero degrees of freedom and returns NaN, which we keep.
+        warnings.simplefilter("ignore", UserWarning)
+        std = xf.std(dim=-1, correction=1)
+    lo, hi = torch.aminmax(xf, dim=-1)
+    stats = torch.stack((torch.linalg.vector_norm(xf, dim=-1), xf.mean(dim=-1), std, lo, hi), dim=-1)
+    return stats if float64 else stats.to(torch.float32)
