@@ -287,8 +287,8 @@ def test_works_under_torch_compile():
 
 
 def test_fallback_warns_once_and_still_answers(monkeypatch):
-    monkeypatch.setitem(attn_module._registered, "CPU", False)
-    monkeypatch.setattr(attn_module, "_warned_fallback", set())
+    monkeypatch.setitem(attn_module._COMPILED.registered, "CPU", False)
+    monkeypatch.setattr(attn_module._COMPILED, "warned", set())
     q, k = make_qk(1, 4, 2, 20, 20, 32, torch.float32, "cpu")
     with pytest.warns(RuntimeWarning, match="plain-PyTorch fallback on cpu"):
         got = attention_stats(q, k)

@@ -238,8 +238,8 @@ def test_both_cpu_kernels_agree_with_reference(monkeypatch):
 
 
 def test_fallback_warns_once_and_still_answers(monkeypatch):
-    monkeypatch.setitem(ops._registered, "CPU", False)
-    monkeypatch.setattr(ops, "_warned_fallback", set())
+    monkeypatch.setitem(ops._COMPILED.registered, "CPU", False)
+    monkeypatch.setattr(ops._COMPILED, "warned", set())
     x = sample_input((4,), 33, torch.float32, "cpu")
     with pytest.warns(RuntimeWarning, match="plain-PyTorch fallback on cpu"):
         got = token_stats(x)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,3 +69,35 @@ def load() -> None:
     except Exception as exc:  # a compiler error must not make `import recon_fast` fail
         load_error = f"{extension_error}; JIT build failed: {exc}".strip()
         log.debug("recon_fast JIT build failed", exc_info=True)
+
+
+class CompiledOp:
+    """One op of the library as its Python face sees it: whether a kernel serves a dispatch key
+    (asked once per key: the tracer's hooks call ops thousands of times per pass), and the
+    one-time warning when the plain-PyTorch fallback serves instead."""
+
+    def __init__(self, qualified_name: str, fallback_cost: str):
+        self.qualified_name = qualified_name  # "recon_fast::token_stats"
+        self.fallback_cost = fallback_cost  # what the fallback costs, for the warning
+        self.registered: dict[str, bool] = {}
+        self.warned: set[str] = set()
+
+    def has_kernel(self, dispatch_key: str) -> bool:
+        known = self.registered.get(dispatch_key)
+        if known is None:
+            known = loaded_from is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+                self.qualified_name, dispatch_key
+            )
+            self.registered[dispatch_key] = known
+        return known
+
+    def warn_fallback_once(self, device_type: str) -> None:
+        """Warns, once per device type, at the caller of the op's Python face."""
+        if device_type in self.warned:
+            return
+        self.warned.add(device_type)
+        why = load_error or f"the library was built without a {device_type} kernel"
+        name = self.qualified_name.replace("::", ".")
+        warnings.warn(f"{name} is using the plain-PyTorch fallback on {device_type} ({self.fallback_cost}): {why}",
+                      RuntimeWarning, stacklevel=3)
+

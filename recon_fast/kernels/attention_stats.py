@@ -10,7 +10,6 @@ one-time warning) when the compiled library is missing.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -34,17 +33,8 @@ _OP = "recon_fast::attention_stats"
 
 _library.load()
 
-_registered: dict[str, bool] = {}
-
-
-def _op_registered(dispatch_key: str) -> bool:
-    known = _registered.get(dispatch_key)
-    if known is None:
-        known = _library.loaded_from is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            _OP, dispatch_key
-        )
-        _registered[dispatch_key] = known
-    return known
+_COMPILED = _library.CompiledOp(_OP, "blocked matmuls, several times slower")
+_op_registered = _COMPILED.has_kernel
 
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -57,22 +47,6 @@ def backend(device: torch.device | str = "cpu") -> str:
     if key is not None and _op_registered(key):
         return "cpp" if device.type == "cpu" else "cuda"
     return "torch"
-
-
-_warned_fallback: set[str] = set()
-
-
-def _warn_fallback_once(device_type: str) -> None:
-    if device_type in _warned_fallback:
-        return
-    _warned_fallback.add(device_type)
-    why = _library.load_error or f"the library was built without a {device_type} kernel"
-    warnings.warn(
-        f"recon_fast.attention_stats is using the plain-PyTorch fallback on {device_type} "
-        f"(blocked matmuls, several times slower): {why}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def attention_stats(
@@ -117,7 +91,7 @@ def attention_stats(
             q, k, float(scaling), bool(causal), window, softcap, key_padding_mask, mask,
             int(sink_tokens),
         )
-    _warn_fallback_once(q.device.type)
+    _COMPILED.warn_fallback_once(q.device.type)
     _check_args(q, k, scaling, causal, window, softcap, key_padding_mask, mask, sink_tokens)
     return attention_stats_ref(
         q, k, scaling=scaling, causal=causal, window=window, softcap=softcap,

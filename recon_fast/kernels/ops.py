@@ -25,17 +25,8 @@ _library.load()
 
 # Registrations are fixed once the library is loaded; the tracer calls token_stats once per hook,
 # so the dispatcher lookup is answered once per dispatch key.
-_registered: dict[str, bool] = {}
-
-
-def _op_registered(dispatch_key: str) -> bool:
-    known = _registered.get(dispatch_key)
-    if known is None:
-        known = _library.loaded_from is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "recon_fast::token_stats", dispatch_key
-        )
-        _registered[dispatch_key] = known
-    return known
+_COMPILED = _library.CompiledOp("recon_fast::token_stats", "slower, several passes over memory")
+_op_registered = _COMPILED.has_kernel
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -53,22 +44,6 @@ def cpu_kernel() -> str:
     if backend("cpu") != "cpp":
         return "torch"
     return torch.ops.recon_fast.cpu_kernel()
-
-
-_warned_fallback: set[str] = set()
-
-
-def _warn_fallback_once(device_type: str) -> None:
-    if device_type in _warned_fallback:
-        return
-    _warned_fallback.add(device_type)
-    why = _library.load_error or f"the library was built without a {device_type} kernel"
-    warnings.warn(
-        f"recon_fast.token_stats is using the plain-PyTorch fallback on {device_type} "
-        f"(slower, several passes over memory): {why}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def stats_shape(x_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -93,7 +68,7 @@ def token_stats(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     if _op_registered(_dispatch_key_of(x)):
         torch.ops.recon_fast.token_stats(x, out)
     else:
-        _warn_fallback_once(x.device.type)
+        _COMPILED.warn_fallback_once(x.device.type)
         _check_args(x, out)
         out.copy_(token_stats_ref(x))
     return out
