@@ -4,6 +4,9 @@ compares, on a random-weight model of SmolLM2-135M's shape (Llama, 30 layers, d_
   forward only         the model's forward pass, nothing kept (the floor)
   recon_fast           recon_fast.direct_logit_attribution: rows at one position only
   recon_fast per-head  the same, split into heads
+  recon_fast per-neuron  the same, every MLP split into its 1536 hidden neurons
+  recon_fast by-source   the same, every head split over the T source positions it read from
+                       (the attention row of the last query only, recomputed from q and k)
   cache components     hooks keep every component's whole [T, d_model] output, then decompose
                        (what an activation cache does, restricted to what DLA needs)
   TransformerLens      run_with_cache + decompose_resid + apply_ln_to_stack on a TransformerBridge
@@ -23,7 +26,8 @@ import tempfile
 
 import torch
 
-APPROACHES = ["forward only", "recon_fast", "recon_fast per-head", "cache components", "TransformerLens"]
+APPROACHES = ["forward only", "recon_fast", "recon_fast per-head", "recon_fast per-neuron", "recon_fast by-source",
+              "cache components", "TransformerLens"]
 VOCAB = 49152
 
 
@@ -110,6 +114,10 @@ def approach(name: str, model):
         return lambda ids: direct_logit_attribution(model, ids)
     if name == "recon_fast per-head":
         return lambda ids: direct_logit_attribution(model, ids, per_head=True)
+    if name == "recon_fast per-neuron":
+        return lambda ids: direct_logit_attribution(model, ids, per_neuron=True)
+    if name == "recon_fast by-source":
+        return lambda ids: direct_logit_attribution(model, ids, by_source=True)
     if name == "cache components":
         return lambda ids: cache_components(model, ids)
     if name == "TransformerLens":

@@ -1,4 +1,5 @@
-"""Direct logit attribution at the last token: time and peak memory of recon_fast against caching
+"""Direct logit attribution at the last token: time and peak memory of recon_fast (whole components,
+heads, neurons, source positions) against caching
 every activation (a hook cache of whole component outputs, and TransformerLens's run_with_cache),
 with the plain forward pass as the baseline, at T = 512 and 2048 on a random-weight model of
 SmolLM2-135M's shape. The approaches are in attribution_approaches.py."""
@@ -61,6 +62,9 @@ def test_the_approaches_agree(benchmark, model):
     components = ours.values[0, :61]  # embed, then attn and MLP of 30 layers: the cache's order
     cached = approach("cache components", model)(ids)
     torch.testing.assert_close(components, cached, rtol=1e-4, atol=1e-4 * float(cached.abs().max()))
+    for name in ("recon_fast per-neuron", "recon_fast by-source"):  # the splits add up to the same total
+        split = approach(name, model)(ids)
+        torch.testing.assert_close(split.total(), ours.total(), rtol=1e-6, atol=1e-6)
     pytest.importorskip("transformer_lens")
     tl = approach("TransformerLens", model)(ids).double()
     torch.testing.assert_close(components, tl, rtol=1e-4, atol=1e-4 * float(tl.abs().max()))

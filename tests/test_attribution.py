@@ -493,3 +493,148 @@ def test_reprs_are_short():
     for text in (repr(lens), repr(attribution)):
         assert len(text.splitlines()) == 1 and len(text) < 400, text
     assert "layers=3" in repr(lens) and "L0" in repr(attribution)
+
+
+# ---- issue 13: logit differences, neurons, sources, the lens for any family -----------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_a_logit_difference_is_the_difference_of_two_attributions(arch):
+    model = causal_model(arch, seed=101)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(102))
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1].double()
+    a, b = int(logits[0].argmax()), int(logits[0].argmin())
+    for kwargs in ({}, {"per_head": True}, {"per_neuron": True}, {"by_source": True}):
+        difference = direct_logit_attribution(model, ids, target=(a, b), **kwargs)
+        first = direct_logit_attribution(model, ids, target=a, **kwargs)
+        second = direct_logit_attribution(model, ids, target=b, **kwargs)
+        assert difference.labels == first.labels and difference.versus_id.tolist() == [b, b]
+        torch.testing.assert_close(difference.values, first.values - second.values, rtol=1e-9, atol=1e-9)
+        expected = logits[:, a] - logits[:, b]
+        torch.testing.assert_close(difference.logit, expected, rtol=1e-6, atol=1e-6)
+        assert float(((difference.total() - expected).abs() / expected.abs()).max()) <= SUM_RTOL
+    prediction = direct_logit_attribution(model, ids, target=(None, b))  # "why the prediction rather than b"
+    assert torch.equal(prediction.target_id, logits.argmax(-1))
+
+
+def test_a_logit_difference_from_texts_and_bad_pairs_are_named(word_tokenizer):
+    model = causal_model("gpt2", seed=103)
+    attribution = direct_logit_attribution(model, "t5 t9 t2", target=("t3", "t4"), tokenizer=word_tokenizer)
+    assert attribution.target_text == ["t3"] and attribution.versus_text == ["t4"]
+    assert attribution.to_dict()["sequences"][0]["versus_text"] == "t4"
+    assert "versus='t4'" in repr(attribution)
+    assert_sums_to_logit(attribution)
+    with pytest.raises(ValueError, match="same token"):
+        direct_logit_attribution(model, "t5 t9", target=("t3", 3), tokenizer=word_tokenizer)
+    with pytest.raises(ValueError, match="a target tuple is \\(token, versus token\\).*got 3"):
+        direct_logit_attribution(model, "t5 t9", target=(1, 2, 3), tokenizer=word_tokenizer)
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_neurons_and_sources_sum_to_their_component_and_head(arch):
+    model = causal_model(arch, seed=105)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(106))
+    heads = direct_logit_attribution(model, ids, position=-2, per_head=True)
+    whole = direct_logit_attribution(model, ids, position=-2)
+    both = direct_logit_attribution(model, ids, position=-2, per_neuron=True, by_source=True)
+    assert_sums_to_logit(both)
+    scale = float(whole.values.abs().max())
+    for layer in range(2):
+        neurons = [i for i, label in enumerate(both.labels) if label.startswith(f"L{layer}.N")]
+        assert len(neurons) == anatomy(model).down_proj_weight(anatomy(model).blocks[layer]).shape[1]
+        bias = both.values[:, both.labels.index(f"L{layer}.mlp_bias")] if f"L{layer}.mlp_bias" in both.labels else 0
+        mlp = whole.values[:, whole.labels.index(f"L{layer}.mlp")]
+        torch.testing.assert_close(both.values[:, neurons].sum(-1) + bias, mlp, rtol=1e-5, atol=1e-5 * scale)
+        for head in range(4):
+            sources = [i for i, label in enumerate(both.labels) if label.startswith(f"L{layer}.H{head}.S")]
+            assert len(sources) == 11  # one per key; none after the query (position 9) carries anything
+            assert bool((both.values[:, sources[10:]] == 0).all()) and bool((both.values[:, sources[:10]] != 0).all())
+            torch.testing.assert_close(both.values[:, sources].sum(-1),
+                                       heads.values[:, heads.labels.index(f"L{layer}.H{head}")], rtol=1e-5,
+                                       atol=1e-5 * scale)
+    top = both.top_neurons(3, layer=1)
+    assert len(top) == 3 and all(label.startswith("L1.N") for label, _ in top)
+    assert abs(top[0][1]) >= abs(top[1][1]) >= abs(top[2][1])
+    overall = both.top_neurons(1)[0]
+    assert abs(overall[1]) == max(abs(v) for _, v in both.top_neurons(1, layer=0) + both.top_neurons(1, layer=1))
+    sources = both.top_sources(1, 2, k=3)
+    assert len(sources) == 3 and all(0 <= j <= 9 for j, _ in sources)
+    rows, columns, grid = both.grid()
+    torch.testing.assert_close(grid[1, 2], torch.tensor(heads.values[0, heads.labels.index("L1.H2")].item(),
+                                                        dtype=torch.float64), rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_by_source_keeps_attention_rows_of_the_attributed_queries_only(monkeypatch):
+    from recon_fast.attribution.source_capture import SourceCapture
+
+    shapes = []
+    original = SourceCapture._keep
+
+    def recording(self, layer, *args):
+        original(self, layer, *args)
+        shapes.append((tuple(self.rows[layer].shape), tuple(self.values[layer].shape)))
+
+    monkeypatch.setattr(SourceCapture, "_keep", recording)
+    model = causal_model("llama", seed=107)
+    attribute_positions(model, torch.randint(0, VOCAB, (1, 40)), [5, -1], by_source=True)
+    # [batch, heads, 2 queries, 40 keys] rows (never 40 x 40) and [batch, kv heads, 40, head_dim] values
+    assert shapes == [((1, 4, 2, 40), (1, 2, 40, 12))] * 2
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    assert "eager" not in ALL_ATTENTION_FUNCTIONS._local_mapping  # the wrapping is undone
+
+
+def test_an_attention_that_the_rows_do_not_reproduce_is_refused(monkeypatch):
+    """If the recomputed rows missed something the model does (here: a scaling it is not told
+    about), the split is refused rather than wrong."""
+    from recon_fast.attribution import source_capture
+
+    original = source_capture.SourceCapture._keep
+    monkeypatch.setattr(source_capture.SourceCapture, "_keep",
+                        lambda self, layer, module, q, k, v, mask, kwargs: original(self, layer, module, q * 1.5, k, v,
+                                                                                  mask, kwargs))
+    with pytest.raises(ValueError, match="do not reproduce its heads' outputs"):
+        direct_logit_attribution(causal_model("gpt2", seed=108), torch.arange(8), by_source=True)
+
+
+@pytest.mark.parametrize("position", [-1, 3])
+def test_gpt2_neurons_agree_with_transformer_lens(word_tokenizer, position):
+    pytest.importorskip("transformer_lens")
+    import transformer_lens.model_bridge.sources.transformers  # noqa: F401  (attaches boot_transformers)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = causal_model("gpt2", seed=109, attn_implementation="eager")
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(110))
+    ours = direct_logit_attribution(model, ids, position=position, per_neuron=True)
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(model), tokenizer=word_tokenizer)
+    bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids)
+        direction = bridge.tokens_to_residual_directions(int(ours.target_id[0]))
+        neurons, labels = cache.stack_neuron_results(layer=-1, pos_slice=position, return_labels=True,
+                                                     apply_ln=True, project_output_onto=direction)
+    tl = neurons[:, 0].double().flatten()
+    mine = ours.values[0, [ours.labels.index(f"L{l.split('N')[0][1:]}.N{l.split('N')[1]}") for l in labels]]
+    assert len(labels) == 2 * 192
+    largest = float(mine.abs().max())
+    torch.testing.assert_close(mine, tl, rtol=1e-4, atol=1e-4 * largest)
+
+
+def test_logit_lens_serves_families_without_an_attribution_adapter():
+    """OPT has no attribution adapter, but a final norm and an unembedding are all the lens needs."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = perturb_vectors(OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=16, ffn_dim=32,
+                                                     num_attention_heads=2, vocab_size=VOCAB,
+                                                     word_embed_proj_dim=16)).eval())
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(111))
+    lens = logit_lens(model, ids, k=2)
+    with torch.no_grad():
+        output = model(ids)
+    assert lens.layers == ["embed", "L0", "L1"]
+    assert torch.equal(lens.token_ids[-1, ..., 0], output.logits.argmax(-1))
+    torch.testing.assert_close(lens.logprobs[-1, ..., 0], torch.log_softmax(output.logits, -1).amax(-1))
+    with pytest.raises(ValueError, match="no attribution adapter"):
+        direct_logit_attribution(model, ids)
+    with pytest.raises(ValueError, match=r"^the logit lens needs a final norm and an unembedding: BertModel "
+                                         r"\(model_type 'bert'\) lacks an unembedding"):
+        logit_lens(make_model("bert"), torch.arange(6))

@@ -139,3 +139,45 @@ def test_a_model_not_available_offline_gets_a_clear_message():
     run = subprocess.run([sys.executable, "-m", "recon_fast.cli", "attribute", "--prompt", "hi", "--model",
                           "gpt2-small"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 2 and "not available offline" in run.stderr
+
+
+# ---- issue 13: --versus, --neurons, --sources -----------------------------------------------------
+def test_attribute_a_logit_difference(run_cli, smollm2):
+    model, tokenizer = smollm2
+    out = run_cli("attribute", "--prompt", "The capital of France is", "--target", " Paris", "--versus", " London",
+                  "--top-k", "5", "--logit-debug")
+    lines = out.splitlines()
+    assert lines[0] == 'Token: " Paris" versus " London" (index -1)'
+    assert lines[1] == "Top Contributors to Final Logit Difference:"
+    assert len([line for line in lines if line.startswith("- ")]) == 5
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    import torch
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].double()
+    paris, london = (tokenizer.encode(t, add_special_tokens=False)[0] for t in (" Paris", " London"))
+    check = re.search(r"Logit check: model logit difference ([+-]\d+\.\d+), sum of \d+ terms ([+-]\d+\.\d+)", out)
+    assert check and check.group(1) == check.group(2)
+    assert float(check.group(1)) == pytest.approx(float(logits[paris] - logits[london]), abs=1e-3)
+
+
+def test_attribute_neurons_lists_the_top_overall_and_per_layer(run_cli):
+    out = run_cli("attribute", "--prompt", "Why do bees buzz?", "--neurons", "3", "--top-k", "4")
+    lines = out.splitlines()
+    overall = lines.index("Top 3 Neurons:")
+    assert all(re.match(r"^- L\d+\.N\d+: [+-]\d+\.\d{3}$", line) for line in lines[overall + 1:overall + 4])
+    per_layer = lines.index("Top 3 Neurons per Layer:")
+    rows = lines[per_layer + 1:per_layer + 31]
+    assert [row.split(":")[0] for row in rows] == [f"- L{i}" for i in range(30)]
+    assert all(len(re.findall(r"N\d+ [+-]\d+\.\d{3}", row)) == 3 for row in rows)
+    contributors = [line for line in lines[:overall] if line.startswith("- ")]
+    assert len(contributors) == 4 and all(not re.match(r"^- MLP +L\d+ *:", c) for c in contributors)  # neurons replace MLPs
+
+
+def test_attribute_sources_names_the_tokens_each_top_head_read(run_cli):
+    out = run_cli("attribute", "--prompt", "The capital of France is", "--sources", "2", "--top-k", "3")
+    lines = out.splitlines()
+    start = lines.index("Top 3 Heads by Source Token:")
+    heads = lines[start + 1:start + 4]
+    assert len(heads) == 3, out
+    for line in heads:
+        assert re.match(r'^- Head L\d+\.H\d+ \([+-]\d+\.\d{3}\): "[^"]*"@\d +[+-]\d+\.\d{3}, "[^"]*"@\d +[+-]\d+\.\d{3}$', line), line

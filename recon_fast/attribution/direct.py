@@ -2,14 +2,19 @@
 position is split into what the embeddings, each attention (or each head) and each MLP wrote into
 it, and each part is carried through the final norm, with the norm's scale frozen at the actual
 residual, onto the unembedding row of the target token. What belongs to no component (norm bias,
-unembedding bias) is a term of its own, so the terms add up to the model's logit.
+unembedding bias) is a term of its own, so the terms add up to the model's logit (or to a
+difference of two logits). A component may be split further, its parts through the same frozen
+maps: attention into heads, heads into the source positions they read from
+(recon_fast.attribution.source_capture), MLPs into their hidden neurons.
 
-One forward pass serves any number of positions; only [batch, d_model] rows at those positions
-are kept (recon_fast.attribution.position_capture).
+One forward pass serves any number of positions; only rows at those positions are kept
+([batch, positions, d_model], d_mlp for neurons; attention rows and values for sources).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
 import re
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ from torch import nn
 
 from recon_fast.attribution.anatomy import Anatomy, anatomy
 from recon_fast.attribution.position_capture import PositionCapture
+from recon_fast.attribution.source_capture import SourceCapture
 from recon_fast.trace.model_inputs import forward_takes, model_dtype, prepare_inputs, token_texts
 
 # How far the sum of the captured parts may be from the captured residual, relative to the
@@ -26,27 +32,40 @@ from recon_fast.trace.model_inputs import forward_takes, model_dtype, prepare_in
 # model's own dtype per layer, far below what a missing or extra term would cause.
 RECONSTRUCTION_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
-_LAYER_LABEL = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|H\d+)$")
+_LAYER_LABEL = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|mlp_bias|attn_norm_bias|mlp_norm_bias|H\d+(?:\.S\d+)?|N\d+)$")
 
 
 def layer_term(label: str) -> tuple[int, str] | None:
-    """(layer, part) of a per-layer term label ("L3.mlp" -> (3, "mlp"), "L3.H7" -> (3, "H7")),
-    or None for the others (embed, pos_embed, norm_bias, unembed_bias)."""
+    """(layer, part) of a per-layer term label ("L3.mlp" -> (3, "mlp"), "L3.H7" -> (3, "H7"),
+    "L3.N12" -> (3, "N12"), "L3.H7.S5" -> (3, "H7.S5")), or None for the others (embed,
+    pos_embed, norm_bias, unembed_bias)."""
     match = _LAYER_LABEL.match(label)
     return (int(match.group(1)), match.group(2)) if match else None
+
+
+def _cell(part: str) -> str:
+    """The grid column a per-layer term adds to: a source term to its head, a neuron to "mlp"."""
+    return "mlp" if part.startswith("N") else part.split(".")[0]
 
 
 @dataclass
 class Attribution:
     """Direct logit attribution of one position for each sequence of a batch.
 
-    labels:      term names: "embed", "pos_embed", "L{i}.attn" or "L{i}.H{h}" and "L{i}.attn_bias",
-                 "L{i}.mlp", then "norm_bias" and "unembed_bias" where the model has them.
-    values:      [batch, terms] float64; values[b].sum() is the model's logit for target_id[b].
+    labels:      term names, in residual order: "embed", "pos_embed"; per layer "L{i}.attn", or with
+                 per_head "L{i}.H{h}" (with by_source "L{i}.H{h}.S{j}": head h's share read from
+                 source position j) and "L{i}.attn_bias"; "L{i}.mlp", or with per_neuron "L{i}.N{n}"
+                 and "L{i}.mlp_bias"; "L{i}.attn_norm_bias"/"L{i}.mlp_norm_bias" for a post-norm
+                 with a bias; then "norm_bias" and "unembed_bias" where the model has them.
+    values:      [batch, terms] float64; values[b].sum() is the model's logit for target_id[b]
+                 (minus its logit for versus_id[b] when a difference was asked for).
     target_id:   [batch] the token attributed (by default the model's prediction there).
     target_text: the decoded target token per sequence.
-    logit:       [batch] the model's own logit for target_id, from its forward pass.
+    versus_id, versus_text: the token whose logit is subtracted, or None.
+    logit:       [batch] the model's own logit (difference) for the target, from its forward pass
+                 (before final soft-capping for Gemma2/3: see `note`).
     position:    the position as asked (may be negative); index: the same, counted from 0.
+    note:        what the logit is, where it is not simply the model's output (soft-capping).
     """
 
     labels: list[str]
@@ -59,11 +78,17 @@ class Attribution:
     n_layers: int
     n_heads: int
     per_head: bool
+    versus_id: torch.Tensor | None = None
+    versus_text: list[str] | None = None
+    per_neuron: bool = False
+    by_source: bool = False
+    note: str | None = None
 
     def __repr__(self) -> str:
         top = ", ".join(f"{label} {value:+.3g}" for label, value, _ in self.top(3))
+        versus = f", versus={self.versus_text[0]!r}" if self.versus_text else ""
         return (f"Attribution(position={self.position}, batch={self.values.shape[0]}, terms={len(self.labels)}, "
-                f"target={self.target_text[0]!r}, logit={float(self.logit[0]):.4g}, top: {top})")
+                f"target={self.target_text[0]!r}{versus}, logit={float(self.logit[0]):.4g}, top: {top})")
 
     def total(self) -> torch.Tensor:
         """[batch] the sum of all terms (equals `logit` up to float rounding)."""
@@ -81,22 +106,61 @@ class Attribution:
         denominator = denominator or 1.0
         return [(self.labels[i], float(values[i]), 100.0 * float(magnitude[i]) / denominator) for i in order.tolist()]
 
+    @functools.cached_property
+    def _terms(self) -> list[tuple[int, str] | None]:  # layer_term of every label, parsed once
+        return [layer_term(label) for label in self.labels]
+
+    def _largest(self, wanted, k: int, row: int) -> list[tuple[str, float]]:
+        columns = [i for i, term in enumerate(self._terms) if wanted(term)]
+        values = self.values[row, columns]
+        order = torch.argsort(values.abs(), descending=True, stable=True)[:max(k, 0)].tolist()
+        return [(self.labels[columns[i]], float(values[i])) for i in order]
+
+    def top_neurons(self, k: int = 10, layer: int | None = None, row: int = 0) -> list[tuple[str, float]]:
+        """The k neuron terms ("L{i}.N{n}", value) of largest magnitude, overall or in one layer
+        (needs per_neuron)."""
+        if not self.per_neuron:
+            raise ValueError("top_neurons() needs an attribution computed with per_neuron=True")
+        return self._largest(lambda t: t is not None and t[1].startswith("N") and layer in (None, t[0]), k, row)
+
+    def top_sources(self, layer: int, head: int, k: int = 5, row: int = 0) -> list[tuple[int, float]]:
+        """The k source positions (j, value) that head `head` of `layer` moved the most logit
+        from (needs by_source)."""
+        if not self.by_source:
+            raise ValueError("top_sources() needs an attribution computed with by_source=True")
+        prefix = f"H{head}.S"
+        found = self._largest(lambda t: t is not None and t[0] == layer and t[1].startswith(prefix), k, row)
+        return [(int(label.rsplit(".S", 1)[1]), value) for label, value in found]
+
+    def head_totals(self, row: int = 0) -> dict[str, float]:
+        """"L{i}.H{h}" -> the head's term (its source terms summed under by_source)."""
+        totals: dict[str, float] = {}
+        for label, value in zip(self.labels, self.values[row].tolist()):
+            term = layer_term(label)
+            if term is not None and term[1].startswith("H"):
+                key = f"L{term[0]}.{_cell(term[1])}"
+                totals[key] = totals.get(key, 0.0) + value
+        return totals
+
     def grid(self, row: int = 0) -> tuple[list[str], list[str], torch.Tensor]:
         """(row labels, column labels, [layers, columns]): attn and MLP per layer, or with
-        per_head the heads of each layer (for a heatmap)."""
+        per_head the heads of each layer (for a heatmap). Neurons add up into "mlp", sources
+        into their head; output biases have no cell of their own."""
         columns = [f"H{h}" for h in range(self.n_heads)] if self.per_head else ["attn", "mlp"]
         grid = torch.zeros(self.n_layers, len(columns), dtype=self.values.dtype)
         for label, value in zip(self.labels, self.values[row].tolist()):
             term = layer_term(label)
-            if term is not None and term[1] in columns:  # the output bias has no cell of its own
-                grid[term[0], columns.index(term[1])] = value
+            if term is not None and _cell(term[1]) in columns:
+                grid[term[0], columns.index(_cell(term[1]))] += value
         return [f"L{i}" for i in range(self.n_layers)], columns, grid
 
     def to_dict(self) -> dict:
-        return {
+        document = {
             "position": self.position,
             "index": self.index,
             "per_head": self.per_head,
+            "per_neuron": self.per_neuron,
+            "by_source": self.by_source,
             "labels": list(self.labels),
             "sequences": [
                 {"target_id": int(self.target_id[b]), "target_text": self.target_text[b],
@@ -105,28 +169,41 @@ class Attribution:
                 for b in range(self.values.shape[0])
             ],
         }
+        if self.versus_id is not None:
+            for b, sequence in enumerate(document["sequences"]):
+                sequence["versus_id"], sequence["versus_text"] = int(self.versus_id[b]), self.versus_text[b]
+        if self.note:
+            document["note"] = self.note
+        return document
 
 
 def direct_logit_attribution(model: nn.Module, input_ids, position: int = -1, target=None,
-                             per_head: bool = False, *, tokenizer=None, **model_kwargs) -> Attribution:
+                             per_head: bool = False, *, per_neuron: bool = False, by_source: bool = False,
+                             tokenizer=None, **model_kwargs) -> Attribution:
     """Direct logit attribution at `position` (see Attribution for the terms).
 
-    input_ids: token ids ([T] or [batch, T]), a dict/BatchEncoding, or text with `tokenizer`.
-    target:    None (the model's argmax at that position), a token id, a [batch] tensor of ids,
-               or a token's text (needs `tokenizer`; it must be a single token).
-    per_head:  split each attention output into its heads (and the output-projection bias).
+    input_ids:  token ids ([T] or [batch, T]), a dict/BatchEncoding, or text with `tokenizer`.
+    target:     None (the model's argmax at that position), a token id, a [batch] tensor of ids,
+                or a token's text (needs `tokenizer`; it must be a single token); or a tuple
+                (a, b) of two of these: the attribution of logit(a) - logit(b) (a None: the argmax).
+    per_head:   split each attention output into its heads (and the output-projection bias).
+    per_neuron: split each MLP output into its hidden neurons (and the down projection's bias).
+    by_source:  split each head's term over the source positions it attended to (implies per_head).
     """
-    return attribute_positions(model, input_ids, [position], target, per_head, tokenizer=tokenizer,
-                               **model_kwargs)[0]
+    return attribute_positions(model, input_ids, [position], target, per_head, per_neuron=per_neuron,
+                               by_source=by_source, tokenizer=tokenizer, **model_kwargs)[0]
 
 
 @torch.no_grad()
 def attribute_positions(model: nn.Module, input_ids, positions: list[int], target=None,
-                        per_head: bool = False, *, tokenizer=None, **model_kwargs) -> list[Attribution]:
+                        per_head: bool = False, *, per_neuron: bool = False, by_source: bool = False,
+                        tokenizer=None, **model_kwargs) -> list[Attribution]:
     """direct_logit_attribution at several positions from one forward pass (a causal model's
     prefix up to each position is the same as a separate run on that prefix)."""
     parts = anatomy(model)
     _check_eval_mode(model)
+    per_head = per_head or by_source  # sources split heads
+    # The logits are taken from the unembedding's own output (before any scaling or soft-capping).
     inputs = prepare_inputs(model, tokenizer, input_ids, dict(model_kwargs), caller="direct_logit_attribution()")
     ids = inputs["input_ids"]
     length = ids.shape[1]
@@ -136,23 +213,41 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
     kept = forward_takes(model, "logits_to_keep")
     if kept:  # only the rows we need: no [batch, tokens, vocab] logits
         inputs["logits_to_keep"] = where
-    with PositionCapture(where) as capture:
-        _hook_terms(capture, parts, per_head)
-        output = model(**inputs)
-    logits = _logits_at(output.logits, where, length, kept)  # [B, P, V]
+    sources = SourceCapture({block.attn: i for i, block in enumerate(parts.blocks)}, where) if by_source else None
+    with PositionCapture(where) as capture, (sources or contextlib.nullcontext()):
+        _hook_terms(capture, parts, per_head, per_neuron)
+        capture.whole_output_of("logits", parts.unembed)
+        model(**inputs)
+    logits = _logits_at(capture.whole("logits"), where, length, kept)  # [B, P, V]
     residual = capture.rows("final_residual").double()  # [B, P, d]; the math happens on its device
-    terms = _vector_terms(capture, parts, per_head, residual.device)  # label -> [B, P, d] or [B, P, H, d] float64
-    _check_reconstruction(model, terms, residual, indices)
-    targets = _targets(target, logits, tokenizer)  # [B, P]
-    labels, values = _logit_terms(parts, terms, residual, targets)  # [B, P, terms]
-    actual = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
+    vectors = _vector_terms(capture, parts, residual.device)  # label -> [B, P, d] float64
+    _check_reconstruction(model, vectors, residual, indices)
+    targets, versus = _targets(target, logits, tokenizer, descending=parts.logit_multiplier >= 0)  # [B, P] each
+    labels, values = _logit_terms(model, parts, capture, sources, vectors, residual, targets, versus,
+                                  per_head=per_head, per_neuron=per_neuron)  # [B, P, terms]
+    actual = _picked(logits, targets)
+    if versus is not None:
+        actual = actual - _picked(logits, versus)
+    actual = (actual * parts.logit_multiplier).cpu()
     texts = token_texts(tokenizer, targets.tolist())
+    versus_texts = token_texts(tokenizer, versus.tolist()) if versus is not None else None
+    note = None
+    if parts.logit_softcap is not None:
+        note = (f"pre-soft-cap logit: the model outputs {parts.logit_softcap:g} * tanh(logit / "
+                f"{parts.logit_softcap:g}) (final_logit_softcapping), which no sum of terms can be")
     return [
         Attribution(labels=labels, values=values[:, j].cpu(), target_id=targets[:, j].cpu(),
                     target_text=[row[j] for row in texts], logit=actual[:, j], position=positions[j],
-                    index=indices[j], n_layers=len(parts.blocks), n_heads=parts.n_heads, per_head=per_head)
+                    index=indices[j], n_layers=len(parts.blocks), n_heads=parts.n_heads, per_head=per_head,
+                    versus_id=versus[:, j].cpu() if versus is not None else None,
+                    versus_text=[row[j] for row in versus_texts] if versus_texts else None,
+                    per_neuron=per_neuron, by_source=by_source, note=note)
         for j in range(len(indices))
     ]
+
+
+def _picked(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return logits.gather(-1, ids.unsqueeze(-1).to(logits.device)).squeeze(-1).double()
 
 
 def _check_eval_mode(model: nn.Module) -> None:
@@ -199,23 +294,32 @@ def _logits_at(logits: torch.Tensor, where: torch.Tensor, length: int, kept: boo
     raise RuntimeError(f"the model returned logits for {logits.shape[1]} positions; expected {length} or {where.numel()}")
 
 
-def _hook_terms(capture: PositionCapture, parts: Anatomy, per_head: bool) -> None:
-    capture.output_of("embed", parts.embed)
+def _hook_terms(capture: PositionCapture, parts: Anatomy, per_head: bool, per_neuron: bool) -> None:
+    if parts.embed is not None:
+        capture.output_of("embed", parts.embed)
+    else:  # what enters block 0: the embedding with any scale or multiplier the model applies
+        capture.input_of("embed", parts.blocks[0].module)
     if parts.pos_embed is not None:
         capture.output_of("pos_embed", parts.pos_embed)
     for i, block in enumerate(parts.blocks):
+        for part, post_norm in (("attn", block.attn_post_norm), ("mlp", block.mlp_post_norm)):
+            if post_norm is not None:  # the write is what leaves the post-norm
+                capture.output_of(f"L{i}.{part}", post_norm.module)
+                if per_head if part == "attn" else per_neuron:
+                    capture.input_of(f"L{i}.{part}_raw", post_norm.module)
+            else:
+                capture.output_of(f"L{i}.{part}", getattr(block, part))
         if per_head:
             capture.input_of(f"L{i}.heads", block.out_proj)
-        else:
-            capture.output_of(f"L{i}.attn", block.attn)
-        capture.output_of(f"L{i}.mlp", block.mlp)
+        if per_neuron:
+            capture.input_of(f"L{i}.neurons", block.down_proj)
     capture.input_of("final_residual", parts.final_norm.module)
 
 
-def _vector_terms(capture: PositionCapture, parts: Anatomy, per_head: bool,
-                  device: torch.device) -> dict[str, torch.Tensor]:
-    """What each component wrote into the residual stream at the captured positions, float64 on
-    `device` (layers of a model split across GPUs are gathered there)."""
+def _vector_terms(capture: PositionCapture, parts: Anatomy, device: torch.device) -> dict[str, torch.Tensor]:
+    """What the embeddings and each attention and MLP wrote into the residual stream at the
+    captured positions, float64 on `device` (layers of a model split across GPUs are gathered
+    there)."""
 
     def rows(key: str) -> torch.Tensor:
         return capture.rows(key).to(device, torch.float64)
@@ -225,19 +329,9 @@ def _vector_terms(capture: PositionCapture, parts: Anatomy, per_head: bool,
     if parts.pos_embed is not None:  # GPT-2's position embedding is [1, T, d]: the same for every row
         pos = rows("pos_embed")
         terms["pos_embed"] = pos.expand(batch, *pos.shape[1:])
-    for i, block in enumerate(parts.blocks):
-        if per_head:
-            heads = rows(f"L{i}.heads")  # [B, P, H * dh]
-            weight = parts.out_proj_weight(block).to(device, torch.float64)  # [d, H * dh]
-            split_heads = heads.unflatten(-1, (parts.n_heads, parts.head_dim))  # [B, P, H, dh]
-            split_weight = weight.unflatten(-1, (parts.n_heads, parts.head_dim))  # [d, H, dh]
-            terms[f"L{i}.heads"] = torch.einsum("bphk,dhk->bphd", split_heads, split_weight)
-            bias = parts.out_proj_bias(block)
-            if bias is not None:
-                terms[f"L{i}.attn_bias"] = bias.to(device, torch.float64).expand_as(terms["embed"])
-        else:
-            terms[f"L{i}.attn"] = rows(f"L{i}.attn")
-        terms[f"L{i}.mlp"] = rows(f"L{i}.mlp")
+    for i in range(len(parts.blocks)):
+        for part in ("attn", "mlp"):
+            terms[f"L{i}.{part}"] = rows(f"L{i}.{part}") * parts.residual_multiplier
     return terms
 
 
@@ -282,11 +376,24 @@ def _check_finite(model: nn.Module, terms: dict[str, torch.Tensor], residual: to
                      f"positions {indices}; check the model's weights and dtype")
 
 
-def _targets(target, logits: torch.Tensor, tokenizer) -> torch.Tensor:
-    """[B, P] token ids to attribute."""
+def _targets(target, logits: torch.Tensor, tokenizer, descending: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, P] token ids to attribute, and [B, P] ids whose logit is subtracted (or None)."""
+    if isinstance(target, tuple):
+        if len(target) != 2:
+            raise ValueError(f"a target tuple is (token, versus token), for logit(token) - logit(versus); "
+                             f"got {len(target)} items (pass a list or tensor for one id per sequence)")
+        chosen, versus = (_target_ids(t, logits, tokenizer, descending) for t in target)
+        if torch.equal(chosen, versus):
+            raise ValueError(f"target and versus are the same token ({chosen.flatten()[0].item()}): "
+                             "their logit difference is 0 by definition")
+        return chosen, versus
+    return _target_ids(target, logits, tokenizer, descending), None
+
+
+def _target_ids(target, logits: torch.Tensor, tokenizer, descending: bool) -> torch.Tensor:
     batch, positions = logits.shape[:2]
-    if target is None:
-        return logits.argmax(-1)
+    if target is None:  # the prediction (a negative logit multiplier would turn the order round)
+        return logits.argmax(-1) if descending else logits.argmin(-1)
     if isinstance(target, str):
         if tokenizer is None:
             raise ValueError("a target given as text needs a tokenizer")
@@ -306,41 +413,131 @@ def _targets(target, logits: torch.Tensor, tokenizer) -> torch.Tensor:
     return ids.unsqueeze(1).expand(batch, positions)
 
 
-def _logit_terms(parts: Anatomy, terms: dict[str, torch.Tensor], residual: torch.Tensor,
-                 targets: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """Each vector term through the final norm (scale frozen at `residual`) onto the unembedding
-    rows of `targets`: (labels, [B, P, terms] float64)."""
-    norm = parts.final_norm
+def _logit_terms(model: nn.Module, parts: Anatomy, capture: PositionCapture, sources: SourceCapture | None,
+                 vectors: dict[str, torch.Tensor], residual: torch.Tensor, targets: torch.Tensor,
+                 versus: torch.Tensor | None, *, per_head: bool, per_neuron: bool) -> tuple[list[str], torch.Tensor]:
+    """Each term through the final norm (scale frozen at `residual`) onto the unembedding rows of
+    `targets` (minus those of `versus`): (labels, [B, P, terms] float64). Split terms (heads,
+    neurons, sources) go through the same frozen maps, and a post-norm's scale frozen at its own
+    input, so a component's parts add up to its term."""
     device = residual.device
-    weight = parts.unembed.weight
-    unembed_rows = weight.index_select(0, targets.flatten().to(weight.device)).to(device, torch.float64)
-    unembed_rows = unembed_rows.view(*targets.shape, -1)  # [B, P, d]
-    direction = unembed_rows
-    if norm.weight is not None:
-        direction = direction * norm.weight.to(device, torch.float64)
-    if norm.kind == "layernorm":
-        centred = residual - residual.mean(-1, keepdim=True)
-        scale = (centred.pow(2).mean(-1) + norm.eps).sqrt()  # [B, P]
-        # LayerNorm centres every part; centring the direction instead gives the same dot product.
-        direction = direction - direction.mean(-1, keepdim=True)
-    else:
-        scale = (residual.pow(2).mean(-1) + norm.eps).sqrt()
-    labels, columns = [], []
-    for label, vector in terms.items():
-        if vector.dim() == 4:  # [B, P, H, d]: one term per head
-            layer = label.split(".")[0]
-            labels += [f"{layer}.H{h}" for h in range(vector.shape[2])]
-            columns.append((vector * direction.unsqueeze(2)).sum(-1) / scale.unsqueeze(-1))
+    tolerance = RECONSTRUCTION_TOLERANCE.get(model_dtype(model), 1e-4)
+
+    def unembedding(ids: torch.Tensor) -> torch.Tensor:  # [B, P] -> [B, P, d] float64
+        weight = parts.unembed.weight
+        picked = weight.index_select(0, ids.flatten().to(weight.device)).to(device, torch.float64)
+        return picked.view(*ids.shape, -1)
+
+    unembed_rows = unembedding(targets)
+    if versus is not None:
+        unembed_rows = unembed_rows - unembedding(versus)
+    unembed_rows = unembed_rows * parts.logit_multiplier
+    direction = parts.final_norm.pull_back(unembed_rows, residual)  # [B, P, d]: reads a part's logit share
+    labels: list[str] = []
+    columns: list[torch.Tensor] = []
+
+    def add(names: list[str], column: torch.Tensor) -> None:  # column [B, P, len(names)]
+        labels.extend(names)
+        columns.append(column)
+
+    def dot(vector: torch.Tensor, towards: torch.Tensor) -> torch.Tensor:
+        return (vector * towards).sum(-1, keepdim=True)
+
+    def rows(key: str) -> torch.Tensor:
+        return capture.rows(key).to(device, torch.float64)
+
+    def inside(block, part: str, i: int) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
+        """The direction as seen before the component's post-norm and residual multiplier, and
+        the post-norm's bias term if it has one."""
+        towards = direction * parts.residual_multiplier
+        post_norm = block.attn_post_norm if part == "attn" else block.mlp_post_norm
+        if post_norm is None:
+            return towards, [], []
+        names, extra = [], []
+        if post_norm.bias is not None:
+            names, extra = [f"L{i}.{part}_norm_bias"], [dot(post_norm.bias.to(device, torch.float64), towards)]
+        return post_norm.pull_back(towards, rows(f"L{i}.{part}_raw")), names, extra
+
+    add(["embed"], dot(vectors["embed"], direction))
+    if "pos_embed" in vectors:
+        add(["pos_embed"], dot(vectors["pos_embed"], direction))
+    heads, head_dim = parts.n_heads, parts.head_dim
+    for i, block in enumerate(parts.blocks):
+        whole = {part: dot(vectors[f"L{i}.{part}"], direction) for part in ("attn", "mlp")}
+        if per_head:
+            towards, names, extra = inside(block, "attn", i)
+            weight = parts.out_proj_weight(block).to(device, torch.float64).unflatten(-1, (heads, head_dim))
+            reads = torch.einsum("bpd,dhk->bphk", towards, weight)  # [B, P, H, dh]: what a head's output is worth
+            outputs = rows(f"L{i}.heads").unflatten(-1, (heads, head_dim))  # [B, P, H, dh]
+            if sources is not None:
+                split = _source_terms(sources, i, outputs, reads, tolerance)  # [B, P, H, Tk]
+                keys = split.shape[-1]
+                add([f"L{i}.H{h}.S{j}" for h in range(heads) for j in range(keys)], split.flatten(2))
+            else:
+                split = (outputs * reads).sum(-1)
+                add([f"L{i}.H{h}" for h in range(heads)], split)
+            bias = parts.out_proj_bias(block)
+            if bias is not None:
+                names, extra = [f"L{i}.attn_bias"] + names, [dot(bias.to(device, torch.float64), towards)] + extra
+            if names:
+                add(names, torch.cat(extra, -1))
+            _check_split(f"the heads of layer {i}", [split.flatten(2), *extra], whole["attn"], tolerance)
         else:
-            labels.append(label)
-            columns.append(((vector * direction).sum(-1) / scale).unsqueeze(-1))
+            add([f"L{i}.attn"], whole["attn"])
+        if per_neuron:
+            towards, names, extra = inside(block, "mlp", i)
+            weight = parts.down_proj_weight(block).to(device, torch.float64)  # [d, d_mlp]
+            split = rows(f"L{i}.neurons") * (towards @ weight)  # [B, P, d_mlp]
+            add([f"L{i}.N{n}" for n in range(split.shape[-1])], split)
+            bias = parts.down_proj_bias(block)
+            if bias is not None:
+                names, extra = [f"L{i}.mlp_bias"] + names, [dot(bias.to(device, torch.float64), towards)] + extra
+            if names:
+                add(names, torch.cat(extra, -1))
+            _check_split(f"the neurons of layer {i}", [split, *extra], whole["mlp"], tolerance)
+        else:
+            add([f"L{i}.mlp"], whole["mlp"])
+    norm = parts.final_norm
     if norm.bias is not None:
-        labels.append("norm_bias")
-        bias = norm.bias.to(device, torch.float64)
-        columns.append((unembed_rows * bias).sum(-1, keepdim=True))
+        add(["norm_bias"], dot(unembed_rows, norm.bias.to(device, torch.float64)))
     unembed_bias = getattr(parts.unembed, "bias", None)
     if unembed_bias is not None:
-        labels.append("unembed_bias")
         picked = unembed_bias[targets.to(unembed_bias.device)]
-        columns.append(picked.to(device, torch.float64).unsqueeze(-1))
+        if versus is not None:
+            picked = picked - unembed_bias[versus.to(unembed_bias.device)]
+        add(["unembed_bias"], (picked.to(device, torch.float64) * parts.logit_multiplier).unsqueeze(-1))
     return labels, torch.cat(columns, dim=-1)
+
+
+def _source_terms(sources: SourceCapture, layer: int, outputs: torch.Tensor, reads: torch.Tensor,
+                  tolerance: float) -> torch.Tensor:
+    """Head h's term at query p split over key positions j: p_hpj (v_j . reads_ph), [B, P, H, Tk].
+    The recomputed attention rows must reproduce the heads' actual outputs, or they are not what
+    the model computed."""
+    if layer not in sources.rows:
+        raise ValueError(f"by_source: the attention of layer {layer} did not go through the transformers "
+                         "attention functions (ALL_ATTENTION_FUNCTIONS), so its attention rows cannot be "
+                         "recomputed; this family supports per_head but not by_source")
+    recomputed = sources.outputs[layer].to(outputs.device)  # [B, P, H, dh]
+    error = float(((recomputed - outputs).norm(dim=-1) / outputs.norm(dim=-1).clamp_min(1e-30)).max())
+    if not error <= tolerance * 10:  # softmax and p @ v in the model's dtype against float64
+        raise ValueError(f"by_source: the attention rows of layer {layer} recomputed from its query and key "
+                         f"states do not reproduce its heads' outputs (relative error {error:.3g}): this "
+                         "attention (ALiBi, a bias, a custom kernel) is not split over sources")
+    probs = sources.rows[layer].to(outputs.device)  # [B, H, P, Tk]
+    values = sources.values[layer].to(outputs.device, torch.float64)  # [B, Hkv, Tk, dh]
+    kv_heads = values.shape[1]
+    grouped = reads.unflatten(2, (kv_heads, reads.shape[2] // kv_heads))  # [B, P, Hkv, G, dh]
+    worth = torch.einsum("bgtk,bpgnk->bpgnt", values, grouped).flatten(2, 3)  # [B, P, H, Tk]
+    return probs.transpose(1, 2) * worth
+
+
+def _check_split(what: str, parts: list[torch.Tensor], whole: torch.Tensor, tolerance: float) -> None:
+    """A component's split terms must add up to its term: if not, the adapter's output
+    projection or post-norm is not what the model uses."""
+    total = sum(part.sum(-1, keepdim=True) for part in parts)
+    size = sum(part.abs().sum(-1, keepdim=True) for part in parts) + whole.abs()
+    error = float(((total - whole).abs() / size.clamp_min(1e-30)).max())
+    if not error <= tolerance:
+        raise ValueError(f"{what} do not add up to its term (relative error {error:.3g} > {tolerance:g}): "
+                         "this architecture needs its own adapter in recon_fast.attribution.anatomy")

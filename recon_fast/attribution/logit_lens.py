@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recon_fast.attribution.anatomy import Anatomy, anatomy
+from recon_fast.attribution.anatomy import LensParts, lens_parts
 from recon_fast.kernels import ops
 from recon_fast.trace.model_inputs import forward_takes, prepare_inputs, token_texts
 from recon_fast.trace.tracer import extract_tensor
@@ -57,7 +57,7 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, positions: list[int] | N
     for the positions you will look at saves most of the work at long context."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    parts = anatomy(model)
+    parts = lens_parts(model)  # its own lookup: any model with blocks, a final norm and an unembedding
     inputs = prepare_inputs(model, tokenizer, input_ids, dict(model_kwargs), caller="logit_lens()")
     length = inputs["input_ids"].shape[1]
     if positions is None:
@@ -77,10 +77,10 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, positions: list[int] | N
         shapes.append(tuple(residual.shape))
         readings.append(_read_residual(parts, residual.detach(), where, k))
 
-    handles = [parts.blocks[0].module.register_forward_pre_hook(
+    handles = [parts.blocks[0].register_forward_pre_hook(
         lambda mod, args, kwargs: read(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)]
     for block in parts.blocks:
-        handles.append(block.module.register_forward_hook(lambda mod, args, out: read(extract_tensor(out))))
+        handles.append(block.register_forward_hook(lambda mod, args, out: read(extract_tensor(out))))
     try:
         model(**inputs)
     finally:
@@ -110,18 +110,20 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, positions: list[int] | N
     return lens
 
 
-def _read_residual(parts: Anatomy, residual: torch.Tensor, where: torch.Tensor, k: int):
+def _read_residual(parts: LensParts, residual: torch.Tensor, where: torch.Tensor, k: int):
     """[B, T, d] -> top-k ids [B, P, k] at positions `where`, their log-probs, and per-token
     norms [B, T]."""
     norms = ops.token_stats(residual)[..., 0]
     residual = residual.index_select(1, where.to(residual.device))
-    weight = parts.final_norm.weight
+    weight = getattr(parts.final_norm, "weight", None)
     norm_device = weight.device if weight is not None else residual.device  # models split across GPUs
     top_ids, top_logprobs = [], []
     for start in range(0, residual.shape[1], LENS_CHUNK):
         chunk = residual[:, start:start + LENS_CHUNK].to(norm_device)
-        normed = parts.final_norm.module(chunk)
-        logits = parts.unembed(normed.to(parts.unembed.weight.device)).float()
+        normed = parts.final_norm(chunk)
+        logits = parts.unembed(normed.to(parts.unembed.weight.device)).float() * parts.logit_multiplier
+        if parts.logit_softcap is not None:  # what the model does to its own logits (Gemma2/3)
+            logits = torch.tanh(logits / parts.logit_softcap) * parts.logit_softcap
         logprobs = torch.log_softmax(logits, dim=-1)
         values, ids = logprobs.topk(k, dim=-1)
         finite = torch.isfinite(chunk).all(-1, keepdim=True).to(ids.device)  # [B, chunk, 1]

@@ -20,6 +20,7 @@ class PositionCapture:
     def __init__(self, positions: torch.Tensor):
         self.positions = positions  # [P] long, absolute indices into the token axis
         self._rows: dict[str, torch.Tensor] = {}
+        self._whole: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def output_of(self, key: str, module: nn.Module) -> None:
@@ -27,6 +28,21 @@ class PositionCapture:
             self._keep(key, extract_tensor(output), "output")
 
         self._handles.append(module.register_forward_hook(hook))
+
+    def whole_output_of(self, key: str, module: nn.Module) -> None:
+        """The module's whole output (for the unembedding, which already ran on the kept rows
+        only when the model takes logits_to_keep)."""
+        def hook(mod, args, output):
+            if key in self._whole:
+                raise RuntimeError(f"{key}: the module ran twice in one forward pass")
+            self._whole[key] = extract_tensor(output).detach()
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def whole(self, key: str) -> torch.Tensor:
+        if key not in self._whole:
+            raise RuntimeError(f"{key}: its module did not run during the forward pass")
+        return self._whole[key]
 
     def input_of(self, key: str, module: nn.Module) -> None:
         """The module's first positional input, or its `hidden_states` keyword."""

@@ -16,9 +16,12 @@ from recon_fast.attribution.direct import layer_term
 from recon_fast.cli import checks as cli_checks
 from recon_fast.cube import export
 from recon_fast.models import load_model
+from recon_fast.trace.model_inputs import token_texts
 
 BAR_WIDTH = 25  # blocks of the longest bar (HexRay's)
-_KIND = {"attn": "Attn", "mlp": "MLP", "attn_bias": "Attn"}
+_KIND = {"attn": "Attn", "mlp": "MLP", "attn_bias": "Attn", "mlp_bias": "MLP", "attn_norm_bias": "Attn",
+         "mlp_norm_bias": "MLP"}
+_SUFFIX = {"attn_bias": ".b", "mlp_bias": ".b", "attn_norm_bias": ".nb", "mlp_norm_bias": ".nb"}
 _ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')
 _PLAIN_NAMES = {"embed": "Embed", "pos_embed": "PosEmbed", "norm_bias": "NormBias", "unembed_bias": "UnembedBias"}
 
@@ -29,6 +32,12 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--token-index", "--position", dest="position", type=int, default=-1,
                    help="position to attribute (default: -1, the last token)")
     p.add_argument("--target", default=None, help="token to attribute: its text or id (default: the prediction)")
+    p.add_argument("--versus", default=None,
+                   help="a second token (text or id): attribute logit(target) - logit(versus), 'why A rather than B'")
+    p.add_argument("--neurons", type=int, default=0, metavar="K",
+                   help="split every MLP into its neurons; print the top K neurons overall and per layer")
+    p.add_argument("--sources", type=int, default=0, metavar="K",
+                   help="split every head over the source tokens it read from; print the top K for the top heads")
     p.add_argument("--share", choices=("top", "total"), default="top",
                    help="percent of the listed terms' magnitude (HexRay's, default) or of all terms")
     p.add_argument("--logit-debug", action="store_true", help="also print the model's logit beside the terms' sum")
@@ -62,18 +71,20 @@ def _common(p: argparse.ArgumentParser, add_model_args) -> None:
 
 # ---- formatting ---------------------------------------------------------------------------------
 def display_names(labels: list[str]) -> dict[str, str]:
-    """HexRay's names: "MLP  L9 ", "Attn L11", "Head L3.H7"; other terms by name. Layer fields are
-    padded to a common width so the colons line up."""
+    """HexRay's names: "MLP  L9 ", "Attn L11", "Head L3.H7"; a neuron "MLP  L3.N12", a head's share
+    from source position 4 "Head L3.H7<-4"; other terms by name. Layer fields are padded to a
+    common width so the colons line up."""
     parts = {}
     for label in labels:
         term = layer_term(label)
         if term is None:
             parts[label] = (_PLAIN_NAMES.get(label, label), None)
         elif term[1].startswith("H"):
-            parts[label] = ("Head", f"L{term[0]}.{term[1]}")
+            parts[label] = ("Head", f"L{term[0]}.{term[1].replace('.S', '<-')}")
+        elif term[1].startswith("N"):
+            parts[label] = ("MLP", f"L{term[0]}.{term[1]}")
         else:
-            suffix = ".b" if term[1] == "attn_bias" else ""
-            parts[label] = (_KIND[term[1]], f"L{term[0]}{suffix}")
+            parts[label] = (_KIND[term[1]], f"L{term[0]}{_SUFFIX.get(term[1], '')}")
     where_width = max([len(w) for _, w in parts.values() if w] or [0])
     names = {label: f"{kind:<4} {where:<{where_width}}" if where else kind for label, (kind, where) in parts.items()}
     width = max(len(n) for n in names.values())
@@ -104,7 +115,36 @@ def shown_token(text: str) -> str:
 
 def token_header(attribution, where: str | None = None, row: int = 0) -> str:
     where = where or f"index {attribution.position}"
-    return f'Token: "{shown_token(attribution.target_text[row])}" ({where})'
+    versus = f' versus "{shown_token(attribution.versus_text[row])}"' if attribution.versus_text else ""
+    return f'Token: "{shown_token(attribution.target_text[row])}"{versus} ({where})'
+
+
+def neuron_lines(attribution, k: int) -> list[str]:
+    """The k neurons of largest magnitude overall, then per layer."""
+    lines = [f"Top {k} Neurons:"]
+    lines += [f"- {label}: {value:+.3f}" for label, value in attribution.top_neurons(k)]
+    lines.append(f"Top {k} Neurons per Layer:")
+    for layer in range(attribution.n_layers):
+        top = attribution.top_neurons(k, layer=layer)
+        lines.append(f"- L{layer}: " + ", ".join(f"{label.split('.')[1]} {value:+.3f}" for label, value in top))
+    return lines
+
+
+def source_lines(attribution, k: int, heads: int, tokens: list[str]) -> list[str]:
+    """For the `heads` heads of largest term, the k source tokens each moved the most logit from."""
+    totals = sorted(attribution.head_totals().items(), key=lambda item: -abs(item[1]))[:heads]
+    lines = [f"Top {len(totals)} Heads by Source Token:"]
+    for label, total in totals:
+        layer, head = (int(part[1:]) for part in label.split("."))
+        shown = ", ".join(f'"{shown_token(tokens[j])}"@{j} {value:+.3f}'
+                          for j, value in attribution.top_sources(layer, head, k))
+        lines.append(f"- Head {label} ({total:+.3f}): {shown}")
+    return lines
+
+
+def _token_argument(text: str | None):
+    """A --target/--versus value: an id when it is a number, else the token's text."""
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -126,11 +166,17 @@ def cmd_attribute(args) -> int:
     from recon_fast.attribution.direct import direct_logit_attribution
 
     _check_top_k(args.top_k)
+    if args.neurons < 0 or args.sources < 0:
+        raise ValueError("--neurons and --sources must be at least 0")
     _check(args, "attribution")
     model, tokenizer = _load(args)
-    target = int(args.target) if args.target is not None and args.target.lstrip("-").isdigit() else args.target
-    attribution = direct_logit_attribution(model, args.prompt, position=args.position, target=target,
-                                           per_head=args.per_head, tokenizer=tokenizer)
+    target = _token_argument(args.target)
+    if args.versus is not None:
+        target = (target, _token_argument(args.versus))
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    attribution = direct_logit_attribution(model, inputs, position=args.position, target=target,
+                                           per_head=args.per_head, per_neuron=args.neurons > 0,
+                                           by_source=args.sources > 0, tokenizer=tokenizer)
     document = {"prompt": args.prompt, "model": args.model, **attribution.to_dict()}
     if args.report:
         _attribution_report(args.report, "attribution", document, attribution)
@@ -138,11 +184,19 @@ def cmd_attribute(args) -> int:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return 0
     print(token_header(attribution))
-    print("Top Contributors to Final Logit:")
+    print("Top Contributors to Final Logit" + (" Difference:" if attribution.versus_text else ":"))
     print("\n".join(contributor_lines(attribution.top(args.top_k, share=args.share))))
+    if args.neurons:
+        print("\n".join(neuron_lines(attribution, args.neurons)))
+    if args.sources:
+        tokens = token_texts(tokenizer, inputs["input_ids"].tolist())[0]
+        print("\n".join(source_lines(attribution, args.sources, args.top_k, tokens)))
+    if attribution.note:
+        print(f"Note: {attribution.note}")
     if args.logit_debug:
         total, logit = float(attribution.total()[0]), float(attribution.logit[0])
-        print(f"Logit check: model {logit:+.4f}, sum of {len(attribution.labels)} terms {total:+.4f} "
+        what = "logit difference " if attribution.versus_text else ""
+        print(f"Logit check: model {what}{logit:+.4f}, sum of {len(attribution.labels)} terms {total:+.4f} "
               f"(difference {total - logit:+.2e})")
     if args.report:
         print(f"Report: {args.report}/attribution.json, {args.report}/attribution.png")
