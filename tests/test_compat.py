@@ -155,12 +155,14 @@ def test_the_model_is_left_as_found_after_every_run(attn, caplog):
     assert "does not support" not in caplog.text
 
 
-def test_the_tracer_leaves_the_model_as_found_with_attention_capture():
+@pytest.mark.parametrize("attention", ["full", "stats"])
+def test_the_tracer_leaves_the_model_as_found_with_attention_capture(attention):
     from recon_fast import Tracer
 
     model = make_model("llama", attn_implementation="eager")
     before = model_state(model)
-    with Tracer(model, layers="residual", attention="summary") as tracer:
+    with Tracer(model, layers="residual", attention=attention) as tracer:
         tracer.run(torch.randint(1, VOCAB, (1, 5)))
-    assert len(tracer.cube.attention) == 2
+    assert len(tracer.cube.attention if attention == "full" else tracer.cube.attention_layers) == 2
     assert model_state(model) == before
+    assert model.config._attn_implementation == "eager"

@@ -38,7 +38,8 @@ def test_the_usage_block_runs_as_written(smollm2, monkeypatch, tmp_path):
     before = hooks()
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["cube"].num_layers == 30 and namespace["heads"].shape[:2] == (1, 9)
+    assert namespace["cube"].num_layers == 30 and namespace["probabilities"].shape[:2] == (1, 9)
+    assert namespace["entropy"].shape[:3] == (30, 1, 9)
     assert hooks() == before
 
 

@@ -255,7 +255,7 @@ def test_no_hooks_and_bad_options_are_named():
         Tracer(model, layers="resid")
 
 
-def test_attention_full_and_summary_with_eager_attention():
+def test_attention_full_with_eager_attention_and_stats_beside_it():
     model = make_model("llama", attn_implementation="eager")
     tokens = ids(length=6)
     full = Tracer(model, layers="residual", attention="full")
@@ -263,12 +263,12 @@ def test_attention_full_and_summary_with_eager_attention():
     entries = full.cube.attention
     assert [e["layer_name"] for e in entries] == ["attention.0", "attention.1"]
     np.testing.assert_allclose(entries[1]["attention_scores"], output.attentions[1].numpy(), rtol=1e-6)
-    summary = Tracer(model, layers="residual", attention="summary")
-    summary.run(tokens)
-    s = summary.cube.attention[0]["attention_summary"]
+    stats = Tracer(model, layers="residual", attention="stats")
+    stats.run(tokens)
     p = output.attentions[0].double()
-    np.testing.assert_allclose(s["entropy"], -torch.special.xlogy(p, p).sum(-1).numpy(), rtol=1e-4)
-    assert (s["argmax"] == p.argmax(-1).numpy()).all()
+    np.testing.assert_allclose(stats.cube.attention_stat("entropy")[0], -torch.special.xlogy(p, p).sum(-1).numpy(),
+                               rtol=1e-4)
+    assert (stats.cube.attention_stat("argmax")[0] == p.argmax(-1).numpy()).all()
 
 
 def test_attention_without_eager_says_how_to_get_it():

@@ -1,5 +1,7 @@
 """The `recon-fast` command line: `trace` writes an ActivityCube for a prompt (or for each prompt
-of a file); `attribute`, `cot` and `residual` (recon_fast.cli.attribution) explain a prediction.
+of a file); `heads` (recon_fast.cli.heads) names each layer's sharp, diffuse, sink, previous-token
+and self heads; `attribute`, `cot` and `residual` (recon_fast.cli.attribution) explain a prediction;
+`view` (recon_fast.cli.view) writes a self-contained HTML page of a cube or an attribution.
 Every failure is one line on stderr and a non-zero exit; arguments are checked before any model
 is loaded (recon_fast.cli.checks); warnings (skipped layers, NaN) are one line each on stderr."""
 
@@ -16,6 +18,8 @@ import numpy as np
 
 from recon_fast.cli import attribution as attribution_cli
 from recon_fast.cli import checks as cli_checks
+from recon_fast.cli import heads as heads_cli
+from recon_fast.cli import view as view_cli
 from recon_fast.cube import export
 from recon_fast.models import DEFAULT_MODEL, ModelNotFound, load_model
 
@@ -53,6 +57,9 @@ def _trace_parser(sub) -> None:
     p.add_argument("--format", choices=("json", "npz"), default=None,
                    help="must agree with --out's suffix, which decides (default: from the suffix)")
     p.add_argument("--rows", type=int, default=12, help="rows of the summary table (default: 12)")
+    p.add_argument("--attention", choices=("stats",), default=None,
+                   help="also per attention layer, head and query: entropy, max weight, argmax, sink mass, "
+                        "mean distance, self and previous-token weight, lse (any attention implementation)")
     p.set_defaults(run=cmd_trace)
 
 
@@ -103,7 +110,7 @@ def cmd_trace(args) -> int:
     loaded = time.perf_counter()
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--chat: the tokenizer of {args.model!r} has no chat template")
-    with Tracer(model, tokenizer, layers=args.layers) as tracer:
+    with Tracer(model, tokenizer, layers=args.layers, attention=args.attention) as tracer:
         for n, (prompt, out) in enumerate(zip(prompts, outs), start=1):
             inputs = encode(tokenizer, prompt, args.chat)
             tokens = inputs["input_ids"].shape[1]
@@ -124,7 +131,8 @@ def cmd_trace(args) -> int:
                 print(f"prompt {n}/{len(prompts)}: {tokens} tokens, {cube.num_layers} layers, forward "
                       f"{cube.meta['seconds'] * 1e3:.1f} ms; wrote {out} ({fmt}, {size / 1e6:.2f} MB)")
                 continue
-            print(f"tokens  {tokens}   layers {cube.num_layers}   forward {cube.meta['seconds'] * 1e3:.1f} ms")
+            attention = f"   attention layers {len(cube.attention_layers)}" if cube.attention_layers else ""
+            print(f"tokens  {tokens}   layers {cube.num_layers}{attention}   forward {cube.meta['seconds'] * 1e3:.1f} ms")
             print(summary_table(cube, args.rows))
             print(f"wrote   {out} ({fmt}, {size / 1e6:.2f} MB)")
     return 0
@@ -169,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="recon-fast", description="Fast activation tracing for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _trace_parser(sub)
+    heads_cli.add_parser(sub, _add_model_args)
     attribution_cli.add_parsers(sub, _add_model_args)
+    view_cli.add_parser(sub)
     return parser
 
 

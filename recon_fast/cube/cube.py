@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from recon_fast.cube import export
+from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
 
 
@@ -38,9 +39,21 @@ class ActivityCube:
     # An encoder-decoder's second token axis ([batch][decoder tokens]); layers on it say so with
     # layer_extras[i]["token_axis"] == "decoder_tokens".
     decoder_tokens: list[list[str]] | None = None
+    # Attention statistics (Tracer(attention="stats")): the attention modules, e.g.
+    # model.layers.3.self_attn, and [attn_layers, batch, heads, tokens, 8] float32, the channels
+    # named by ATTENTION_STATS; padded queries are NaN. JSON: `attention.{i}` entries.
+    attention_layers: list[str] = field(default_factory=list)
+    attention_data: np.ndarray | None = None
 
     def __post_init__(self):
         self.data = np.asarray(self.data, dtype=np.float32)
+        if self.attention_data is not None:
+            self.attention_data = np.asarray(self.attention_data, dtype=np.float32)
+            expected = (len(self.attention_layers), len(self.tokens), self.axis_length("tokens"), len(ATTENTION_STATS))
+            got = self.attention_data.shape
+            if self.attention_data.ndim != 5 or (got[0], got[1], got[3], got[4]) != expected:
+                raise ValueError(f"ActivityCube attention_data shape {got} does not match attention layers x batch x "
+                                 f"heads x tokens x statistics = {expected[:2]} + (heads,) + {expected[2:]}")
         if self.data.ndim != 4:
             raise ValueError(f"ActivityCube data must be [layers, batch, tokens, metrics], got {self.data.shape}")
         unknown = [m for m in self.metrics if m not in STATS]
@@ -91,6 +104,29 @@ class ActivityCube:
             key = self.layer_names.index(key)
         return self.data[key, :, : self.axis_length(self.token_axis(key))]
 
+    def attention_stat(self, name: str) -> np.ndarray:  # -> [attn_layers, batch, heads, tokens]
+        """One attention statistic (recon_fast.kernels.attention_stats.ATTENTION_STATS: entropy,
+        max_weight, argmax, sink_mass, mean_distance, self_weight, prev_weight, lse) of every
+        attention layer (`attention_layers`), per head and query."""
+        if name not in ATTENTION_STATS:
+            raise KeyError(f"unknown attention statistic {name!r}; known: {list(ATTENTION_STATS)}")
+        if self.attention_data is None:
+            raise KeyError("this cube has no attention statistics: trace with Tracer(model, attention='stats')")
+        return self.attention_data[..., ATTENTION_STATS.index(name)]
+
+    def attention_head_means(self, name: str, batch: int = 0, from_token: int = 0) -> np.ndarray:
+        """[attn_layers, heads]: a statistic averaged over the real (not padded) queries of one
+        sequence, from query `from_token` on (NaN where no query is left)."""
+        values = self.attention_stat(name)[:, batch, :, from_token:]
+        counted = np.isfinite(values)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counted, values, 0).sum(-1) / counted.sum(-1)
+
+    def attention_objects(self) -> Iterator[dict]:
+        """The `attention.{i}` entries of the attention statistics, built one at a time."""
+        for i, name in enumerate(self.attention_layers):
+            yield export.attention_stats_object(i, self.num_layers + i, name, self.attention_data[i], ATTENTION_STATS)
+
     def torch(self) -> torch.Tensor:
         """The data as a torch tensor (sharing memory)."""
         return torch.from_numpy(self.data)
@@ -103,6 +139,7 @@ class ActivityCube:
             extra = {**self.layer_extras.get(i, {}), **self.raw_reference(path, i)}
             yield export.layer_object(i, name, self.layer(i), self.metrics, flat, extra)
         yield from self.attention
+        yield from self.attention_objects()
 
     @staticmethod
     def raw_sidecar(path: str | os.PathLike) -> Path:
@@ -152,11 +189,13 @@ class ActivityCube:
         header = {"meta": self.meta_for_export(), "tokens": self.tokens, "layer_names": self.layer_names,
                   "metrics": list(self.metrics), "provenance": self.provenance,
                   "attention": self.attention, "layer_extras": {str(k): v for k, v in self.layer_extras.items()},
-                  "decoder_tokens": self.decoder_tokens}
+                  "decoder_tokens": self.decoder_tokens, "attention_layers": self.attention_layers}
         header["raw"] = {str(i): {k: v for k, v in e.items() if k != "array"} for i, e in self.raw.items()}
         arrays = {"data": self.data, **{f"raw_{i}": e["array"] for i, e in self.raw.items()}}
         if self.padding_mask is not None:
             arrays["padding_mask"] = self.padding_mask
+        if self.attention_data is not None:
+            arrays["attention_data"] = self.attention_data
         export.write_npz(path, header=header, arrays=arrays)
 
     def export(self, path: str | os.PathLike, format: str | None = None) -> None:
@@ -190,7 +229,8 @@ class ActivityCube:
                    provenance=header["provenance"], attention=header["attention"],
                    layer_extras={int(k): v for k, v in header["layer_extras"].items()},
                    raw={int(i): {**e, "array": arrays[f"raw_{i}"]} for i, e in header.get("raw", {}).items()},
-                   decoder_tokens=header.get("decoder_tokens"))
+                   decoder_tokens=header.get("decoder_tokens"),
+                   attention_layers=header.get("attention_layers", []), attention_data=arrays.get("attention_data"))
 
     @classmethod
     def _from_json(cls, path: Path) -> "ActivityCube":
@@ -208,8 +248,14 @@ class ActivityCube:
         length = max(lengths.values())
         metric_keys = meta.pop("metrics", None)
         names, blocks, attention, extras, references = [], [], [], {}, {}
+        attention_layers, attention_blocks = [], []
         for entry in doc["layers"]:
             core = entry.get("core_metrics")
+            if "attention_stats" in entry:
+                attention_layers.append(entry.get("module_name", entry["layer_name"]))
+                attention_blocks.append(np.stack([export.as_float32(entry["attention_stats"][k])
+                                                  for k in ATTENTION_STATS], axis=-1))
+                continue
             if core is None:  # attention entries carry no core metrics
                 attention.append(entry)
                 continue
@@ -240,7 +286,19 @@ class ActivityCube:
         return cls(tokens=tokens, layer_names=names, metrics=metrics, data=data,
                    padding_mask=None if mask is None else np.asarray(mask, dtype=bool), meta=meta,
                    provenance=doc.get("provenance", {}), attention=attention, layer_extras=extras, raw=raw,
-                   decoder_tokens=decoder_tokens)
+                   decoder_tokens=decoder_tokens, attention_layers=attention_layers,
+                   attention_data=cls._stacked_heads(attention_blocks))
+
+    @staticmethod
+    def _stacked_heads(blocks: list[np.ndarray]) -> np.ndarray | None:
+        """[batch, heads, tokens, 8] blocks as one array, heads NaN-padded to the widest."""
+        if not blocks:
+            return None
+        heads = max(b.shape[1] for b in blocks)
+        data = np.full((len(blocks), blocks[0].shape[0], heads, *blocks[0].shape[2:]), np.nan, np.float32)
+        for i, b in enumerate(blocks):
+            data[i, :, : b.shape[1]] = b
+        return data
 
     def _token_labels(self, index: int, length: int) -> np.ndarray:
         """[batch * length] the token text of layer `index`'s axis ("" past its end)."""
@@ -261,3 +319,16 @@ class ActivityCube:
         frame.insert(1, "token", np.concatenate([self._token_labels(i, length) for i in range(layers)])
                      if layers else np.zeros(0, dtype=object))
         return frame.reset_index()
+
+    def to_html(self, path: str | os.PathLike, compare: "ActivityCube | None" = None) -> int:
+        """A self-contained HTML viewer of the cube (heatmaps, profiles, token strip; with `compare`,
+        a second cube beside it and their difference), written to `path`; returns its size in bytes."""
+        from recon_fast.view.html import cube_html  # the viewer sits above the cube: imported when asked for
+
+        return cube_html(self, path, compare=compare)
+
+    def _repr_html_(self) -> str:
+        """The viewer inline in a notebook (Jupyter's rich display)."""
+        from recon_fast.view.html import cube_fragment
+
+        return cube_fragment(self)

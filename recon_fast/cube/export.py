@@ -207,6 +207,14 @@ def layer_object(index: int, name: str, stats: np.ndarray, metrics: tuple[str, .
     return obj
 
 
+def attention_stats_object(index: int, layer_index: int, module_name: str, stats: np.ndarray,
+                           names: tuple[str, ...]) -> dict:
+    """One `attention.{index}` entry: stats is [batch, heads, tokens, len(names)] float32; each
+    statistic is written [batch][heads][tokens] (padded queries null)."""
+    return {"layer_index": layer_index, "layer_name": f"attention.{index}", "module_name": module_name,
+            "attention_stats": {name: np.ascontiguousarray(stats[..., k]) for k, name in enumerate(names)}}
+
+
 def write_json(
     path: str | os.PathLike,
     *,

@@ -1,7 +1,8 @@
-"""Attention, the capture of the probabilities an eager attention returns (`output_attentions`):
-"full" keeps every probability, "summary" per head and query the entropy, max weight and argmax.
-Its buffer is the model's own `attentions` output; its part of the cube is the `attention.{i}`
-entries after the layers."""
+"""Attention probabilities, the capture of what an eager attention returns (`output_attentions`):
+attention="full" keeps every probability (short inputs: [batch, heads, T, T] per layer). Its
+buffer is the model's own `attentions` output; its part of the cube is the `attention.{i}`
+entries after the layers. attention="stats" (any implementation, any length) is
+attention_stats_capture."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from torch import nn
 
 from recon_fast.trace.model_state import returns_attentions
 
-MODES = (None, "full", "summary")
+MODES = (None, "full", "stats")
 
 
 def check_mode(attention: str | None) -> None:
+    if attention == "summary":
+        raise ValueError("attention='summary' is now attention='stats': entropy, max_weight, argmax and five more "
+                         "per head and query, under any attention implementation (cube.attention_stat('entropy'))")
     if attention not in MODES:
-        raise ValueError(f"attention must be None, 'full' or 'summary', got {attention!r}")
+        raise ValueError(f"attention must be None, 'full' or 'stats', got {attention!r}")
 
 
 def _no_attentions(model: nn.Module, verb: str) -> ValueError:
@@ -31,20 +35,10 @@ def check_returned(model: nn.Module) -> None:
         raise _no_attentions(model, "returns")
 
 
-def cube_part(model: nn.Module, mode: str, attentions, first_index: int) -> list[dict]:
+def cube_part(model: nn.Module, attentions, first_index: int) -> list[dict]:
     """The cube's attention entries, numbered after the `first_index` layers."""
     if not attentions or any(a is None for a in attentions):
         raise _no_attentions(model, "returned")
-    entries = []
-    for i, att in enumerate(attentions):  # [batch, heads, queries, keys]
-        entry = {"layer_index": first_index + i, "layer_name": f"attention.{i}"}
-        probs = att.detach().float()
-        if mode == "full":
-            entry["attention_scores"] = probs.cpu().numpy()
-        else:
-            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-            top, where = probs.max(dim=-1)
-            entry["attention_summary"] = {"entropy": entropy.cpu().numpy(), "max_weight": top.cpu().numpy(),
-                                          "argmax": where.cpu().numpy()}
-        entries.append(entry)
-    return entries
+    return [{"layer_index": first_index + i, "layer_name": f"attention.{i}",
+             "attention_scores": att.detach().float().cpu().numpy()}  # [batch, heads, queries, keys]
+            for i, att in enumerate(attentions)]

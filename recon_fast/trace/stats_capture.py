@@ -13,6 +13,7 @@ import numpy as np
 
 from recon_fast.cube import export
 from recon_fast.cube.cube import ActivityCube
+from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
 from recon_fast.trace.stats_arena import StatsArena, back_to_back
 
@@ -81,8 +82,9 @@ class StatsCube:
             i = j
         return data
 
-    def stream(self, path, layers: list[_Layer], shell: dict, extras: dict) -> None:
-        """Writes the cube to `path` (JSON), copying one layer at a time off the device."""
+    def stream(self, path, layers: list[_Layer], shell: dict, extras: dict, attention_layers=()) -> None:
+        """Writes the cube to `path` (JSON), copying one layer at a time off the device; then the
+        attention statistics, (module name, [batch, heads, tokens, 8]) pairs, one at a time."""
         cube = ActivityCube(layer_names=[], data=np.zeros((0, self.batch, self.length, len(self.metrics)), np.float32),
                             **shell)
         path = str(path)
@@ -95,6 +97,8 @@ class StatsCube:
                 extra = {**extras.get(i, {}), **cube.raw_reference(path, i)}
                 yield export.layer_object(i, layer.name, stats[:, :own], self.metrics, flat, extra)
             yield from cube.attention
+            for i, (name, stats) in enumerate(attention_layers):
+                yield export.attention_stats_object(i, len(layers) + i, name, stats, ATTENTION_STATS)
 
         cube.write_raw_sidecar(path)
         export.write_json(path, meta=cube.meta_for_export(), tokens=cube.tokens, layers=layer_objects(),

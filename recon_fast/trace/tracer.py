@@ -2,7 +2,8 @@
 token_stats, on the device, during one forward pass (or a whole generate()), and assemble an
 ActivityCube afterwards. This module keeps hook registration, the session and running; each capture
 kind owns its device buffer and its part of the cube in a module of its own: stats_capture
-(token statistics, written into stats_arena), raw_capture (raw slices), attention_capture.
+(token statistics, written into stats_arena), raw_capture (raw slices), attention_stats_capture
+(attention statistics, attention="stats") and attention_capture (eager probabilities, "full").
 
 During the forward pass a hook does no .item(), .cpu(), .tolist() or stream sync: it takes a
 slice of a device buffer (StatsArena) and enqueues token_stats into it. Results reach the host
@@ -38,6 +39,7 @@ from recon_fast.cube.provenance import model_provenance
 from recon_fast.kernels import ops
 from recon_fast.kernels.ops import STATS
 from recon_fast.trace import attention_capture, presets, raw_capture
+from recon_fast.trace.attention_stats_capture import AttentionStatsCapture, check_model
 from recon_fast.trace.model_inputs import ModelCall, model_device, model_dtype, prepare_call, token_texts
 from recon_fast.trace.model_state import ModelState
 from recon_fast.trace.raw_capture import RawSlices
@@ -78,6 +80,7 @@ class _Session:
     skipped: list[dict] = field(default_factory=list)
     axis: str = "tokens"  # "decoder_tokens" once an encoder-decoder's decoder starts
     steps: list[int] = field(default_factory=list)  # positions fed by each model.forward (generate)
+    attention_stats: AttentionStatsCapture | None = None  # attention="stats"
 
 
 @dataclass
@@ -104,8 +107,12 @@ class Tracer:
     tracer.cube.metric("energy")              # [layers, batch, tokens]
 
     metrics:   which of STATS the cube keeps (all five by default).
-    attention: None, "full" (every attention probability) or "summary" (per head and query:
-               entropy, max weight, argmax); needs a model that returns attentions (eager).
+    attention: None; "stats": per attention layer, head and query the 8 statistics of
+               recon_fast.kernels.attention_stats (entropy, max weight, argmax, sink mass, mean
+               distance, self and previous-token weight, lse) under the model's own attention
+               implementation, at any length (cube.attention_stat(name)); or "full": every
+               attention probability, which needs eager attention and [B, H, T, T] per layer.
+               With "stats", no hooks are needed (a cube of attention only).
     raw:       RawSlices to keep raw activation slices, written to a sidecar file on export.
     stream_to: a path (.json, .json.gz or .npz); the cube is streamed there layer by layer instead
                of being kept in memory.
@@ -121,6 +128,8 @@ class Tracer:
         if unknown or not self.metrics:
             raise ValueError(f"unknown or no metrics {unknown or self.metrics}; choose from {list(STATS)}")
         attention_capture.check_mode(attention)
+        if attention == "stats":
+            check_model(model)
         if raw is not None:
             presets.compile_pattern(raw.layers)
         if stream_to is not None:
@@ -244,11 +253,11 @@ class Tracer:
         """
         with self._detached_on_failure():
             call = self._prepare(inputs, model_kwargs)
-            if self.attention is not None:
+            if self.attention == "full":
                 attention_capture.check_returned(self.model)
                 call.kwargs["output_attentions"] = True
             output, session, seconds = self._traced(lambda: call(self.model), call, mode="forward")
-            attentions = getattr(output, "attentions", None) if self.attention else None
+            attentions = getattr(output, "attentions", None) if self.attention == "full" else None
             self._finish(session, call, seconds, "forward", attentions=attentions)
         return output
 
@@ -256,8 +265,8 @@ class Tracer:
         """Traces model.generate(): the prompt pass and every generated token, so the token axis
         covers every position that went through the model. Returns generate()'s output."""
         with self._detached_on_failure():
-            if self.attention is not None:
-                raise ValueError("attention capture works with run(), not generate()")
+            if self.attention == "full":
+                raise ValueError("attention='full' works with run(), not generate(); attention='stats' works with both")
             call = self._prepare(inputs, generate_kwargs)
             if call.ids is None:
                 raise ValueError("generate() needs token ids (or text with a tokenizer)")
@@ -307,15 +316,19 @@ class Tracer:
             names, self._detached = self._detached, []
             for name in names:
                 self.add_hook(name)
-        if not self.hooks:
+        if not self.hooks and self.attention != "stats":
             raise RuntimeError("no hooks: add some with add_hook, add_preset, add_hooks_all or add_hooks")
         session = _Session(StatsArena(), token_ids=call.ids is not None)
+        if self.attention == "stats":
+            session.attention_stats = AttentionStatsCapture(self.model)
         state = ModelState(self.model) if self.attention is not None else None
         helpers = self._session_hooks(session, mode)
         self._session = session
         start = time.perf_counter()
         try:
-            with torch.no_grad():
+            installed = (session.attention_stats.installed() if session.attention_stats is not None
+                         else contextlib.nullcontext())
+            with torch.no_grad(), installed:
                 output = forward()
         finally:
             self._session = None
@@ -440,8 +453,9 @@ class Tracer:
         self.skipped = self._dedupe(session.skipped + shape_skipped)
         if self.skipped:
             meta["skipped"] = self.skipped
-        attention_entries = (attention_capture.cube_part(self.model, self.attention, attentions, len(layers))
-                             if self.attention else [])
+        attention_entries = (attention_capture.cube_part(self.model, attentions, len(layers))
+                             if self.attention == "full" else [])
+        capture = session.attention_stats
         provenance = model_provenance(self.model)
         extras = {i: self._layer_extra(layer, decoder_tokens is not None) for i, layer in enumerate(layers)}
         extras = {i: e for i, e in extras.items() if e}
@@ -451,15 +465,18 @@ class Tracer:
         # The binary form needs the whole array anyway: it is built as in memory, then written.
         if self.stream_to is not None and export.cube_format(self.stream_to) == "json":
             self._cube = None
-            stats.stream(self.stream_to, layers, shell, extras)
+            stats.stream(self.stream_to, layers, shell, extras,
+                         capture.layers(mode, token_length, padding) if capture is not None else ())
             self._warn(stats.nonfinite, len(layers))
             return
         data = stats.data(layers)
         nonfinite = stats.nonfinite
         if nonfinite.first is not None:
             meta["nonfinite"] = nonfinite.summary()
+        attention_layers, attention_data = (capture.data(mode, token_length, padding) if capture is not None
+                                            else ([], None))
         self._cube = ActivityCube(layer_names=[layer.name for layer in layers], data=data, layer_extras=extras,
-                                  **shell)
+                                  attention_layers=attention_layers, attention_data=attention_data, **shell)
         self._warn(nonfinite, len(layers))
         if self.stream_to is not None:
             self._cube.export_npz(self.stream_to)

@@ -1,0 +1,364 @@
+"""The HTML viewer (recon_fast.view, `recon-fast view`, ActivityCube.to_html / _repr_html_): the page
+is self-contained and carries the cube's exact float32 values; in a real browser (Debian's
+chromium driven by Playwright) it loads without console errors or network requests, hovering a
+cell shows its exact value, switching metric / scale / normalisation changes the picture, clicks
+select a token and a layer, and the attribution and compare pages render.
+
+One browser serves the whole module. Without chromium or Playwright the browser tests FAIL (CI must
+not pass by skipping them); RECON_FAST_NO_BROWSER=1 skips them instead, saying so."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recon_fast.cube.cube import ActivityCube
+from recon_fast.view import html as view
+
+CHROMIUM = os.environ.get("RECON_FAST_CHROMIUM", "/usr/bin/chromium")
+METRICS = ("energy", "mean", "std", "min", "max")
+PI = np.float32(np.pi)  # a cell whose exact float32 repr the hover must show: 3.1415927
+
+
+def synthetic_cube(layers=12, tokens=20, seed=0, scale=1.0) -> ActivityCube:
+    """Energy and std never negative and growing with depth, mean/min/max signed, one outlier
+    token (position 0 of layer 0, as real residual streams have), an attention entry of full
+    probabilities, a token with a line break and one with a quote."""
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=(layers, 1, tokens, len(METRICS))).astype(np.float32) * scale
+    data[..., 0] = np.abs(data[..., 0]) * np.arange(1, layers + 1)[:, None, None]
+    data[..., 2] = np.abs(data[..., 2])
+    data[..., 3] = -np.abs(data[..., 3])
+    data[0, 0, 0, 0] = 500.0
+    data[5, 0, 7 % tokens, 0] = PI
+    words = [f" w{i}" for i in range(tokens)]
+    words[3], words[4] = "\n", 'say "hi"'
+    cube = ActivityCube(tokens=[words], layer_names=[f"model.layers.{i}" for i in range(layers)], metrics=METRICS,
+                        data=data, meta={"model_name": "synthetic"})
+    probs = rng.dirichlet(np.ones(tokens), size=(1, 4, tokens)).astype(np.float32)  # [batch, heads, q, k]
+    cube.attention = [{"layer_index": layers + i, "layer_name": f"attention.{i}", "attention_scores": probs}
+                      for i in range(3)]
+    return cube
+
+
+def attribution_document(layers=4, heads=4, seed=1) -> dict:
+    rng = np.random.default_rng(seed)
+    labels = ["embed"]
+    for i in range(layers):
+        labels += [f"L{i}.H{h}" for h in range(heads)] + [f"L{i}.attn_bias", f"L{i}.mlp"]
+    labels.append("norm_bias")
+    values = rng.normal(size=len(labels))
+    values[labels.index(f"L{layers - 1}.mlp")] = 10.89  # the top contributor, as in the issue
+    return {"prompt": "Why do bees buzz?", "model": "synthetic", "position": -1, "index": 5, "per_head": True,
+            "labels": labels, "sequences": [{"target_id": 198, "target_text": "\n", "logit": float(values.sum()),
+                                             "total": float(values.sum()), "values": values.tolist()}]}
+
+
+def cot_document() -> dict:
+    steps = []
+    for n, text in enumerate(["John has 3 apples.", "He buys 2 more.", "How many does he have?"], start=1):
+        a = attribution_document(seed=n)
+        steps.append({"step": n, "text": text, "span": [0, 1], "token_index": 4 * n,
+                      "attribution": {k: v for k, v in a.items() if k not in ("prompt", "model")}})
+    return {"prompt": "John has 3 apples. He buys 2 more. How many does he have?", "model": "synthetic", "steps": steps}
+
+
+# ---- the page itself (no browser) -----------------------------------------------------------------
+def embedded(page: str) -> tuple[dict, np.ndarray]:
+    import orjson
+
+    meta = re.search(r'<script type="application/json" id="[^"]+">(.*?)</script>', page, re.S).group(1)
+    data = re.search(r'<script type="application/octet-stream" id="[^"]+">(.*?)</script>', page, re.S).group(1)
+    return orjson.loads(meta), np.frombuffer(base64.b64decode(data), dtype="<f4")
+
+
+def test_page_is_self_contained_and_carries_exact_values():
+    cube = synthetic_cube()
+    page = view.cube_html(cube)
+    assert not re.search(r"https?://|\bsrc\s*=|<link|@import|url\(", page), "the page must need no network"
+    meta, data = embedded(page)
+    entry = meta["cubes"][0]
+    stored = data[entry["offset"]:entry["offset"] + entry["size"]].reshape(5, 1, 12, 20)  # [metrics, batch, layers, tokens]
+    np.testing.assert_array_equal(stored, cube.data.transpose(3, 1, 0, 2))  # bit-exact float32
+    assert entry["tokens"][0][3] == "\n" and meta["attention"]["stats"] == ["entropy", "max_weight"]
+
+
+def test_page_size_is_close_to_the_npz(tmp_path):
+    cube = synthetic_cube(layers=64, tokens=512)
+    cube.attention = []
+    cube.export(tmp_path / "cube.npz")
+    size = cube.to_html(tmp_path / "cube.html")
+    assert size == (tmp_path / "cube.html").stat().st_size
+    assert size <= 1.5 * (tmp_path / "cube.npz").stat().st_size  # base64 of float32: 4/3 + the page
+
+
+def test_a_cube_without_attention_has_no_attention_view():
+    cube = synthetic_cube()
+    cube.attention = []
+    meta, _ = embedded(view.cube_html(cube))
+    assert "attention" not in meta
+
+
+def test_attention_statistics_from_entries_and_arrays():
+    cube = synthetic_cube(tokens=6)
+    summary = {"entropy": np.ones((1, 2, 6), np.float32), "max_weight": np.full((2, 6), 0.5, np.float32)}
+    cube.attention = [{"layer_name": "attention.0", "attention_summary": summary}, {"layer_name": "x", "other": 3}]
+    names, stats = view.attention_statistics(cube)
+    assert names == ["attention.0"] and stats["max_weight"].shape == (1, 1, 2, 6)
+    cube.attention_layers, cube.attention_data = ["a", "b"], np.zeros((2, 1, 3, 6, 8), np.float32)
+    names, stats = view.attention_statistics(cube)
+    assert names == ["a", "b"] and len(stats) == 8 and next(iter(stats.values())).shape == (1, 2, 3, 6)
+
+
+# ---- the command line -------------------------------------------------------------------------------
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`recon-fast view ...` through the real main() (its one-line error handling)."""
+    import recon_fast.cli as cli
+
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_a_page_for_json_npz_and_attribution(tmp_path, capsys):
+    import orjson
+
+    cube = synthetic_cube()
+    cube.export(tmp_path / "cube.json")
+    cube.export(tmp_path / "cube.npz")
+    (tmp_path / "attribution.json").write_bytes(orjson.dumps(attribution_document()))
+    code, out, err = run_cli(["view", str(tmp_path / "cube.json")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "cube.html").is_file() and "wrote" in out
+    code, _, err = run_cli(["view", str(tmp_path / "cube.npz"), "-o", str(tmp_path / "out/n.html"),
+                            "--compare", str(tmp_path / "cube.json")], capsys)
+    assert code == 0, err
+    meta, _ = embedded((tmp_path / "out/n.html").read_text())
+    assert [c["name"] for c in meta["cubes"]] == ["cube.npz", "cube.json"]
+    code, _, err = run_cli(["view", str(tmp_path / "attribution.json")], capsys)
+    assert code == 0, err
+    meta, _ = embedded((tmp_path / "attribution.html").read_text())
+    assert meta["kind"] == "attribution"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("not_json", "does not parse as JSON"),
+    ("other_json", "neither a cube"),
+    ("suffix", "name it .html"),
+    ("layers", "layer 0 is"),
+    ("attribution_compare", "--compare goes with two cubes"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, case, message):
+    import orjson
+
+    synthetic_cube().export(tmp_path / "cube.json")
+    other = synthetic_cube()
+    other.layer_names = [f"blocks.{i}" for i in range(12)]
+    other.export(tmp_path / "other.npz")
+    (tmp_path / "notes.json").write_text("hello")
+    (tmp_path / "config.json").write_bytes(orjson.dumps({"model_type": "llama"}))
+    (tmp_path / "attribution.json").write_bytes(orjson.dumps(attribution_document()))
+    argv = {"missing": [str(tmp_path / "nope.json")], "not_json": [str(tmp_path / "notes.json")],
+            "other_json": [str(tmp_path / "config.json")],
+            "suffix": [str(tmp_path / "cube.json"), "-o", str(tmp_path / "cube.txt")],
+            "layers": [str(tmp_path / "cube.json"), "--compare", str(tmp_path / "other.npz")],
+            "attribution_compare": [str(tmp_path / "attribution.json"), "--compare", str(tmp_path / "cube.json")]}[case]
+    code, out, err = run_cli(["view", *argv], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("*.html"))
+
+
+# ---- in the browser ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    if os.environ.get("RECON_FAST_NO_BROWSER") == "1":
+        pytest.skip("RECON_FAST_NO_BROWSER=1: the viewer's browser tests are switched off")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the viewer's browser tests need Playwright (`make setup` installs it: pip install "
+                    "'recon-fast[view]'); set RECON_FAST_NO_BROWSER=1 to skip them")
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"the viewer's browser tests need chromium at {CHROMIUM} (`make setup`: apt-get install "
+                    "chromium; RECON_FAST_CHROMIUM names another); set RECON_FAST_NO_BROWSER=1 to skip them")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A page of the viewer opened from disk, with everything that would fail it recorded: console
+    errors and warnings, uncaught exceptions, and every request the page makes."""
+
+    def __init__(self, browser, path: Path | None = None, content: str | None = None):
+        self.page = browser.new_page(viewport={"width": 1200, "height": 900})
+        self.problems, self.requests = [], []
+        self.page.on("console", lambda m: m.type in ("error", "warning") and self.problems.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.problems.append(f"exception: {e}"))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.url = path.resolve().as_uri() if path else None
+        if path:
+            self.page.goto(self.url)
+        else:
+            self.page.set_content(content)
+        self.page.wait_for_selector(".rfv[data-rendered]", timeout=20_000)
+
+    def check_clean(self):
+        assert self.problems == []
+        assert [u for u in self.requests if u != self.url] == [], "the page must make no request"
+
+    def js(self, expression: str, arg=None):
+        return self.page.evaluate(expression, arg)
+
+    def hover_cell(self, heatmap: str, r: int, c: int, root: int = 0) -> str:
+        at = self.js(f"([r, c]) => document.querySelectorAll('.rfv')[{root}].rfv.{heatmap}.cellCenter(r, c)", [r, c])
+        self.page.mouse.move(at["x"], at["y"])
+        return self.js(f"() => document.querySelectorAll('.rfv')[{root}].rfv.{heatmap}.tip.innerText")
+
+    def pixels(self, selector: str = ".rfv-heat canvas") -> str:
+        return self.js(f"() => document.querySelector('{selector}').toDataURL()")
+
+    def close(self):
+        self.page.close()
+
+
+@pytest.fixture(scope="module")
+def cube_page(browser, tmp_path_factory):
+    path = tmp_path_factory.mktemp("view") / "cube.html"
+    synthetic_cube().to_html(path)
+    page = Page(browser, path)
+    yield page
+    page.close()
+
+
+def test_page_loads_with_no_error_and_no_request(cube_page):
+    cube_page.check_clean()
+    assert cube_page.js("() => document.querySelectorAll('.rfv-tok').length") == 20
+
+
+def test_hover_shows_layer_token_and_exact_value(cube_page):
+    text = cube_page.hover_cell("heatmaps.A.map", 5, 7)
+    assert "layer 5: model.layers.5" in text and 'token 7: " w7"' in text, text
+    value = re.search(r"energy = (\S+)", text).group(1)
+    assert value == "3.1415927" and np.float32(value) == PI
+    text = cube_page.hover_cell("heatmaps.A.map", 0, 4)
+    assert 'token 4: "say \\"hi\\""' in text
+    value = np.float32(re.search(r"energy = (\S+)", text).group(1))
+    assert value == synthetic_cube().data[0, 0, 4, 0]  # the shortest repr reads back exactly
+
+
+def test_metric_scale_and_normalisation_change_the_picture(cube_page):
+    page = cube_page
+    seen = [page.pixels()]
+    heading = page.js("() => document.querySelector('.rfv-section .rfv-subtitle').textContent")
+    assert "sequential" in heading
+    for name, value in [("scale", "log"), ("norm", "layer"), ("metric", "mean")]:
+        page.page.select_option(f"select[name={name}]", value)
+        seen.append(page.pixels())
+    heading = page.js("() => document.querySelector('.rfv-section .rfv-subtitle').textContent")
+    assert "diverging" in heading and "each layer on its own range" in heading
+    assert len(set(seen)) == len(seen), "every switch must change the heatmap"
+    for name, value in [("scale", "linear"), ("norm", "global"), ("metric", "energy")]:
+        page.page.select_option(f"select[name={name}]", value)
+    assert page.pixels() == seen[0]
+    page.check_clean()
+
+
+def test_click_selects_token_and_layer_and_drag_zooms(cube_page):
+    page = cube_page
+    at = page.js("() => document.querySelector('.rfv').rfv.heatmaps.A.map.cellCenter(3, 9)")
+    page.page.mouse.click(at["x"], at["y"])
+    state = page.js("() => document.querySelector('.rfv').rfv.state")
+    assert (state["layer"], state["token"]) == (3, 9)
+    titles = page.js("() => [...document.querySelectorAll('.rfv-line .rfv-subtitle')].map(e => e.textContent)")
+    assert titles[0].startswith('token 9 " w9" across depth') and titles[1].startswith("layer 3 model.layers.3")
+    assert page.js("() => document.querySelector('.rfv-tok.rfv-sel').dataset.token") == "9"
+    a = page.js("() => document.querySelector('.rfv').rfv.heatmaps.A.map.cellCenter(2, 2)")
+    b = page.js("() => document.querySelector('.rfv').rfv.heatmaps.A.map.cellCenter(5, 10)")
+    page.page.mouse.move(a["x"], a["y"])
+    page.page.mouse.down()
+    page.page.mouse.move(b["x"], b["y"], steps=4)
+    page.page.mouse.up()
+    assert page.js("() => document.querySelector('.rfv').rfv.heatmaps.A.map.view") == {"r0": 2, "r1": 6, "c0": 2, "c1": 11}
+    assert page.js("() => document.querySelectorAll('.rfv-tok').length") == 9  # the strip follows the zoom
+    page.page.mouse.dblclick(b["x"], b["y"])
+    assert page.js("() => document.querySelector('.rfv').rfv.heatmaps.A.map.view")["c1"] == 20
+    page.check_clean()
+
+
+def test_attention_statistics_render(cube_page):
+    cube = synthetic_cube()
+    probs = cube.attention[1]["attention_scores"].astype(np.float64)
+    entropy = -(probs * np.log(probs)).sum(-1)[0]  # [heads, queries]
+    text = cube_page.hover_cell("attention.map", 1, 2)
+    shown = float(re.search(r"= (\S+)", text).group(1))
+    assert "attention.1 head 2" in text and shown == pytest.approx(entropy[2].mean(), rel=1e-5)
+
+
+def test_screenshot_is_not_blank(cube_page, tmp_path):
+    from PIL import Image
+
+    shot = cube_page.page.screenshot(full_page=True)
+    (tmp_path / "viewer.png").write_bytes(shot)
+    image = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+    colours = np.unique(image.reshape(-1, 3), axis=0)
+    assert len(colours) > 100 and image.std() > 20, "the screenshot looks blank"
+    viridis_dark = np.all(np.abs(image.astype(int) - [68, 1, 84]) < 20, axis=-1).sum()
+    assert viridis_dark > 5000, "the heatmap's colours are missing"
+
+
+def test_compare_page_side_by_side_and_difference(browser, tmp_path):
+    a, b = synthetic_cube(), synthetic_cube(tokens=15, seed=3)
+    a.to_html(tmp_path / "compare.html", compare=b)
+    page = Page(browser, tmp_path / "compare.html")
+    text = page.hover_cell("heatmaps.B.map", 2, 14)
+    assert np.float32(re.search(r"energy = (\S+)", text).group(1)) == b.data[2, 0, 14, 0]
+    assert "NaN" in page.hover_cell("heatmaps.B.map", 2, 17)  # past B's end: aligned by token index
+    page.page.select_option("select[name=mode]", "diff")
+    text = page.hover_cell("heatmaps.A.map", 4, 6)
+    expected = a.data[4, 0, 6, 0] - b.data[4, 0, 6, 0]
+    assert np.float32(re.search(r"A \u2212 B = (\S+)", text).group(1)) == expected
+    assert page.js("() => document.querySelector('.rfv').rfv.heatmaps.A.map.cols") == 15
+    assert "diverging" in page.js("() => document.querySelector('.rfv-section .rfv-subtitle').textContent")
+    page.check_clean()
+    page.close()
+
+
+def test_attribution_pages_render(browser, tmp_path):
+    document = attribution_document()
+    view.attribution_html(document, tmp_path / "attribution.html")
+    page = Page(browser, tmp_path / "attribution.html")
+    rows = page.js("() => [...document.querySelectorAll('.rfv-bar-row')].map(r => r.innerText.replace(/\\s+/g, ' '))")
+    assert len(rows) == 10 and rows[0].startswith("MLP L3") and "+10.89" in rows[0], rows
+    columns = page.js("() => document.querySelector('.rfv').rfv.grid.cols_")
+    assert columns == ["H0", "H1", "H2", "H3", "attn_bias", "", "mlp"]  # the MLP term beside the heads
+    text = page.hover_cell("grid", 3, 6)
+    assert "MLP L3 (L3.mlp)" in text and "10.89" in text
+    page.check_clean()
+    page.close()
+
+    view.attribution_html(cot_document(), tmp_path / "cot.html")
+    page = Page(browser, tmp_path / "cot.html")
+    assert page.js("() => [...document.querySelectorAll('.rfv-step')].map(b => b.innerText)")[1] == "Step 2 He buys 2 more."
+    page.page.click(".rfv-step >> nth=1")
+    assert page.js("() => document.querySelector('.rfv-target').textContent").startswith('Step 2: "He buys 2 more."')
+    page.check_clean()
+    page.close()
+
+
+def test_notebook_fragment_renders(browser):
+    cube = synthetic_cube(tokens=8)
+    fragment = cube._repr_html_()
+    assert not fragment.lstrip().startswith("<!DOCTYPE")
+    page = Page(browser, content=f"<html><body><p>notebook cell</p>{fragment}{cube._repr_html_()}</body></html>")
+    assert page.js("() => document.querySelectorAll('.rfv[data-rendered]').length") == 2  # two views, one script
+    page.check_clean()
+    page.close()
