@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from recon_fast import cli
@@ -181,3 +182,43 @@ def test_attribute_sources_names_the_tokens_each_top_head_read(run_cli):
     assert len(heads) == 3, out
     for line in heads:
         assert re.match(r'^- Head L\d+\.H\d+ \([+-]\d+\.\d{3}\): "[^"]*"@\d +[+-]\d+\.\d{3}, "[^"]*"@\d +[+-]\d+\.\d{3}$', line), line
+
+
+# ---- issue 12: --report pictures on the real model ---------------------------------------------------
+def test_reports_show_mlp_terms_log_norms_and_step_text(run_cli, smollm2, tmp_path, monkeypatch):
+    """SmolLM2's per-head picture has its MLPs beside the heads (the top contributor to "Why do
+    bees buzz?" is an MLP), the residual norms are on a log scale (position 0's norm is ~1000x
+    the others'), the CoT columns name their steps, and each command says where each file went."""
+    from matplotlib import colors
+
+    from recon_fast.cli import report
+
+    figures = {}
+    real = report.save_png
+    monkeypatch.setattr(report, "save_png", lambda fig, folder, name: figures.setdefault(name, fig) and
+                        real(fig, folder, name))
+    out = run_cli("attribute", "--prompt", "Why do bees buzz?", "--per-head", "--top-k", "1", "--report", f"{tmp_path}/")
+    assert out.splitlines()[-2:] == [f"wrote {tmp_path}/attribution.json", f"wrote {tmp_path}/attribution.png"]
+    top = [line for line in out.splitlines() if line.startswith("- ")][0]
+    assert re.match(r"^- MLP +L\d+", top), top  # the largest term is an MLP ...
+    layer, value = int(re.search(r"L(\d+)", top).group(1)), float(top.split(":")[1].split()[0])
+    (image,) = figures["attribution"].axes[0].get_images()
+    assert [t.get_text() for t in image.axes.get_xticklabels()][-1] == "MLP"
+    grid = np.asarray(image.get_array())
+    assert grid.shape == (30, 10) and grid[layer, -1] == pytest.approx(value, abs=0.006)  # ... and it is drawn
+    assert np.unravel_index(np.abs(grid).argmax(), grid.shape) == (layer, 9)
+
+    out = run_cli("residual", "--prompt", "Why do bees buzz?", "--report", str(tmp_path))
+    assert out.splitlines()[-2:] == [f"wrote {tmp_path}/residual.json", f"wrote {tmp_path}/residual.png"]
+    (image,) = figures["residual"].axes[0].get_images()
+    norms = np.asarray(image.get_array())
+    assert isinstance(image.norm, colors.LogNorm) and norms[:, 0].max() > 100 * np.median(norms[:, 1:])
+    assert np.ptp(image.norm(norms[1:, 1:])) > 0.3  # the other positions are not all one colour
+
+    prompt = "John has 3 apples. He buys 2 more. How many apples does he have?"
+    out = run_cli("cot", "--prompt", prompt, "--report", str(tmp_path))
+    assert out.splitlines()[-2:] == [f"wrote {tmp_path}/cot.json", f"wrote {tmp_path}/cot.png"]
+    (image,) = figures["cot"].axes[0].get_images()
+    labels = [t.get_text() for t in image.axes.get_xticklabels()]
+    assert [label.split("\n")[0] for label in labels] == [
+        "1. John has 3 apples.", "2. He buys 2 more.", "3. How many apples does he have?"]

@@ -8,6 +8,8 @@ import argparse
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -56,6 +58,9 @@ def add_parsers(sub, add_model_args) -> None:
                    help="last positions shown and unembedded (default: 10)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead")
     p.add_argument("--report", metavar="DIR", default=None, help="write residual.json and residual.png there")
+    p.add_argument("--scale", choices=("log", "linear"), default="log",
+                   help="colour scale of residual.png's norms (default: log; the norm of an attention-sink "
+                        "position can be 1000x the others', which a linear scale shows as one bright cell)")
     p.set_defaults(run=cmd_residual)
 
 
@@ -157,7 +162,14 @@ def _check(args, report: str) -> None:
     cli_checks.check_prompt(args.prompt)
     cli_checks.check_model(args)
     if args.report:
-        export.check_writable(f"{args.report}/{report}.json")
+        export.check_writable(Path(args.report) / f"{report}.json")
+
+
+def print_written(paths: list[Path], to_stderr: bool = False) -> None:
+    """`wrote out/attribution.png`, a line per file of --report (to stderr under --json, whose
+    stdout is the JSON document alone)."""
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr if to_stderr else sys.stdout)
 
 
 def cmd_attribute(args) -> int:
@@ -178,10 +190,10 @@ def cmd_attribute(args) -> int:
                                            per_head=args.per_head, per_neuron=args.neurons > 0,
                                            by_source=args.sources > 0, tokenizer=tokenizer)
     document = {"prompt": args.prompt, "model": args.model, **attribution.to_dict()}
-    if args.report:
-        _attribution_report(args.report, "attribution", document, attribution)
+    written = _attribution_report(args.report, "attribution", document, attribution, args.model) if args.report else []
     if args.json:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        print_written(written, to_stderr=True)
         return 0
     print(token_header(attribution))
     print("Top Contributors to Final Logit" + (" Difference:" if attribution.versus_text else ":"))
@@ -198,8 +210,7 @@ def cmd_attribute(args) -> int:
         what = "logit difference " if attribution.versus_text else ""
         print(f"Logit check: model {what}{logit:+.4f}, sum of {len(attribution.labels)} terms {total:+.4f} "
               f"(difference {total - logit:+.2e})")
-    if args.report:
-        print(f"Report: {args.report}/attribution.json, {args.report}/attribution.png")
+    print_written(written)
     return 0
 
 
@@ -211,10 +222,10 @@ def cmd_cot(args) -> int:
     model, tokenizer = _load(args)
     steps = chain_of_thought(model, tokenizer, args.prompt, per_head=args.per_head)
     document = {"prompt": args.prompt, "model": args.model, "steps": steps_to_dict(steps)}
-    if args.report:
-        _cot_report(args.report, document, steps)
+    written = _cot_report(args.report, document, steps, args.model) if args.report else []
     if args.json:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        print_written(written, to_stderr=True)
         return 0
     print("Chain of Thought Attribution Trace (Console):")
     for step in steps:
@@ -222,8 +233,9 @@ def cmd_cot(args) -> int:
         print(f"Step {step.number}: {step.text}")
         print(token_header(step.attribution, where=f"token {step.token_index}"))
         print("\n".join(bar_lines(step.attribution.top(args.top_k))))
-    if args.report:
-        print(f"\nReport: {args.report}/cot.json, {args.report}/cot.png")
+    if written:
+        print()
+    print_written(written)
     return 0
 
 
@@ -239,17 +251,13 @@ def cmd_residual(args) -> int:
     shown = list(range(max(0, length - args.max_positions), length))
     lens = logit_lens(model, inputs, k=args.lens_k, positions=shown, tokenizer=tokenizer)
     document = {"prompt": args.prompt, "model": args.model, **lens.to_dict()}
-    if args.report:
-        from recon_fast.cli import report
-
-        report.write_json(args.report, "residual", document)
-        report.write_heatmap(args.report, "residual", lens.norms[:, 0].numpy(), lens.layers,
-                             [repr(t)[1:-1][:12] for t in lens.tokens[0]], "residual stream norm per token",
-                             "L2 norm")
+    written = _residual_report(args.report, document, lens, args.model, args.scale) if args.report else []
     if args.json:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        print_written(written, to_stderr=True)
         return 0
     print("\n".join(residual_table(lens)))
+    print_written(written)
     return 0
 
 
@@ -283,27 +291,97 @@ def _check_top_k(k: int) -> None:
         raise ValueError(f"--top-k must be at least 1, got {k}")
 
 
-def _attribution_report(folder: str, name: str, document: dict, attribution) -> None:
+def attribution_grid(attribution, row: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """(row labels, column labels, [layers, columns]) for the picture: Attribution.grid(), and with
+    per_head an "MLP" column beside the heads (the MLPs are often the largest terms; a per-head
+    picture without them hides the top contributor)."""
+    rows, columns, grid = attribution.grid(row)
+    grid = grid.double().numpy()
+    if not attribution.per_head:
+        return rows, [{"attn": "Attn", "mlp": "MLP"}.get(c, c) for c in columns], grid
+    mlp = np.zeros((grid.shape[0], 1))
+    for label, value in zip(attribution.labels, attribution.values[row].tolist()):
+        term = layer_term(label)
+        if term is not None and (term[1] == "mlp" or term[1].startswith("N")):  # neurons add up to their MLP
+            mlp[term[0], 0] += value
+    return rows, columns + ["MLP"], np.concatenate([grid, mlp], axis=1)
+
+
+def _target_words(attribution, row: int = 0) -> str:
+    versus = f' rather than "{shown_token(attribution.versus_text[row])}"' if attribution.versus_text else ""
+    return f'"{shown_token(attribution.target_text[row])}"{versus}'
+
+
+def attribution_figure(attribution, model_name: str | None = None):
+    """The attribution picture: layers x (Attn, MLP), or with per_head layers x (heads..., MLP)."""
     from recon_fast.cli import report
 
-    report.write_json(folder, name, document)
-    rows, columns, grid = attribution.grid()
-    what = "heads" if attribution.per_head else "attention and MLP"
-    report.write_heatmap(folder, name, grid.numpy(), rows, columns,
-                         f'direct logit attribution to "{attribution.target_text[0]}" ({what})', "logit contribution")
+    rows, columns, grid = attribution_grid(attribution)
+    total = float(attribution.values[0].sum())
+    rest = total - float(grid.sum())
+    what = "per head, with each layer's MLP" if attribution.per_head else "attention and MLP per layer"
+    title = (f"Direct logit attribution of {_target_words(attribution)} at position {attribution.position}: "
+             f"{what}" + (f" ({model_name})" if model_name else ""))
+    caption = (f"all terms sum to {total:+.2f}; outside the grid (embeddings, biases): {rest:+.2f}. "
+               "Red raises the logit, blue lowers it.")
+    return report.heatmap_figure(grid, rows, columns, title, "logit contribution", scale="signed",
+                                 xlabel="head | MLP" if attribution.per_head else None, ylabel="layer",
+                                 separators=(len(columns) - 1,) if attribution.per_head else (),
+                                 caption=caption, annotate=3)
 
 
-def _cot_report(folder: str, document: dict, steps) -> None:
+def _attribution_report(folder: str, name: str, document: dict, attribution, model_name=None) -> list[Path]:
     from recon_fast.cli import report
 
-    report.write_json(folder, "cot", document)
-    components, matrix = [], []  # a row per layer component, a column per step
+    json_path = report.write_json(folder, name, document)
+    return [json_path, report.save_png(attribution_figure(attribution, model_name), folder, name)]
+
+
+def step_label(step, width: int = 32) -> str:
+    """A CoT column's label: the step's number and (shortened) text, and the token it predicts."""
+    from recon_fast.cli.report import shorten
+
+    return f'{step.number}. {shorten(step.text, width)}\n-> "{shorten(shown_token(step.attribution.target_text[0]), 12)}"'
+
+
+def cot_figure(steps, model_name: str | None = None):
+    """A row per layer component (with per_head: heads and MLP), a column per step."""
+    from recon_fast.cli import report
+
+    components, matrix = [], []
     for step in steps:
-        rows, parts, grid = step.attribution.grid()
+        rows, parts, grid = attribution_grid(step.attribution)
         components = [f"{r} {c}" for r in rows for c in parts]
-        matrix.append(grid.flatten().numpy())
-    report.write_heatmap(folder, "cot", np.stack(matrix, axis=1), components, [f"step {s.number}" for s in steps],
-                         "direct logit attribution per chain-of-thought step", "logit contribution")
+        matrix.append(grid.flatten())
+    title = "Direct logit attribution per chain-of-thought step" + (f" ({model_name})" if model_name else "")
+    return report.heatmap_figure(np.stack(matrix, axis=1), components, [step_label(s) for s in steps], title,
+                                 "logit contribution", scale="signed", ylabel="component", annotate=3,
+                                 rotate_columns=30 if len(steps) > 3 else 0,
+                                 caption="each step attributes the token its last token predicts")
+
+
+def _cot_report(folder: str, document: dict, steps, model_name=None) -> list[Path]:
+    from recon_fast.cli import report
+
+    json_path = report.write_json(folder, "cot", document)
+    return [json_path, report.save_png(cot_figure(steps, model_name), folder, "cot")]
+
+
+def residual_figure(lens, model_name: str | None = None, scale: str = "log"):
+    """Layers x tokens, the residual stream's L2 norm on a sequential (by default log) scale."""
+    from recon_fast.cli import report
+
+    title = "Residual stream L2 norm per layer and token" + (f" ({model_name})" if model_name else "")
+    tokens = [f"{i} {report.shorten(shown_token(t), 12)}" for i, t in enumerate(lens.tokens[0])]
+    return report.heatmap_figure(lens.norms[:, 0].double().numpy(), lens.layers, tokens, title, "L2 norm",
+                                 scale=scale, xlabel="token", ylabel="layer")
+
+
+def _residual_report(folder: str, document: dict, lens, model_name=None, scale: str = "log") -> list[Path]:
+    from recon_fast.cli import report
+
+    json_path = report.write_json(folder, "residual", document)
+    return [json_path, report.save_png(residual_figure(lens, model_name, scale), folder, "residual")]
 
 
 def hexray_argv(argv: list[str]) -> list[str]:
