@@ -16,6 +16,7 @@ import orjson
 
 from recon_fast.attribution.direct import layer_term
 from recon_fast.cli import checks as cli_checks
+from recon_fast.cli import report
 from recon_fast.cube import export
 from recon_fast.models import load_model
 from recon_fast.trace.model_inputs import token_texts
@@ -165,13 +166,6 @@ def _check(args, report: str) -> None:
         export.check_writable(Path(args.report) / f"{report}.json")
 
 
-def print_written(paths: list[Path], to_stderr: bool = False) -> None:
-    """`wrote out/attribution.png`, a line per file of --report (to stderr under --json, whose
-    stdout is the JSON document alone)."""
-    for path in paths:
-        print(f"wrote {path}", file=sys.stderr if to_stderr else sys.stdout)
-
-
 def cmd_attribute(args) -> int:
     if args.cot_debug:
         return cmd_cot(args)
@@ -193,7 +187,7 @@ def cmd_attribute(args) -> int:
     written = _attribution_report(args.report, "attribution", document, attribution, args.model) if args.report else []
     if args.json:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-        print_written(written, to_stderr=True)
+        report.print_written(written, to_stderr=True)
         return 0
     print(token_header(attribution))
     print("Top Contributors to Final Logit" + (" Difference:" if attribution.versus_text else ":"))
@@ -210,7 +204,7 @@ def cmd_attribute(args) -> int:
         what = "logit difference " if attribution.versus_text else ""
         print(f"Logit check: model {what}{logit:+.4f}, sum of {len(attribution.labels)} terms {total:+.4f} "
               f"(difference {total - logit:+.2e})")
-    print_written(written)
+    report.print_written(written)
     return 0
 
 
@@ -225,7 +219,7 @@ def cmd_cot(args) -> int:
     written = _cot_report(args.report, document, steps, args.model) if args.report else []
     if args.json:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-        print_written(written, to_stderr=True)
+        report.print_written(written, to_stderr=True)
         return 0
     print("Chain of Thought Attribution Trace (Console):")
     for step in steps:
@@ -235,7 +229,7 @@ def cmd_cot(args) -> int:
         print("\n".join(bar_lines(step.attribution.top(args.top_k))))
     if written:
         print()
-    print_written(written)
+    report.print_written(written)
     return 0
 
 
@@ -254,10 +248,10 @@ def cmd_residual(args) -> int:
     written = _residual_report(args.report, document, lens, args.model, args.scale) if args.report else []
     if args.json:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-        print_written(written, to_stderr=True)
+        report.print_written(written, to_stderr=True)
         return 0
     print("\n".join(residual_table(lens)))
-    print_written(written)
+    report.print_written(written)
     return 0
 
 
@@ -314,7 +308,6 @@ def _target_words(attribution, row: int = 0) -> str:
 
 def attribution_figure(attribution, model_name: str | None = None):
     """The attribution picture: layers x (Attn, MLP), or with per_head layers x (heads..., MLP)."""
-    from recon_fast.cli import report
 
     rows, columns, grid = attribution_grid(attribution)
     total = float(attribution.values[0].sum())
@@ -331,7 +324,6 @@ def attribution_figure(attribution, model_name: str | None = None):
 
 
 def _attribution_report(folder: str, name: str, document: dict, attribution, model_name=None) -> list[Path]:
-    from recon_fast.cli import report
 
     json_path = report.write_json(folder, name, document)
     return [json_path, report.save_png(attribution_figure(attribution, model_name), folder, name)]
@@ -346,7 +338,6 @@ def step_label(step, width: int = 32) -> str:
 
 def cot_figure(steps, model_name: str | None = None):
     """A row per layer component (with per_head: heads and MLP), a column per step."""
-    from recon_fast.cli import report
 
     components, matrix = [], []
     for step in steps:
@@ -361,7 +352,6 @@ def cot_figure(steps, model_name: str | None = None):
 
 
 def _cot_report(folder: str, document: dict, steps, model_name=None) -> list[Path]:
-    from recon_fast.cli import report
 
     json_path = report.write_json(folder, "cot", document)
     return [json_path, report.save_png(cot_figure(steps, model_name), folder, "cot")]
@@ -369,7 +359,6 @@ def _cot_report(folder: str, document: dict, steps, model_name=None) -> list[Pat
 
 def residual_figure(lens, model_name: str | None = None, scale: str = "log"):
     """Layers x tokens, the residual stream's L2 norm on a sequential (by default log) scale."""
-    from recon_fast.cli import report
 
     title = "Residual stream L2 norm per layer and token" + (f" ({model_name})" if model_name else "")
     tokens = [f"{i} {report.shorten(shown_token(t), 12)}" for i, t in enumerate(lens.tokens[0])]
@@ -378,7 +367,6 @@ def residual_figure(lens, model_name: str | None = None, scale: str = "log"):
 
 
 def _residual_report(folder: str, document: dict, lens, model_name=None, scale: str = "log") -> list[Path]:
-    from recon_fast.cli import report
 
     json_path = report.write_json(folder, "residual", document)
     return [json_path, report.save_png(residual_figure(lens, model_name, scale), folder, "residual")]

@@ -94,5 +94,5 @@ def cmd_heads(args: argparse.Namespace) -> int:
              (means["entropy"], "Mean attention entropy", "entropy (nats)", None)],
             row_labels=[f"L{i}" for i in range(len(cube.attention_layers))],
             column_labels=[f"H{h}" for h in range(heads)])
-        print(f"wrote   {json_path} and {png_path}")
+        report.print_written([json_path, png_path])
     return 0

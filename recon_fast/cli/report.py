@@ -13,6 +13,8 @@ no global backend switch, nothing left open. Colour scales follow the data:
 
 from __future__ import annotations
 
+import sys
+
 import textwrap
 from pathlib import Path
 
@@ -208,3 +210,11 @@ def write_layer_head_heatmaps(folder: str | Path, name: str, panels: list[tuple]
                               column_labels: list[str]) -> Path:
     """layer_head_figure(...) written as <folder>/<name>.png."""
     return save_png(layer_head_figure(panels, row_labels, column_labels), folder, name)
+
+
+def print_written(paths: list[Path], to_stderr: bool = False) -> None:
+    """`wrote out/attribution.png`, a line per file of --report (to stderr under --json, whose
+    stdout is the JSON document alone)."""
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr if to_stderr else sys.stdout)
+
