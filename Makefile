@@ -14,7 +14,7 @@ CHROMIUM ?= /usr/bin/chromium
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja pybind11
-	$(PIP) install -q --no-build-isolation -e ".[dev,model,report,reference,view]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,model,report,reference,view,dataset]"
 	@# The HTML viewer's browser tests drive Debian's chromium through Playwright (never a browser
 	@# build Playwright would download); apt only when it is missing. Without it those tests fail.
 	@test -x "$(CHROMIUM)" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

@@ -18,6 +18,7 @@ import numpy as np
 
 from recon_fast.cli import attribution as attribution_cli
 from recon_fast.cli import checks as cli_checks
+from recon_fast.cli import dataset as dataset_cli
 from recon_fast.cli import heads as heads_cli
 from recon_fast.cli import view as view_cli
 from recon_fast.cube import export
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads_cli.add_parser(sub, _add_model_args)
     attribution_cli.add_parsers(sub, _add_model_args)
     view_cli.add_parser(sub)
+    dataset_cli.add_parser(sub, _add_model_args)
     return parser
 
 

@@ -1,0 +1,18 @@
+"""Dataset tracing: every document of a dataset through the Tracer, on one process or many
+(torchrun), into Parquet shards with a dataset profile; reading them back; scoring a new cube
+against the profile.
+
+    from recon_fast.dataset import trace_dataset, open, compare
+    trace_dataset(model, tokenizer, "docs.jsonl", "out/", layers="residual")
+    reader = open("out/"); reader.cube(0); reader.layer_metric(3, "energy")
+    compare("out/profile.json", tracer.cube).top(10)
+
+Modules: sources.py (JSONL, text, Parquet, HF datasets, iterables), batching.py (length-bucketed
+batches and their ranks), shards.py (the Parquet files, resume checks), profile.py (the profile
+and compare), distributed.py (torchrun's environment), tracing.py (trace_dataset), reader.py."""
+
+from recon_fast.dataset.profile import Comparison, Profile, compare
+from recon_fast.dataset.reader import DatasetReader, open
+from recon_fast.dataset.tracing import trace_dataset
+
+__all__ = ["Comparison", "DatasetReader", "Profile", "compare", "open", "trace_dataset"]

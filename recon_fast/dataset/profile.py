@@ -1,0 +1,248 @@
+"""The dataset profile: per layer and metric, exact count, mean, std, min and max over every real
+token of every document, and a fixed-bin log histogram (quantiles and percentiles come from it);
+and `compare`, which scores a new cube against a profile (z-scores and percentiles per layer and
+token), the auditing use.
+
+Moments are merged with Chan's parallel formula in float64 (as ATen's WelfordOps::combine), per
+batch into a shard's profile, then shard by shard and rank by rank, so the merge order changes the
+result only by float64 rounding; counts and histograms are integers and merge exactly. The
+histogram's edges are fixed (symmetric log, 10 bins a decade from 1e-6 to 1e6, one bin around 0,
+one below and one above the range), so histograms of any runs add up bin by bin."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "recon-fast profile 1"
+_MAGNITUDES = np.array([10.0 ** (k / 10) for k in range(-60, 61)])  # 1e-6 .. 1e6, 10 a decade
+# Ascending edges: -1e6 ... -1e-6, 1e-6 ... 1e6; bin b holds edges[b-1] <= v < edges[b]
+# (np.searchsorted(edges, v, "right")), bin 0 everything below -1e6 and the last above 1e6.
+EDGES = np.concatenate([-_MAGNITUDES[::-1], _MAGNITUDES])
+BINS = len(EDGES) + 1
+QUANTILES = {"p1": 0.01, "p50": 0.5, "p99": 0.99}
+
+
+@dataclass
+class Profile:
+    layers: list[str]
+    metrics: tuple[str, ...]
+    count: np.ndarray = None  # [layers, metrics] int64: finite values seen
+    mean: np.ndarray = None  # [layers, metrics] float64
+    m2: np.ndarray = None  # [layers, metrics] float64: sum of squared deviations from the mean
+    min: np.ndarray = None  # [layers, metrics] float64 (+inf where count is 0)
+    max: np.ndarray = None
+    nonfinite: np.ndarray = None  # [layers, metrics] int64: NaN/Inf activations, left out above
+    histogram: np.ndarray = None  # [layers, metrics, BINS] int64
+    documents: int = 0
+    tokens: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        shape = (len(self.layers), len(self.metrics))
+        self.metrics = tuple(self.metrics)
+        defaults = {"count": (np.int64, 0), "mean": (np.float64, 0.0), "m2": (np.float64, 0.0),
+                    "min": (np.float64, np.inf), "max": (np.float64, -np.inf), "nonfinite": (np.int64, 0)}
+        for name, (dtype, fill) in defaults.items():
+            value = getattr(self, name)
+            setattr(self, name, np.full(shape, fill, dtype) if value is None else np.asarray(value, dtype))
+        self.histogram = (np.zeros((*shape, BINS), np.int64) if self.histogram is None
+                          else np.asarray(self.histogram, np.int64))
+
+    # ---- accumulating ---------------------------------------------------------------------
+    def add(self, values: np.ndarray, documents: int = 0) -> None:
+        """values: [layers, tokens, metrics] (real tokens only: padding never comes here)."""
+        values = np.asarray(values)
+        layers, n, metrics = values.shape
+        finite = np.isfinite(values)
+        self.documents += documents
+        self.tokens += n
+        if n == 0:
+            return
+        v = values.astype(np.float64)
+        if finite.all():
+            count = np.full((layers, metrics), n, np.int64)
+            mean = v.mean(axis=1)
+            m2 = ((v - mean[:, None, :]) ** 2).sum(axis=1)
+            lo, hi = v.min(axis=1), v.max(axis=1)
+        else:
+            v = np.where(finite, v, np.nan)
+            count = finite.sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(count > 0, np.nansum(v, axis=1) / np.maximum(count, 1), 0.0)
+                m2 = np.nansum((v - mean[:, None, :]) ** 2, axis=1)
+                lo = np.where(count > 0, np.nanmin(np.where(finite, v, np.inf), axis=1), np.inf)
+                hi = np.where(count > 0, np.nanmax(np.where(finite, v, -np.inf), axis=1), -np.inf)
+            self.nonfinite += (~finite).sum(axis=1)
+        bins = np.searchsorted(EDGES, np.where(finite, v, 0.0), side="right")  # [layers, tokens, metrics]
+        cell = (np.arange(layers)[:, None, None] * metrics + np.arange(metrics)[None, None, :]) * BINS
+        flat = (bins + cell)[finite]
+        self.histogram += np.bincount(flat, minlength=layers * metrics * BINS).reshape(layers, metrics, BINS)
+        self._merge_moments(count, mean, m2, lo, hi)
+
+    def merge(self, other: "Profile") -> "Profile":
+        """Adds `other` (same layers and metrics) into this profile; returns self."""
+        if list(other.layers) != list(self.layers) or tuple(other.metrics) != self.metrics:
+            raise ValueError("profiles of different layers or metrics cannot be merged")
+        self._merge_moments(other.count, other.mean, other.m2, other.min, other.max)
+        self.histogram += other.histogram
+        self.nonfinite += other.nonfinite
+        self.documents += other.documents
+        self.tokens += other.tokens
+        return self
+
+    def _merge_moments(self, count, mean, m2, lo, hi) -> None:
+        # Chan, Golub & LeVeque: n = na + nb, delta = mb - ma, mean = ma + delta nb / n,
+        # M2 = M2a + M2b + delta^2 na nb / n.
+        total = self.count + count
+        safe = np.maximum(total, 1).astype(np.float64)
+        delta = mean - self.mean
+        self.mean = np.where(total > 0, self.mean + delta * (count / safe), 0.0)
+        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * (count / safe))
+        self.count = total
+        self.min = np.minimum(self.min, lo)
+        self.max = np.maximum(self.max, hi)
+
+    # ---- reading --------------------------------------------------------------------------
+    @property
+    def std(self) -> np.ndarray:  # [layers, metrics]: divides by n - 1, like torch.std
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 1, np.sqrt(self.m2 / np.maximum(self.count - 1, 1)), np.nan)
+
+    def quantile(self, q: float) -> np.ndarray:  # -> [layers, metrics], from the histogram
+        """Linear within a bin, clamped to [min, max]; exact to a bin's width (a tenth of a decade)."""
+        cum = np.cumsum(self.histogram, axis=-1)
+        target = q * self.count[..., None]
+        b = np.minimum((cum < target).sum(axis=-1, keepdims=True), BINS - 1)  # first bin reaching it
+        below = np.take_along_axis(np.concatenate([np.zeros_like(cum[..., :1]), cum], -1), b, -1)
+        inside = np.take_along_axis(self.histogram, b, -1)
+        lo = np.concatenate([[-np.inf], EDGES])[b]
+        hi = np.concatenate([EDGES, [np.inf]])[b]
+        lo = np.maximum(lo, self.min[..., None])
+        hi = np.minimum(hi, self.max[..., None])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.clip(np.where(inside > 0, (target - below) / np.maximum(inside, 1), 0.5), 0, 1)
+            out = (lo + frac * (hi - lo))[..., 0]
+        return np.where(self.count > 0, out, np.nan)
+
+    def percentile(self, layer: int, metric: int, values: np.ndarray) -> np.ndarray:
+        """Where `values` fall in layer/metric's distribution, 0-100, from the histogram."""
+        hist = self.histogram[layer, metric]
+        total = hist.sum()
+        if total == 0:
+            return np.full(np.shape(values), np.nan)
+        values = np.asarray(values, np.float64)
+        finite = np.isfinite(values)
+        b = np.searchsorted(EDGES, np.where(finite, values, 0.0), side="right")
+        below = np.concatenate([[0], np.cumsum(hist)])[b]
+        lo = np.concatenate([[-np.inf], EDGES])[b]
+        hi = np.concatenate([EDGES, [np.inf]])[b]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(np.isfinite(lo) & np.isfinite(hi), (values - lo) / (hi - lo), 0.5)
+        out = 100.0 * (below + np.clip(frac, 0, 1) * hist[b]) / total
+        return np.where(finite, out, np.nan)
+
+    # ---- files ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        def floats(a):  # JSON has no inf: an empty cell's min/max are null
+            return [[None if not np.isfinite(x) else float(x) for x in row] for row in a]
+
+        quantiles = {name: floats(self.quantile(q)) for name, q in QUANTILES.items()}
+        return {
+            "format": FORMAT, "layers": list(self.layers), "metrics": list(self.metrics),
+            "documents": self.documents, "tokens": self.tokens, "meta": self.meta,
+            "histogram_edges": EDGES.tolist(),
+            # every per-cell list is [layers][metrics]; histogram [layers][metrics][bins]
+            "count": self.count.tolist(), "mean": floats(self.mean), "std": floats(self.std),
+            "min": floats(self.min), "max": floats(self.max), "m2": floats(self.m2),
+            "nonfinite": self.nonfinite.tolist(), "histogram": self.histogram.tolist(), **quantiles,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a recon-fast profile (format {d.get('format')!r}, expected {FORMAT!r})")
+        if d["histogram_edges"] != EDGES.tolist():
+            raise ValueError("the profile's histogram edges differ from this version's")
+
+        def arr(key, fill):
+            return np.array([[fill if x is None else x for x in row] for row in d[key]], np.float64)
+
+        return cls(d["layers"], tuple(d["metrics"]), count=d["count"], mean=arr("mean", 0.0), m2=arr("m2", 0.0),
+                   min=arr("min", np.inf), max=arr("max", -np.inf), nonfinite=d["nonfinite"],
+                   histogram=d["histogram"], documents=d["documents"], tokens=d["tokens"], meta=d.get("meta", {}))
+
+    def save(self, path: str | os.PathLike) -> None:
+        from recon_fast.cube.export import atomic_write
+
+        with atomic_write(path) as f:
+            f.write(json.dumps(self.to_dict()).encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class Comparison:
+    """A cube scored against a profile: z-score and percentile of every value. Layers the profile
+    does not have are NaN, as are padding positions."""
+    layer_names: list[str]
+    metrics: tuple[str, ...]
+    z: np.ndarray  # [layers, batch, tokens, metrics]
+    percentile: np.ndarray  # [layers, batch, tokens, metrics], 0-100
+
+    def top(self, k: int = 10, metric: str | None = None) -> list[tuple[str, int, int, str, float, float]]:
+        """The k values farthest from the profile's mean: (layer, batch, token, metric, z, percentile)."""
+        z = self.z if metric is None else self.z[..., [self.metrics.index(metric)]]
+        names = self.metrics if metric is None else (metric,)
+        score = np.where(np.isfinite(z), np.abs(z), -1.0).ravel()
+        order = np.argsort(-score, kind="stable")[:k]
+        out = []
+        for flat in order:
+            if score[flat] < 0:
+                break
+            layer, batch, token, m = np.unravel_index(flat, z.shape)
+            full = (layer, batch, token, self.metrics.index(names[m]))
+            out.append((self.layer_names[layer], int(batch), int(token), names[m], float(self.z[full]),
+                        float(self.percentile[full])))
+        return out
+
+
+def compare(profile: "Profile | str | os.PathLike", cube) -> Comparison:
+    """Scores `cube` (an ActivityCube) against a dataset profile (a Profile or a profile.json):
+    per layer, token and metric, z = (value - mean) / std and the percentile. Layers are matched
+    by name (the k-th entry of a name with the k-th in the profile)."""
+    if not isinstance(profile, Profile):
+        profile = Profile.load(profile)
+    index = {}
+    seen: dict[str, int] = {}
+    for i, name in enumerate(profile.layers):
+        index[(name, seen.get(name, 0))] = i
+        seen[name] = seen.get(name, 0) + 1
+    metrics = [m for m in cube.metrics if m in profile.metrics]
+    if not metrics:
+        raise ValueError(f"the cube's metrics {list(cube.metrics)} are not in the profile ({list(profile.metrics)})")
+    shape = (cube.num_layers, *cube.data.shape[1:3], len(metrics))
+    z = np.full(shape, np.nan)
+    percentile = np.full(shape, np.nan)
+    std = profile.std
+    seen = {}
+    for i, name in enumerate(cube.layer_names):
+        p = index.get((name, seen.get(name, 0)))
+        seen[name] = seen.get(name, 0) + 1
+        if p is None:
+            continue
+        for j, metric in enumerate(metrics):
+            pm = profile.metrics.index(metric)
+            values = cube.data[i, ..., cube.metrics.index(metric)].astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                z[i, ..., j] = (values - profile.mean[p, pm]) / std[p, pm]
+            percentile[i, ..., j] = profile.percentile(p, pm, values)
+    if not np.isfinite(z).any() and not any((n, 0) in index for n in cube.layer_names):
+        raise ValueError("no layer of the cube is in the profile (were they traced with the same --layers?)")
+    return Comparison(list(cube.layer_names), tuple(metrics), z, percentile)

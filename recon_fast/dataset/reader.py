@@ -1,0 +1,109 @@
+"""Reading a traced dataset back: `open(DIR)` gives a DatasetReader; a document's ActivityCube,
+or one layer x metric across every document, each reading only the rows and columns it needs
+(Parquet filters and column projection: one row group per layer in every shard)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from recon_fast.cube.cube import ActivityCube
+from recon_fast.dataset import shards
+from recon_fast.dataset.profile import Profile
+from recon_fast.dataset.tracing import MANIFEST, PROFILE
+
+
+class DatasetReader:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.exists():
+            raise ValueError(f"{self.path} has no {MANIFEST}: not a traced dataset, or its run has not finished "
+                             "(recon-fast trace-dataset --resume completes it)")
+        self.manifest = json.loads(manifest.read_text())
+        self.layers: list[str] = self.manifest["layers"]
+        self.metrics: tuple[str, ...] = tuple(self.manifest["metrics"])
+        self._where: dict[int, str] | None = None
+
+    def __repr__(self) -> str:
+        return (f"DatasetReader({str(self.path)!r}, documents={self.manifest['documents']}, "
+                f"layers={len(self.layers)}, metrics=({', '.join(self.metrics)}))")
+
+    def __len__(self) -> int:
+        return self.manifest["documents"]
+
+    def _files(self, key: str) -> list[str]:
+        return [str(self.path / s[key]) for s in self.manifest["shards"]]
+
+    def documents(self, columns: list[str] | None = None):
+        """The documents table (pyarrow.Table: doc_id, source_row, tokens, token_ids, text_sha256),
+        sorted by doc_id; `columns` reads only those."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(f, columns=columns) for f in self._files("documents_file")]
+        table = pa.concat_tables(tables)
+        return table.sort_by("doc_id") if "doc_id" in table.column_names else table
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        return self.documents(["doc_id"]).column("doc_id").to_numpy()
+
+    def profile(self) -> Profile:
+        return Profile.load(self.path / PROFILE)
+
+    def _shard_of(self, doc_id: int) -> str:
+        if self._where is None:  # doc_id -> activations file, from the small documents files
+            import pyarrow.parquet as pq
+
+            self._where = {}
+            for s in self.manifest["shards"]:
+                for i in pq.read_table(self.path / s["documents_file"], columns=["doc_id"]).column(0).to_pylist():
+                    self._where[i] = str(self.path / s["activations"])
+        if doc_id not in self._where:
+            raise KeyError(f"document {doc_id} is not in {self.path}")
+        return self._where[doc_id]
+
+    def cube(self, doc_id: int, tokenizer=None) -> ActivityCube:
+        """Document `doc_id` as an ActivityCube (batch 1): its layers, metrics and tokens (their
+        text with a tokenizer, else the ids as strings)."""
+        import pyarrow.parquet as pq
+
+        doc_id = int(doc_id)
+        table = pq.read_table(self._shard_of(doc_id), columns=["layer", *self.metrics],
+                              filters=[("doc_id", "==", doc_id)]).sort_by("layer")
+        docs = pq.read_table(self._shard_of(doc_id).replace(f"{os.sep}{shards.ACTIVATIONS}{os.sep}",
+                                                            f"{os.sep}{shards.DOCUMENTS}{os.sep}"),
+                             filters=[("doc_id", "==", doc_id)]).to_pylist()[0]
+        data = np.stack([np.stack(table.column(m).to_numpy(zero_copy_only=False)) for m in self.metrics], -1)
+        ids = docs["token_ids"]
+        tokens = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
+        meta = {"model_name": self.manifest["model"], "doc_id": doc_id, "source_row": docs["source_row"],
+                "text_sha256": docs["text_sha256"], "mode": "dataset", "metrics": list(self.metrics)}
+        return ActivityCube(tokens=[tokens], layer_names=list(self.layers), metrics=self.metrics,
+                            data=data[:, None].astype(np.float32), meta=meta,
+                            provenance=self.manifest.get("provenance", {}))
+
+    def layer_metric(self, layer: int | str, metric: str) -> dict[int, np.ndarray]:
+        """{doc_id: [tokens] float32} of one layer (index or name) and metric over every document,
+        ordered by doc_id; reads that layer's row group and that metric's column only."""
+        import pyarrow.dataset as ds
+
+        if metric not in self.metrics:
+            raise KeyError(f"metric {metric!r} not in this dataset; it has {list(self.metrics)}")
+        if isinstance(layer, str):
+            if layer not in self.layers:
+                raise KeyError(f"layer {layer!r} not in this dataset")
+            layer = self.layers.index(layer)
+        table = ds.dataset(self._files("activations"), format="parquet").to_table(
+            columns=["doc_id", metric], filter=ds.field("layer") == layer).sort_by("doc_id")
+        values = table.column(metric).to_numpy(zero_copy_only=False)
+        return {int(i): np.asarray(v, np.float32) for i, v in zip(table.column("doc_id").to_numpy(), values)}
+
+
+def open(path: str | os.PathLike) -> DatasetReader:  # noqa: A001 - the package's `recon_fast.dataset.open(DIR)`
+    """A traced dataset folder (written by trace_dataset / recon-fast trace-dataset)."""
+    return DatasetReader(path)

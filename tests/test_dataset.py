@@ -1,0 +1,279 @@
+"""Dataset tracing (recon_fast.dataset): one process, two ranks under torchrun (gloo), a rank
+killed after its first shard and resumed, a truncated shard, the merged profile, and compare().
+
+One tiny random Llama and one word-level tokenizer, saved to a folder so the torchrun ranks load
+exactly the same model; ~200 generated documents of 0 to 69 words (truncated to 48 tokens), so
+batches mix lengths and carry padding. Every run uses one thread per process, as torchrun gives
+each rank (OMP_NUM_THREADS=1), so one process and two ranks run the same kernels on the same
+batches and their outputs can be compared bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pa = pytest.importorskip("pyarrow")
+import pyarrow.parquet as pq  # noqa: E402
+
+from tiny_models import VOCAB, make_model  # noqa: E402
+
+from recon_fast.dataset import Profile, compare, open as open_dataset, trace_dataset  # noqa: E402
+from recon_fast.dataset import shards  # noqa: E402
+from recon_fast.trace.tracer import Tracer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = 200
+SETTINGS = ["--max-tokens", "48", "--batch-tokens", "256", "--docs-per-shard", "16"]
+KWARGS = {"max_tokens": 48, "batch_tokens": 256, "docs_per_shard": 16}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("dataset")
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t0", eos_token="t0", unk_token="t1",
+                                        pad_token="t0")
+    model = make_model("llama")
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    rng = np.random.default_rng(0)
+    with open(folder / "docs.jsonl", "w") as f:
+        for i in range(DOCS):
+            n = 0 if i == 7 else int(rng.integers(1, 70))  # document 7 is empty: no token, left out
+            f.write(json.dumps({"id": i, "text": " ".join(f"t{j}" for j in rng.integers(2, VOCAB, n))}) + "\n")
+    return folder, model, tokenizer
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single(assets):
+    folder, model, tokenizer = assets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trace_dataset(model, tokenizer, folder / "docs.jsonl", folder / "single", **KWARGS)
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "single"
+
+
+def torchrun(folder: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "recon_fast.cli", "trace-dataset", "--data", str(folder / "docs.jsonl"), "--out", str(out),
+               "--model", str(folder / "model"), *SETTINGS, *extra]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                   "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(assets):
+    folder, _, _ = assets
+    done = torchrun(folder, folder / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "two"
+
+
+def tables(out: Path) -> tuple[pa.Table, pa.Table]:
+    """Every shard's activations and documents, sorted (the order ranks wrote them in is theirs)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    activations = pa.concat_tables([pq.read_table(out / s["activations"]) for s in manifest["shards"]])
+    documents = pa.concat_tables([pq.read_table(out / s["documents_file"]) for s in manifest["shards"]])
+    activations = activations.replace_schema_metadata(None).sort_by([("doc_id", "ascending"), ("layer", "ascending")])
+    return activations, documents.sort_by("doc_id")
+
+
+def assert_same_output(out: Path, reference: Path) -> None:
+    got, want = tables(out), tables(reference)
+    for g, w, what in zip(got, want, ("activations", "documents")):
+        assert g.column_names == w.column_names
+        for name in w.column_names:
+            g_col = g.column(name).combine_chunks() if name != "layer_name" else g.column(name).cast(pa.string())
+            w_col = w.column(name).combine_chunks() if name != "layer_name" else w.column(name).cast(pa.string())
+            assert g_col.equals(w_col), f"{what}.{name} differs from the reference run"
+
+
+def assert_same_profile(got: Profile, want: Profile, rtol: float) -> None:
+    assert got.layers == want.layers and got.metrics == want.metrics
+    np.testing.assert_array_equal(got.count, want.count)
+    np.testing.assert_array_equal(got.histogram, want.histogram)
+    assert (got.documents, got.tokens) == (want.documents, want.tokens)
+    np.testing.assert_array_equal(got.min, want.min)
+    np.testing.assert_array_equal(got.max, want.max)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=rtol, atol=0)
+    np.testing.assert_allclose(got.std, want.std, rtol=rtol, atol=0)
+
+
+def test_single_process_output_and_reader(assets, single, one_thread):
+    folder, model, tokenizer = assets
+    manifest = json.loads((single / "manifest.json").read_text())
+    assert manifest["documents"] == DOCS - 1 and manifest["empty_documents"] == 1
+    assert manifest["layers"] == ["model.layers.0", "model.layers.1"]
+    assert manifest["padded_tokens"] > manifest["tokens"]  # batches did carry padding
+    activations, documents = tables(single)
+    assert documents.column("doc_id").to_pylist() == [i for i in range(DOCS) if i != 7]
+    assert documents.column("source_row").to_pylist() == documents.column("doc_id").to_pylist()
+    # Padding never reaches the output: every list is exactly the document's tokens long.
+    lengths = {d: n for d, n in zip(documents.column("doc_id").to_pylist(), documents.column("tokens").to_pylist())}
+    for name in ("energy", "max"):
+        got = [len(v) for v in activations.column(name).to_pylist()]
+        assert got == [lengths[d] for d in activations.column("doc_id").to_pylist()]
+    assert not np.isnan(np.concatenate(activations.column("energy").to_numpy(zero_copy_only=False))).any()
+
+    # A document traced alone (no padding, no batch) gives the same values, to float rounding.
+    reader = open_dataset(single)
+    text = json.loads((folder / "docs.jsonl").read_text().splitlines()[42])["text"]
+    with Tracer(model, tokenizer, layers="residual") as tracer:
+        tracer.run(tokenizer(text, truncation=True, max_length=48, return_tensors="pt"))
+        alone = tracer.cube
+    cube = reader.cube(42, tokenizer=tokenizer)
+    assert cube.tokens == alone.tokens and cube.layer_names == alone.layer_names
+    np.testing.assert_allclose(cube.data, alone.data, rtol=1e-5, atol=1e-6)
+
+    # One layer x metric across every document, and the cube, agree with the table.
+    energy = reader.layer_metric("model.layers.1", "energy")
+    assert list(energy) == documents.column("doc_id").to_pylist()
+    np.testing.assert_array_equal(energy[42], cube.metric("energy")[1, 0])
+    row = activations.filter(pa.compute.and_(pa.compute.equal(activations["doc_id"], 42),
+                                             pa.compute.equal(activations["layer"], 0)))
+    np.testing.assert_array_equal(np.asarray(row.column("std")[0].as_py(), np.float32), cube.metric("std")[0, 0])
+
+
+def test_two_ranks_union_equals_single_process(single, two_ranks):
+    manifest = json.loads((two_ranks / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
+    loads = [r["padded_tokens"] for r in manifest["ranks"]]
+    assert max(loads) - min(loads) <= 256  # length-balanced: within one batch's worth
+    assert_same_output(two_ranks, single)
+
+
+def test_profile_merged_across_ranks_equals_single_process(single, two_ranks):
+    got, want = Profile.load(two_ranks / "profile.json"), Profile.load(single / "profile.json")
+    assert_same_profile(got, want, rtol=1e-6)
+    # And the profile is right: the exact moments of every value in the output.
+    activations, _ = tables(single)
+    for layer in range(2):
+        rows = activations.filter(pa.compute.equal(activations["layer"], layer))
+        for m, name in enumerate(want.metrics):
+            values = np.concatenate(rows.column(name).to_numpy(zero_copy_only=False)).astype(np.float64)
+            assert want.count[layer, m] == values.size
+            np.testing.assert_allclose(want.mean[layer, m], values.mean(), rtol=1e-9)
+            np.testing.assert_allclose(want.std[layer, m], values.std(ddof=1), rtol=1e-9)
+            assert (want.min[layer, m], want.max[layer, m]) == (values.min(), values.max())
+
+
+def test_killed_rank_resumes_to_identical_output(assets, single, tmp_path):
+    folder, _, _ = assets
+    out = tmp_path / "killed"
+    killed = torchrun(folder, out, env={"RECON_FAST_DATASET_FAULT": "kill:1:0"})
+    assert killed.returncode != 0
+    assert not (out / "manifest.json").exists()
+    assert [p.name for p in (out / "activations" / "rank1").glob("part-*.parquet")] == ["part-00000.parquet"]
+    resumed = torchrun(folder, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "shard(s) kept from the earlier run" in resumed.stdout
+    assert_same_output(out, single)
+    assert_same_profile(Profile.load(out / "profile.json"), Profile.load(single / "profile.json"), rtol=1e-6)
+
+
+def test_truncated_last_shard_is_redone(assets, single, tmp_path, one_thread):
+    folder, model, tokenizer = assets
+    out = tmp_path / "truncated"
+    shutil.copytree(single, out)
+    (out / "manifest.json").unlink()
+    last = sorted((out / "activations" / "rank0").glob("part-*.parquet"))[-1]
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="--resume"):
+        trace_dataset(model, tokenizer, folder / "docs.jsonl", out, **KWARGS)
+    manifest = trace_dataset(model, tokenizer, folder / "docs.jsonl", out, resume=True, **KWARGS)
+    assert manifest["ranks"][0]["resumed_shards"] == len(manifest["shards"]) - 1
+    assert last.stat().st_size == len(data)
+    assert_same_output(out, single)
+    assert_same_profile(Profile.load(out / "profile.json"), Profile.load(single / "profile.json"), rtol=0)
+    # Other settings into the same folder are refused rather than mixed.
+    with pytest.raises(ValueError, match="other settings"):
+        trace_dataset(model, tokenizer, folder / "docs.jsonl", out, resume=True, **{**KWARGS, "batch_tokens": 128})
+
+
+def test_compare_flags_an_injected_outlier(assets, single):
+    folder, model, tokenizer = assets
+    profile = Profile.load(single / "profile.json")
+    text = json.loads((folder / "docs.jsonl").read_text().splitlines()[3])["text"]
+    with Tracer(model, tokenizer, layers="residual") as tracer:
+        tracer.run(text)
+        normal = compare(profile, tracer.cube)
+
+        def blow_up(module, inputs, output):  # token 5 of block 1's output, 30x: an outlier prompt
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden[:, 5] *= 30
+            return output
+
+        handle = model.model.layers[1].register_forward_hook(blow_up, prepend=True)  # before the tracer's
+        try:
+            tracer.run(text)
+        finally:
+            handle.remove()
+        outlier = compare(folder / "single" / "profile.json", tracer.cube)
+    layer, batch, token, metric, z, percentile = outlier.top(1)[0]
+    assert (layer, batch, token) == ("model.layers.1", 0, 5)
+    assert z > 10 * max(abs(normal.top(1)[0][4]), 1.0)
+    energy = outlier.metrics.index("energy")
+    assert outlier.percentile[1, 0, 5, energy] == 100.0  # beyond everything the dataset showed
+    assert 0 < normal.percentile[1, 0, 5, energy] < 100
+
+
+def test_profile_merges_exactly_in_any_split():
+    rng = np.random.default_rng(1)
+    values = (rng.standard_normal((3, 1000, 2)) * 50 + 10).astype(np.float32)
+    values[1, 17, 0] = np.nan  # non-finite values are counted apart, never in the moments
+    whole = Profile(["a", "b", "c"], ("energy", "mean"))
+    whole.add(values, documents=1)
+    parts = Profile(["a", "b", "c"], ("energy", "mean"))
+    for chunk in np.array_split(values, [1, 300, 301, 999], axis=1):
+        part = Profile(["a", "b", "c"], ("energy", "mean"))
+        part.add(chunk)
+        parts.merge(part)
+    parts.documents = 1
+    assert_same_profile(parts, Profile.from_dict(json.loads(json.dumps(whole.to_dict()))), rtol=1e-12)
+    assert whole.nonfinite[1, 0] == 1 and whole.count[1, 0] == 999
+    finite = values[1, :, 0][np.isfinite(values[1, :, 0])].astype(np.float64)
+    np.testing.assert_allclose(whole.std[1, 0], finite.std(ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(whole.quantile(0.5)[0, 0], np.median(values[0, :, 0]), rtol=0.3)
+
+
+def test_cli_errors_are_one_line(assets, tmp_path, capsys):
+    from recon_fast.cli import main
+
+    folder, _, _ = assets
+    assert main(["trace-dataset", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "d.parquet").write_bytes(pq_bytes({"body": ["a b"]}))
+    assert main(["trace-dataset", "--data", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no column 'text'" in err and "--text-field" in err
+
+
+def pq_bytes(columns: dict) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
