@@ -212,3 +212,38 @@ def test_logit_lens_of_the_last_layer_is_the_models_own_prediction(family):
     assert torch.equal(lens.token_ids[-1], logits.topk(3, -1).indices)
     torch.testing.assert_close(lens.logprobs[-1], torch.log_softmax(logits, -1).topk(3, -1).values,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_components_and_heads_agree_with_transformer_lens(tmp_path):
+    """TransformerLens's bridge around the same random Gemma (its config read from a saved folder,
+    offline): decompose_resid + apply_ln_to_stack onto the target's direction, per component and
+    per head, against ours (Gemma's sqrt(d) embedding scale and (1 + w) norms included)."""
+    pytest.importorskip("transformer_lens")
+    import copy
+
+    import transformer_lens.model_bridge.sources.transformers  # noqa: F401  (attaches boot_transformers)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = family_model("gemma", seed=5)
+    model.save_pretrained(tmp_path)
+    ids = ids_for(6, batch=1, length=10)
+    ours = direct_logit_attribution(model, ids)
+    ours_heads = direct_logit_attribution(model, ids, per_head=True)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=copy.deepcopy(model), tokenizer=None)
+    bridge.enable_compatibility_mode(disable_warnings=True, center_unembed=False, fold_value_biases=False)
+    target = int(ours.target_id[0])
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids)
+        direction = bridge.tokens_to_residual_directions(target)
+        stack, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
+        tl = (cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)[:, 0] @ direction).double()
+        heads, head_labels = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
+        tl_heads = (cache.apply_ln_to_stack(heads, layer=-1, pos_slice=-1)[:, 0] @ direction).double()
+    layers = model.config.num_hidden_layers
+    assert labels == ["embed"] + [f"{i}_{part}_out" for i in range(layers) for part in ("attn", "mlp")]
+    mine = ["embed"] + [f"L{i}.{part}" for i in range(layers) for part in ("attn", "mlp")]
+    ours_values = ours.values[0, [ours.labels.index(k) for k in mine]]
+    largest = float(ours_values.abs().max())
+    torch.testing.assert_close(ours_values, tl, rtol=1e-4, atol=1e-4 * largest)
+    head_values = ours_heads.values[0, [ours_heads.labels.index(f"L{l[1]}.H{l[3]}") for l in head_labels]]
+    torch.testing.assert_close(head_values, tl_heads, rtol=1e-4, atol=1e-4 * largest)
