@@ -355,7 +355,7 @@ def _check_reconstruction(model: nn.Module, terms: dict[str, torch.Tensor], resi
         raise ValueError(
             f"the residual stream of {type(model).__name__} at positions {indices} is not the sum of its "
             f"embedding, attention and MLP outputs (relative error {worst:.3g} > {tolerance:g}): this "
-            "architecture needs its own adapter in recon_fast.anatomy"
+            "architecture needs its own adapter in recon_fast.attribution.anatomy"
         )
 
 
