@@ -163,6 +163,20 @@ def _check_args(q, k, scaling, causal, window, softcap, key_padding_mask, mask, 
             fail(f"mask is on {mask.device} but q is on {q.device}")
 
 
+def visible_keys(positions: torch.Tensor, keys: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
+    """Which keys each query sees under the op's convention: [queries, keys] bool for query
+    positions `positions` (absolute, lower-right aligned) and key positions `keys`. Causal: j <= i;
+    window: j > i - window, and without causal also j < i + window (symmetric)."""
+    visible = torch.ones(len(positions), len(keys), dtype=torch.bool, device=positions.device)
+    if causal:
+        visible &= keys[None] <= positions[:, None]
+    if window is not None:
+        visible &= keys[None] > positions[:, None] - window
+        if not causal:
+            visible &= keys[None] < positions[:, None] + window
+    return visible
+
+
 def attention_stats_ref(
     q: torch.Tensor,  # [B, H, Tq, D]
     k: torch.Tensor,  # [B, Hkv, Tk, D]
@@ -204,14 +218,7 @@ def attention_stats_ref(
         s = (qg @ k[:, :, j0:j1].to(acc).transpose(-1, -2)).reshape(batch, heads, q_len, j1 - j0)
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
-        visible = torch.ones(q_len, j1 - j0, dtype=torch.bool, device=device)
-        if causal:
-            visible &= j[None] <= pos[:, None]
-        if window is not None:
-            visible &= j[None] > pos[:, None] - window
-            if not causal:
-                visible &= j[None] < pos[:, None] + window
-        s = s.masked_fill(~visible, -math.inf)
+        s = s.masked_fill(~visible_keys(pos, j, causal, window), -math.inf)
         if key_padding_mask is not None:
             s = s.masked_fill(~key_padding_mask[:, None, None, j0:j1], -math.inf)
         if mask is not None:

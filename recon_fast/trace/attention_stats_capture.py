@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recon_fast.kernels.attention_stats import ATTENTION_STATS, attention_stats
+from recon_fast.kernels.attention_stats import ATTENTION_STATS, attention_stats, visible_keys
 
 IMPLEMENTATION = "recon_fast_stats"
 SINK_TOKENS = 4  # StreamingLLM's attention sinks: the first four keys
@@ -79,13 +79,7 @@ class CompactMask:
         causal = bool(not seen[0, 0, -1]) if q_len > 1 else True
         visible = int(seen[0, -1].sum())
         window = visible if visible < (int(position[-1]) + 1 if causal else kv_len) else None
-        expect = torch.ones(len(rows), kv_len, dtype=torch.bool)
-        if causal:
-            expect &= keys[None] <= position[:, None]
-        if window is not None:
-            expect &= keys[None] > position[:, None] - window
-            if not causal:
-                expect &= keys[None] < position[:, None] + window
+        expect = visible_keys(position, keys, causal, window)
         if window is not None and window < 1 or not bool((seen == expect).all()):
             return None
         padding = a.get("attention_mask")
