@@ -1,6 +1,8 @@
 // Argument checks and layout for attention_stats, written once for every backend.
 #include "attention_stats_plan.h"
 
+#include "token_stats_plan.h"  // stats_dtype_of
+
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
@@ -8,18 +10,6 @@
 
 namespace recon_fast {
 namespace {
-
-StatsDtype element_dtype_of(const at::Tensor& q) {
-  switch (q.scalar_type()) {
-    case at::kFloat: return StatsDtype::Float32;
-    case at::kDouble: return StatsDtype::Float64;
-    case at::kHalf: return StatsDtype::Float16;
-    case at::kBFloat16: return StatsDtype::BFloat16;
-    default:
-      TORCH_CHECK(false, "attention_stats: q and k must be float32, float64, float16 or bfloat16, got ",
-                  q.scalar_type());
-  }
-}
 
 // The kernels read each head_dim row as a contiguous run; a strided last dim (rare: a view that
 // transposed head_dim itself) is made contiguous once rather than complicating every tile load.
@@ -42,7 +32,7 @@ AttentionStatsPlan plan_attention_stats(const at::Tensor& q_in, const at::Tensor
               k_in.sizes());
   TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type(), "attention_stats: q is ", q_in.scalar_type(),
               " but k is ", k_in.scalar_type());
-  const StatsDtype dtype = element_dtype_of(q_in);
+  const StatsDtype dtype = stats_dtype_of(q_in, "attention_stats: q and k");
   TORCH_CHECK(q_in.device() == k_in.device(), "attention_stats: q is on ", q_in.device(),
               " but k is on ", k_in.device());
   const int64_t batch = q_in.size(0), heads = q_in.size(1), q_len = q_in.size(2);

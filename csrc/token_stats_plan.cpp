@@ -20,17 +20,6 @@ std::string shape_str(at::IntArrayRef sizes) {
   return text + "]";
 }
 
-StatsDtype stats_dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return StatsDtype::Float32;
-    case at::kDouble: return StatsDtype::Float64;
-    case at::kHalf: return StatsDtype::Float16;
-    case at::kBFloat16: return StatsDtype::BFloat16;
-    default:
-      TORCH_CHECK(false, "token_stats: x must be float32, float64, float16 or bfloat16, got ",
-                  x.scalar_type());
-  }
-}
 
 // Merges adjacent leading dims that are contiguous with each other in *both* tensors, so the
 // usual case (a contiguous x and a contiguous or sliced out) indexes rows with one multiply.
@@ -68,6 +57,17 @@ void build_row_indexers(at::IntArrayRef sizes, at::IntArrayRef x_strides,
 
 }  // namespace
 
+StatsDtype stats_dtype_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return StatsDtype::Float32;
+    case at::kDouble: return StatsDtype::Float64;
+    case at::kHalf: return StatsDtype::Float16;
+    case at::kBFloat16: return StatsDtype::BFloat16;
+    default:
+      TORCH_CHECK(false, what, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
 TokenStatsPlan plan_token_stats(const at::Tensor& x_in, const at::Tensor& out) {
   TORCH_CHECK(x_in.defined(), "token_stats: x is undefined");
   TORCH_CHECK(x_in.dim() >= 1, "token_stats: x must have at least one dimension (the one reduced)");
@@ -76,7 +76,7 @@ TokenStatsPlan plan_token_stats(const at::Tensor& x_in, const at::Tensor& out) {
   TORCH_CHECK(x_in.is_floating_point(),
               "token_stats: x must be a floating tensor (float32, float64, float16, bfloat16), got ",
               x_in.scalar_type());
-  const StatsDtype dtype = stats_dtype_of(x_in);
+  const StatsDtype dtype = stats_dtype_of(x_in, "token_stats: x");
   TORCH_CHECK(x_in.size(-1) > 0, "token_stats: the last dimension of x is empty (size 0)");
 
   TORCH_CHECK(out.defined(), "token_stats: out is undefined");

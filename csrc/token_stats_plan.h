@@ -14,6 +14,10 @@ struct TokenStatsPlan {
   TokenStatsProblem problem;
 };
 
+// The element type of a floating tensor; otherwise an error "<what> must be float32, float64,
+// float16 or bfloat16, got <dtype>" (what: e.g. "token_stats: x"). Shared by every op's plan.
+StatsDtype stats_dtype_of(const at::Tensor& t, const char* what);
+
 // Checks x and out (dtype, shape, device) with errors that name the problem, then describes the
 // work. Never copies unless x's last dimension is not contiguous.
 TokenStatsPlan plan_token_stats(const at::Tensor& x, const at::Tensor& out);
