@@ -116,6 +116,10 @@ def load_model(spec: str | None = None, *, device: str | None = None, dtype: str
         shown = ", ".join(missing[:3]) + (f", ... +{len(missing) - 3}" if len(missing) > 3 else "")
         raise ValueError(f"{len(missing)} weights of {type(model).__name__} are not in the checkpoint at {source!r} "
                          f"and would be random: {shown}")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Batches need a pad token; transformers >= 5.21 reads SmolLM2's GGUF with <|im_end|> (its
+        # eos) as one, earlier versions with none. Padded positions sit under the attention mask.
+        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     if device:
         model.to(device)

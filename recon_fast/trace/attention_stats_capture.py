@@ -1,8 +1,9 @@
 """Attention statistics under any attention implementation: for one run, the model's attention
 implementation is swapped (transformers' AttentionInterface + AttentionMaskInterface, then
 `model.set_attn_implementation`) for "recon_fast_stats", which computes each layer's output with
-the implementation the model had, then hands (query, key) as it received them (post-RoPE, KV cache
-included, heads not repeated) to the attention_stats op. Its buffers: one float32 [B, H, Tq, 8]
+the implementation the model had (where sdpa refuses Gemma2's soft-cap, the family's eager math
+in blocks of queries: kernels/softcap_attention.py), then hands (query, key) as it received them
+(post-RoPE, KV cache included, heads not repeated) to the attention_stats op. Its buffers: one float32 [B, H, Tq, 8]
 tensor per attention call, on the device; its part of the cube: [layers, batch, heads, tokens, 8].
 
 Masks: the mask function registered beside it builds nothing; it returns a CompactMask holding
@@ -15,6 +16,7 @@ sdpa runs with is_causal), so the logits are bit-identical to the untraced model
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from recon_fast.kernels.attention_stats import ATTENTION_STATS, attention_stats, visible_keys
+from recon_fast.kernels.softcap_attention import softcap_attention
 
 IMPLEMENTATION = "recon_fast_stats"
 SINK_TOKENS = 4  # StreamingLLM's attention sinks: the first four keys
@@ -52,7 +55,8 @@ class CompactMask:
         return self._built[implementation]
 
     def for_stats(self, key_length: int):
-        """(causal, window, key_padding_mask [B, Tk] or None, general mask or None) for the op."""
+        """(causal, window, key_padding_mask [B, Tk] or None, general mask or None) for the op,
+        and for the soft-cap path that stands in for sdpa (_softcap_forward)."""
         if self._stats is None:
             self._stats = self._compact(key_length) or self._general()
         return self._stats
@@ -269,9 +273,52 @@ def _wrapped(module: nn.Module, implementation: str, mask, kwargs: dict):
             return reordered, built("eager")
         return _eager_of(module), built("eager")
     if implementation == "sdpa" and kwargs.get("softcap") is not None:
-        # sdpa refuses a soft-cap: the family's own eager math, on the eager mask.
-        return _eager_of(module), built("eager")
+        if sdpa_drops_softcap():  # the model runs uncapped: so does the traced run, saying so
+            _warn_once(f"attention_stats: transformers {_transformers_version()}'s sdpa ignores the attention "
+                       "soft-cap, so this model runs (and its statistics describe) uncapped attention; "
+                       "set attn_implementation='eager' (or use transformers >= 5.21) for the soft-capped model")
+        else:
+            # sdpa refuses a soft-cap: eager's math in blocks of queries on the compact mask; on a
+            # 4-D mask the user passed, the family's own eager function.
+            return (_softcap_forward, mask) if isinstance(mask, CompactMask) else (_eager_of(module), built("eager"))
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, _eager_of(module)), built(implementation)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+@functools.cache
+def sdpa_drops_softcap() -> bool:
+    """Whether transformers' sdpa takes a soft-cap and silently drops it: before 5.21 it did (and
+    Gemma2 declared sdpa support, so a Gemma2 could run uncapped); from 5.21 it raises ValueError
+    and Gemma2 defaults to eager."""
+    from packaging.version import Version
+
+    return Version(_transformers_version()).release < (5, 21)
+
+
+def _softcap_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: CompactMask, dropout: float = 0.0, scaling: float | None = None,
+                     softcap: float | None = None, **kwargs):
+    """A soft-capped layer under sdpa: the family's eager output without its [B, H, Tq, Tk] scores
+    (softcap_attention), on causal + window + key padding read off the mask's arguments; the
+    eager function on the eager mask where those do not describe it (the general mask)."""
+    causal, window, padding, general = attention_mask.for_stats(key.shape[2])
+    if general is not None:
+        return _eager_of(module)(module, query, key, value, attention_mask.built_for("eager"), dropout=dropout,
+                                 scaling=scaling, softcap=softcap, **kwargs)
+    if scaling is None:
+        scaling = module.head_dim**-0.5  # eager's default
+    # The eager mask is made in the dtype the model passed its mask function (eager_mask's default
+    # float32 where it passed none); the mask value, finfo(dtype).min, must be the same.
+    mask_dtype = attention_mask.arguments.get("dtype", torch.float32)
+    output = softcap_attention(query, key, value, softcap=softcap, scaling=scaling, causal=causal, window=window,
+                               key_padding_mask=padding, mask_dtype=mask_dtype, dropout=dropout,
+                               training=module.training)
+    return output, None
 
 
 def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -283,5 +330,7 @@ def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     capture, name, implementation = entry
     forward, mask = _wrapped(module, implementation, attention_mask, kwargs)
     output = forward(module, query, key, value, mask, **kwargs)
+    if implementation == "sdpa" and sdpa_drops_softcap():
+        kwargs = {**kwargs, "softcap": None}  # the statistics of the attention that ran
     capture.record(module, name, query, key, attention_mask, kwargs)
     return output
