@@ -26,7 +26,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from tiny_models import VOCAB, make_model  # noqa: E402
 
 from recon_fast.dataset import Profile, compare, open as open_dataset, trace_dataset  # noqa: E402
-from recon_fast.dataset import shards  # noqa: E402
+from recon_fast.dataset import shards, sources  # noqa: E402
 from recon_fast.trace.tracer import Tracer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,9 +188,15 @@ def test_killed_rank_resumes_to_identical_output(assets, single, tmp_path):
     assert killed.returncode != 0
     assert not (out / "manifest.json").exists()
     assert [p.name for p in (out / "activations" / "rank1").glob("part-*.parquet")] == ["part-00000.parquet"]
-    resumed = torchrun(folder, out, "--resume")
+    resumed = torchrun(folder, out, "--resume", "--progress")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "shard(s) kept from the earlier run" in resumed.stdout
+    # Rank 0's terminal shows a bar per rank, each ending at that rank's documents.
+    manifest = json.loads((out / "manifest.json").read_text())
+    for rank in range(2):
+        final = [line for line in resumed.stderr.replace("\r", "\n").splitlines() if f"rank {rank}/2" in line][-1]
+        assert f" {manifest['ranks'][rank]['documents']}/" in final and "tok/s" in final, final
+    assert not (out / ".progress").exists()
     assert_same_output(out, single)
     assert_same_profile(Profile.load(out / "profile.json"), Profile.load(single / "profile.json"), rtol=1e-6)
 
@@ -240,6 +246,45 @@ def test_compare_flags_an_injected_outlier(assets, single):
     energy = outlier.metrics.index("energy")
     assert outlier.percentile[1, 0, 5, energy] == 100.0  # beyond everything the dataset showed
     assert 0 < normal.percentile[1, 0, 5, energy] < 100
+
+
+def test_progress_bar_counts_documents_and_is_quiet_by_default(assets, tmp_path, capsys, one_thread):
+    folder, model, tokenizer = assets
+    manifest = trace_dataset(model, tokenizer, folder / "docs.jsonl", tmp_path / "shown", progress=True, **KWARGS)
+    final = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    # Done: 100% of the documents traced (the ETA's estimate was the source's 200 lines, the
+    # empty document included, which is never traced).
+    assert sources.count(folder / "docs.jsonl") == DOCS and sources.count(iter(["a"])) is None
+    assert f"{manifest['documents']}/{manifest['documents']}" in final and f"{manifest['tokens']} tok" in final, final
+    assert "tok/s" in final and not (tmp_path / "shown" / ".progress").exists()
+    trace_dataset(model, tokenizer, folder / "docs.jsonl", tmp_path / "quiet", **KWARGS)  # stderr is not a tty
+    assert capsys.readouterr().err == ""
+
+
+def test_trace_baseline_prints_what_compare_finds(assets, single, tmp_path, capsys):
+    from recon_fast.cli import main
+
+    folder, model, tokenizer = assets
+    text = json.loads((folder / "docs.jsonl").read_text().splitlines()[3])["text"]
+    out = tmp_path / "c.json"
+    code = main(["trace", "--prompt", text, "--model", str(folder / "model"), "--baseline",
+                 str(single / "profile.json"), "--out", str(out), "--rows", "3"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    # Without --layers, exactly the profile's layers were traced.
+    assert [layer["layer_name"] for layer in json.loads(out.read_text())["layers"]] == ["model.layers.0", "model.layers.1"]
+    with Tracer(model, tokenizer, layers="residual") as tracer:
+        tracer.run(text)
+        expected = compare(single / "profile.json", tracer.cube).top(3)
+    rows = printed.split("values farthest from the dataset:\n")[1].splitlines()[1:4]
+    for row, (layer, _, token, metric, z, percentile) in zip(rows, expected):
+        fields = row.split()
+        assert (fields[0], fields[1].split(":")[0], fields[2]) == (layer, str(token), metric), row
+        assert float(fields[4]) == pytest.approx(z, abs=0.006) and float(fields[5]) == pytest.approx(percentile, abs=0.06)
+    # A file that is not a profile is refused before any model loads (the model path is bogus).
+    assert main(["trace", "--prompt", "x", "--model", str(tmp_path / "no-model"), "--baseline", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--baseline" in err and "not a recon-fast profile" in err
 
 
 def test_profile_merges_exactly_in_any_split():

@@ -1,7 +1,9 @@
 """The `recon-fast` command line: `trace` writes an ActivityCube for a prompt (or for each prompt
-of a file); `heads` (recon_fast.cli.heads) names each layer's sharp, diffuse, sink, previous-token
-and self heads; `attribute`, `cot` and `residual` (recon_fast.cli.attribution) explain a prediction;
-`view` (recon_fast.cli.view) writes a self-contained HTML page of a cube or an attribution.
+of a file), scored against a dataset's profile with --baseline (recon_fast.cli.baseline);
+`trace-dataset` (recon_fast.cli.dataset) traces a whole dataset into Parquet shards; `heads`
+(recon_fast.cli.heads) names each layer's sharp, diffuse, sink, previous-token and self heads;
+`attribute`, `cot` and `residual` (recon_fast.cli.attribution) explain a prediction; `view`
+(recon_fast.cli.view) writes a self-contained HTML page of a cube or an attribution.
 Every failure is one line on stderr and a non-zero exit; arguments are checked before any model
 is loaded (recon_fast.cli.checks); warnings (skipped layers, NaN) are one line each on stderr."""
 
@@ -17,11 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from recon_fast.cli import attribution as attribution_cli
+from recon_fast.cli import baseline as baseline_cli
 from recon_fast.cli import checks as cli_checks
 from recon_fast.cli import dataset as dataset_cli
 from recon_fast.cli import heads as heads_cli
 from recon_fast.cli import view as view_cli
 from recon_fast.cube import export
+from recon_fast.dataset.profile import compare
 from recon_fast.models import DEFAULT_MODEL, ModelNotFound, load_model
 
 PROGRESS_MIN_TOKENS = 256  # below this a forward pass is too quick for a progress bar to help
@@ -53,14 +57,17 @@ def _trace_parser(sub) -> None:
                    "(a user turn, then the assistant's turn begins), for instruct models")
     _add_model_args(p)
     p.add_argument("--out", default="cube.json", help="output file: .json, .json.gz or .npz (default: cube.json)")
-    p.add_argument("--layers", default="all", help="a preset (all, residual, attn, mlp, components, "
-                   "blocks+components) or a regex over module names (default: all)")
+    p.add_argument("--layers", default=None, help="a preset (all, residual, attn, mlp, components, "
+                   "blocks+components) or a regex over module names (default: all; with --baseline, its layers)")
     p.add_argument("--format", choices=("json", "npz"), default=None,
                    help="must agree with --out's suffix, which decides (default: from the suffix)")
     p.add_argument("--rows", type=int, default=12, help="rows of the summary table (default: 12)")
     p.add_argument("--attention", choices=("stats",), default=None,
                    help="also per attention layer, head and query: entropy, max weight, argmax, sink mass, "
                         "mean distance, self and previous-token weight, lse (any attention implementation)")
+    p.add_argument("--baseline", metavar="PROFILE", default=None,
+                   help="a trace-dataset run's profile.json: print the layers and tokens of this prompt most out "
+                        "of that dataset's distribution (z-scores, percentiles)")
     p.set_defaults(run=cmd_trace)
 
 
@@ -103,6 +110,9 @@ def cmd_trace(args) -> int:
     outs = output_paths(args.out, len(prompts))
     if args.rows < 0:
         raise ValueError(f"--rows must be 0 or more, got {args.rows}")
+    profile = baseline_cli.load_profile(args.baseline) if args.baseline is not None else None
+    if args.layers is None:
+        args.layers = baseline_cli.layers_pattern(profile) if profile is not None else "all"
     cli_checks.check_layers(args.layers)
     cli_checks.check_model(args)
 
@@ -123,6 +133,7 @@ def cmd_trace(args) -> int:
                 if bar is not None:
                     bar.close()
             cube = tracer.cube
+            comparison = compare(profile, cube) if profile is not None else None
             cube.export(out, fmt)
             size = Path(out).stat().st_size
             if n == 1:
@@ -131,10 +142,14 @@ def cmd_trace(args) -> int:
             if len(prompts) > 1:
                 print(f"prompt {n}/{len(prompts)}: {tokens} tokens, {cube.num_layers} layers, forward "
                       f"{cube.meta['seconds'] * 1e3:.1f} ms; wrote {out} ({fmt}, {size / 1e6:.2f} MB)")
+                if comparison is not None:
+                    print(f"  {baseline_cli.one_line(comparison, cube)}")
                 continue
             attention = f"   attention layers {len(cube.attention_layers)}" if cube.attention_layers else ""
             print(f"tokens  {tokens}   layers {cube.num_layers}{attention}   forward {cube.meta['seconds'] * 1e3:.1f} ms")
             print(summary_table(cube, args.rows))
+            if comparison is not None:
+                print(baseline_cli.report(comparison, cube, profile, args.baseline, args.rows))
             print(f"wrote   {out} ({fmt}, {size / 1e6:.2f} MB)")
     return 0
 

@@ -5,6 +5,8 @@ own device, cuda:LOCAL_RANK or the CPU). Arguments are checked before the model 
 
 from __future__ import annotations
 
+import argparse
+
 from recon_fast.cli import checks as cli_checks
 
 
@@ -25,6 +27,8 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--docs-per-shard", type=int, default=512, help="documents per Parquet shard (default: 512)")
     p.add_argument("--resume", action="store_true", help="keep the intact shards of an earlier run into --out "
                    "(same settings) and trace the rest")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a bar per rank (documents, tokens/s, ETA) on rank 0's stderr (default: when it is a terminal)")
     p.set_defaults(run=run)
 
 
@@ -45,7 +49,8 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, progress=False)
     manifest = trace_dataset(model, tokenizer, args.data, args.out, layers=args.layers, max_tokens=args.max_tokens,
                              batch_tokens=args.batch_tokens, text_field=args.text_field,
-                             docs_per_shard=args.docs_per_shard, resume=args.resume)
+                             docs_per_shard=args.docs_per_shard, resume=args.resume,
+                             progress=args.progress)
     if ranks.rank == 0:
         padding = 1 - manifest["tokens"] / max(manifest["padded_tokens"], 1)
         resumed = sum(r["resumed_shards"] for r in manifest["ranks"])

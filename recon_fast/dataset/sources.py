@@ -66,6 +66,29 @@ def documents(source, text_field: str = "text") -> Iterator[tuple[int, str]]:
     return _iterable(source, text_field)
 
 
+def count(source) -> int | None:
+    """How many documents `source` holds, where that is cheap to know without tokenizing: a
+    sized iterable, a Parquet file's metadata, a folder's .txt files, a text or JSONL file's
+    non-blank lines (one pass over the bytes); None for an iterator of unknown length."""
+    if not isinstance(source, (str, os.PathLike)):
+        try:
+            return len(source)
+        except TypeError:
+            return None
+    path = Path(source)
+    name = path.name.lower()
+    if path.is_dir():
+        return sum(1 for p in path.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
+    if name.endswith(PARQUET_SUFFIXES):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if name.endswith(".gz"):
+        return None  # a second decompression pass would cost as much as reading the documents
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from recon_fast.cube.export import atomic_write
 from recon_fast.cube.provenance import model_provenance
-from recon_fast.dataset import batching, distributed, shards, sources
+from recon_fast.dataset import batching, distributed, progress as progress_bars, shards, sources
 from recon_fast.dataset.profile import Profile
 from recon_fast.kernels.ops import STATS
 
@@ -99,11 +98,11 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     windows = batching.tokenized_windows(sources.documents(source, text_field), tokenizer, max_tokens, window,
                                          skipped_rows)
     batches = batching.rank_batches(windows, batch_tokens, ranks.rank, ranks.world_size)
-    bar = _progress(ranks, progress)
+    bar = progress_bars.start(out_dir, ranks.rank, ranks.world_size, progress, lambda: sources.count(source))
     layer_names: list[str] | None = None
     profile: Profile | None = None
     written, totals = [], {"documents": 0, "tokens": 0, "padded_tokens": 0, "resumed_shards": 0}
-    with tracer:
+    with bar, tracer:
         for k, group in enumerate(batching.shard_groups(batches, docs_per_shard)):
             docs = [d for batch in group for d in batch.docs]
             info = None
@@ -116,6 +115,7 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
                 totals["resumed_shards"] += 1
                 part = shards.profile_from_state(info["layer_names"], metrics, info["profile"])
                 layer_names = layer_names or info["layer_names"]
+                bar.advance(info["documents"], info["tokens"])
             else:
                 buffer = None
                 for batch in group:
@@ -128,8 +128,7 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
                         layer_names = layer_names or list(cube.layer_names)
                         buffer = shards.ShardBuffer(layer_names, metrics)
                     buffer.add_batch(batch.docs, cube.data, mask.astype(bool))
-                    if bar is not None:
-                        bar.update(batch.tokens)
+                    bar.advance(len(batch.docs), batch.tokens)
                 info = buffer.write(out_dir, ranks.rank, k, config_sha256)
                 part = buffer.profile
                 if fault == f"kill:{ranks.rank}:{k}":
@@ -143,8 +142,6 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
             totals["documents"] += info["documents"]
             totals["tokens"] += info["tokens"]
             totals["padded_tokens"] += sum(b.padded_tokens for b in group)
-    if bar is not None:
-        bar.close()
     _remove_beyond(out_dir, ranks.rank, len(written))
 
     # Every rank's summary to every rank; rank 0 merges and writes. The profile goes as its
@@ -152,6 +149,7 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     mine = {"shards": written, "totals": totals, "layer_names": layer_names,
             "profile": shards.profile_state(profile) if profile is not None else None}
     everyone = ranks.gather(mine)
+    bar.close()  # every rank is done: rank 0's bars show their final counts
     layer_names = next((r["layer_names"] for r in everyone if r["layer_names"]), [])
     merged = Profile(layer_names, metrics)
     for r in everyone:  # rank order: the same merge order on every run
@@ -200,12 +198,3 @@ def _remove_beyond(out_dir: Path, rank: int, count: int) -> None:
         for path in folder.glob("part-*.parquet") if folder.is_dir() else ():
             if int(path.stem.split("-")[1]) >= count:
                 path.unlink()
-
-
-def _progress(ranks: distributed.Ranks, enabled: bool | None):
-    """tokens/s on rank 0's terminal; nothing in CI or a log file (enabled=None: only on a tty)."""
-    if ranks.rank != 0 or not (enabled if enabled is not None else sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=f"trace-dataset rank 0/{ranks.world_size}", unit="tok", unit_scale=True, file=sys.stderr)
