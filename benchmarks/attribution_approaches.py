@@ -20,11 +20,12 @@ and unmaps it when freed, instead of recycling earlier frees, which would hide p
 from __future__ import annotations
 
 import copy
-import ctypes
 import sys
 import tempfile
 
 import torch
+
+import resident_memory
 
 APPROACHES = ["forward only", "recon_fast", "recon_fast per-head", "recon_fast per-neuron", "recon_fast by-source",
               "cache components", "TransformerLens"]
@@ -125,11 +126,6 @@ def approach(name: str, model):
     raise ValueError(f"unknown approach {name!r}; one of {APPROACHES}")
 
 
-def _status(key: str) -> int:  # kB -> bytes
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-
 def peak_growth(name: str, length: int) -> int:
     """Peak resident memory growth, in bytes, of one call at `length` tokens (after a short
     warm-up call, so that one-off allocations of the first call do not count)."""
@@ -137,12 +133,9 @@ def peak_growth(name: str, length: int) -> int:
     run = approach(name, model)
     run(token_ids(16))
     ids = token_ids(length)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so `before` is what is live
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
-        f.write("5")
-    before = _status("VmRSS")
+    before = resident_memory.reset_peak()
     run(ids)
-    return _status("VmHWM") - before
+    return resident_memory.peak() - before
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ at 32k is many minutes on two cores), at 8k, 16k and 32k: memory growth linear i
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import resident_memory
 
 LENGTHS = [int(t) for t in os.environ.get("RECON_BENCH_ATTENTION_TOKENS", "2048,8192").split(",")]
 LONG_LENGTHS = [int(t) for t in os.environ.get("RECON_BENCH_ATTENTION_LONG", "8192,16384,32768").split(",")]
@@ -67,11 +68,6 @@ def approach(name: str, model):
     raise ValueError(f"unknown approach {name!r}; one of {IMPLS}")
 
 
-def _status(key: str) -> int:  # kB -> bytes
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-
 def peak_growth(name: str, length: int, layers: int | None = None) -> tuple[int, float]:
     """(peak resident memory growth in bytes, seconds) of one call at `length` tokens, after a
     short warm-up call so that one-off allocations do not count."""
@@ -79,14 +75,11 @@ def peak_growth(name: str, length: int, layers: int | None = None) -> tuple[int,
     run = approach(name, model)
     run(token_ids(16))
     ids = token_ids(length)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
-        f.write("5")
-    before = _status("VmRSS")
+    before = resident_memory.reset_peak()
     start = time.perf_counter()
     run(ids)
     seconds = time.perf_counter() - start
-    return _status("VmHWM") - before, seconds
+    return resident_memory.peak() - before, seconds
 
 
 def measure_in_subprocess(name: str, length: int, layers: int | None = None) -> tuple[int, float]:
