@@ -2,8 +2,9 @@
 # Everything recon-fast checks on a CUDA machine, in one go: build the extension with its CUDA
 # kernels against the machine's torch, run the tests (CUDA cases included), the GPU benchmarks and
 # an ncu look at the token_stats kernel. Logs go to $LOGS (default ./gpu-logs).
-#   bash benchmarks/run_gpu.sh [build] [tests] [bench-ops] [bench-tracer] [bench-attention] [ncu]
-# With no argument it does all of them. Wheels of packages the machine lacks (orjson) may wait in
+#   bash benchmarks/run_gpu.sh [build] [tests] [bench-ops] [bench-tracer] [bench-attention] [ncu] [diagnose]
+# With no argument it does all of them but diagnose (the argument-error SIGSEGV kit,
+# benchmarks/gpu_diagnostics/README.md). Wheels of packages the machine lacks (orjson) may wait in
 # ./.whl; they are installed into a private target first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,10 @@ if want bench-tracer; then
 fi
 if want bench-attention && [ -f benchmarks/bench_attention_stats.py ]; then
   $BENCH benchmarks/bench_attention_stats.py -k cuda 2>&1 | tee "$LOGS/bench_attention.log" | sed -n '/ratios within each group/,$p'
+fi
+if want diagnose; then
+  PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 480 python3 benchmarks/gpu_diagnostics/diagnose_check_crash.py \
+    --probe --bindings --gdb >"$LOGS/diagnose.log" 2>&1; head -60 "$LOGS/diagnose.log"
 fi
 if want ncu && command -v ncu >/dev/null; then
   ncu --clock-control none -k regex:'token_stats|reduce_kernel' -c 2 \
