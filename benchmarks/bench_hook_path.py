@@ -1,24 +1,31 @@
-"""Host cost of one hook's write into the stats arena, on a tiny activation (so the kernel itself
-costs next to nothing and what is timed is the per-call overhead a launch-bound forward pays on a
-GPU): the compiled token_stats_rows op against the Python slice + view + token_stats it
-replaced. Baseline: the Python path. CPU here; on a CUDA machine the same run adds a cuda group."""
+"""Host cost of the hook path. First one hook's write into the stats arena, on a tiny activation
+(so the kernel itself costs next to nothing and what is timed is the per-call overhead a
+launch-bound forward pays on a GPU): the compiled token_stats_rows op against the Python slice +
+view + token_stats it replaced (baseline: the Python path). Then the whole traced forward of a
+model so small that the host is the bottleneck (30 layers, hidden 64, T=8, one thread: 365 hooks
+on a ~7 ms forward), as traced/untraced ratios of interleaved rounds: issue 9's measure of the
+host cost per hook. CPU here; on a CUDA machine the write benchmark adds a cuda group."""
+
+import copy
+import statistics
+import time
 
 import pytest
 import torch
 
+from recon_fast import Tracer
 from recon_fast.trace import stats_arena
 from recon_fast.trace.stats_arena import StatsArena
 
 CALLS = 2000  # hook calls per timing: a 135M model's 365 hooks, five forward passes
+ROUNDS = 30
 
 
-def _writes(device: str, python_path: bool):
+def _writes(device: str):
     x = torch.randn(1, 4, 64, device=device)
 
     def run():
         arena = StatsArena(initial_rows=CALLS * 4)
-        if python_path:
-            arena._rows_ops[x.device.type] = None  # the Python slice + view + token_stats
         for _ in range(CALLS):
             arena.write(x)
 
@@ -27,11 +34,71 @@ def _writes(device: str, python_path: bool):
 
 @pytest.mark.parametrize("path", ["python slice + view + token_stats", "token_stats_rows op"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_hook_write_overhead(record, device, path):
+def test_hook_write_overhead(record, monkeypatch, device, path):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if stats_arena._rows_op_for(device) is None:
         pytest.skip("no compiled token_stats on this device")
     python_path = path.startswith("python")
+    if python_path:  # arenas made from here on take the Python slice + view + token_stats
+        monkeypatch.setattr(stats_arena, "_rows_op_for", lambda device_type: None)
     record(f"hook write, {device}, {CALLS} calls of [1, 4, 64] float32", path,
-           _writes(device, python_path), device=device, baseline=python_path)
+           _writes(device), device=device, baseline=python_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
+    """The tracer's host cost per hook and per run, where nothing else hides it: medians of
+    per-round ratios, the forwards of a round running back to back so that drift on a shared
+    machine hits all alike. Untraced twice: a hook-free copy of the model (what runs without
+    recon-fast), and the model itself with the Tracer's hooks attached but idle (the untraced
+    side of bench_tracer's interleaved pairs, which so leaves out nn.Module's hook calls)."""
+    model = tiny_llama
+    plain = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the host's Python is what is measured, not intra-op threading
+    tracer = Tracer(model)
+    tracer.add_hooks_all()
+    hooks = len(tracer.hooks)
+    rounds = []  # (hook-free, idle hooks, traced) seconds
+    group = f"host-bound Llama (30 layers, hidden 64, {hooks} hooks), T=8, traced/untraced interleaved"
+
+    def one_round():
+        times = [time.perf_counter()]
+        with torch.no_grad():
+            plain(ids)
+            times.append(time.perf_counter())
+            model(ids)
+            times.append(time.perf_counter())
+        tracer.run(ids)
+        times.append(time.perf_counter())
+        rounds.append([b - a for a, b in zip(times, times[1:])])
+
+    try:
+        for _ in range(3):  # warm-up
+            one_round()
+        rounds.clear()
+        benchmark.group = group
+        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    finally:
+        tracer.clear_hooks()
+        torch.set_num_threads(threads)
+    over_plain = [traced / free for free, idle, traced in rounds]
+    over_idle = [traced / idle for free, idle, traced in rounds]
+    record_measure(group, "hook-free: lowest ratio", min(over_plain), "x")
+    record_measure(group, "hook-free: median ratio", statistics.median(over_plain), "x")
+    record_measure(group, "hook-free: highest ratio", max(over_plain), "x")
+    record_measure(group, "idle hooks: median ratio", statistics.median(over_idle), "x")
+    for name, extra in [("hook-free", [traced - free for free, idle, traced in rounds]),
+                        ("idle hooks", [traced - idle for free, idle, traced in rounds])]:
+        record_measure(group, f"{name}: extra per hook", statistics.median(extra) / hooks * 1e6, "us")

@@ -58,7 +58,7 @@ def extract_tensor(output) -> torch.Tensor | None:
     return hidden if torch.is_tensor(hidden) else None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     """One hook call: which module, the activation's [batch, positions] shape, where its stats
     went, which token axis and (generate) which forward pass it belongs to."""
@@ -83,7 +83,7 @@ class _Session:
     attention_stats: AttentionStatsCapture | None = None  # attention="stats"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Layer:
     name: str
     axis: str
@@ -146,6 +146,7 @@ class Tracer:
         self._finalizer = weakref.finalize(self, _remove_handles, self.hooks)
         self._detached: list[str] = []  # hooks taken off by a failed run, put back by the next
         self._session: _Session | None = None
+        self._hook_path: Callable[[str, object], None] | None = None  # set while a run records
         self._cube: ActivityCube | None = None
         self.skipped: list[dict] = []
         if layers is not None:
@@ -201,13 +202,48 @@ class Tracer:
 
         def hook(module, inputs, output):
             owner = tracer()
-            session = owner._session if owner is not None else None
-            if session is not None:  # hooks stay silent outside run()/generate()
-                owner._record(session, name, output)
+            if owner is not None:
+                record = owner._hook_path
+                if record is not None:  # hooks stay silent outside run()/generate()
+                    record(name, output)
 
         return hook
 
+    def _recorder(self, session: _Session) -> Callable[[str, object], None]:
+        """record(name, output) for the hooks of one session. On a host-bound forward (a small
+        model on a GPU) every microsecond here is paid once per hook, hundreds of times a pass,
+        so the usual case is taken with what it needs bound once: a plain floating [B, T, D]
+        tensor, alone or first in a tuple, that needs no grad. Its rows are the tensor as it is
+        (_rows_of changes nothing for 3 dims) and it is recorded exactly as _record would.
+        Anything else (subclasses, other ranks and dtypes, raw slices) goes through _record."""
+        general = self._record
+        if self.raw is not None:
+            return lambda name, output: general(session, name, output)
+        tensor_type = torch.Tensor
+        write = session.arena.write
+        append = session.calls.append
+        steps = session.steps
+
+        def record(name: str, output) -> None:
+            x = output
+            if x.__class__ is not tensor_type:
+                x = output[0] if output.__class__ is tuple and output else None
+                if x.__class__ is not tensor_type:
+                    general(session, name, output)
+                    return
+            shape = x.shape
+            if len(shape) != 3 or not shape[2] or x.requires_grad or not x.dtype.is_floating_point:
+                general(session, name, output)
+                return
+            slot = write(x)
+            append(_Call(name, (shape[0], shape[1]), slot, None, session.axis, len(steps) - 1, None))
+            if self.on_hook is not None:
+                self.on_hook(name)
+
+        return record
+
     def _record(self, session: _Session, name: str, output) -> None:
+        """The general path: any output, traced or listed in session.skipped with the reason."""
         tensor = extract_tensor(output)
         if tensor is None:
             session.skipped.append({"layer_name": name, "reason": f"output is {type(output).__name__}, not a tensor"})
@@ -324,6 +360,7 @@ class Tracer:
         state = ModelState(self.model) if self.attention is not None else None
         helpers = self._session_hooks(session, mode)
         self._session = session
+        self._hook_path = self._recorder(session)
         start = time.perf_counter()
         try:
             installed = (session.attention_stats.installed() if session.attention_stats is not None
@@ -331,7 +368,7 @@ class Tracer:
             with torch.no_grad(), installed:
                 output = forward()
         finally:
-            self._session = None
+            self._session = self._hook_path = None
             for handle in helpers:
                 handle.remove()
             if state is not None:
@@ -372,7 +409,8 @@ class Tracer:
             lengths[stepped] = min(sum(session.steps), sequences.shape[1])
         elif call.decoder_ids is not None:
             lengths["decoder_tokens"] = call.decoder_ids.shape[1]
-        elif any(c.axis == "decoder_tokens" for c in session.calls):  # decoder ids made from labels
+        elif session.axis == "decoder_tokens" and any(c.axis == "decoder_tokens" for c in session.calls):
+            # decoder ids made from labels (session.axis tells whether a decoder ran at all)
             lengths["decoder_tokens"] = max(self._tokens_of(c.lead_shape, call.batch) or 0
                                             for c in session.calls if c.axis == "decoder_tokens")
         return lengths
@@ -381,20 +419,16 @@ class Tracer:
                 exact: bool) -> tuple[list[_Layer], list[dict]]:
         """Groups hook calls into cube layers and places their rows on their token axis."""
         if mode == "forward":
-            groups = [[call] for call in session.calls]
-        else:  # generate: a module's calls, in order, extend its token axis
-            by_key: dict[tuple[str, str], list[_Call]] = {}
-            for call in session.calls:
-                by_key.setdefault((call.name, call.axis), []).append(call)
-            groups = list(by_key.values())
+            return self._forward_layers(session.calls, batch, lengths, exact)
+        # generate: a module's calls, in order, extend its token axis
+        by_key: dict[tuple[str, str], list[_Call]] = {}
+        for call in session.calls:
+            by_key.setdefault((call.name, call.axis), []).append(call)
         ends = np.cumsum(session.steps).tolist()  # where each generate() pass ends
         layers, skipped = [], []
-        for calls in groups:
+        for calls in by_key.values():
             name, axis = calls[0].name, calls[0].axis
             counts = [self._tokens_of(c.lead_shape, batch) for c in calls]
-            other = "tokens" if axis == "decoder_tokens" else None
-            if mode == "forward" and other and counts[0] not in (None, lengths[axis]) and counts[0] == lengths[other]:
-                axis = other  # a decoder's cross-attention keys/values are on the encoder's axis
             length = lengths.get(axis, 0)
             starts, placed = [], 0
             for call, n in zip(calls, counts):
@@ -402,19 +436,40 @@ class Tracer:
                     break
                 # A pass's rows end where the pass ends: lm_head under generate() sees only each
                 # pass's last position (logits_to_keep=1).
-                start = ends[call.step] - n if mode == "generate" and 0 <= call.step < len(ends) else placed
+                start = ends[call.step] - n if 0 <= call.step < len(ends) else placed
                 starts.append(start)
                 placed = start + n
-            fits = (None not in counts and all(s >= 0 for s in starts) and placed <= length
-                    and (placed == length or not exact or mode == "generate"))
-            if not fits:
+            if None in counts or any(s < 0 for s in starts) or placed > length:
                 shapes = sorted({c.lead_shape for c in calls})
-                where = f"{axis}={length}" if length else axis
-                skipped.append({"layer_name": name,
-                                "reason": f"activation leading shape {shapes[0]} is not [batch={batch}, {where}]"})
+                skipped.append(self._shape_skipped(name, shapes[0], batch, axis, length))
                 continue
             layers.append(_Layer(name, axis, calls, starts, counts))
         return layers, skipped
+
+    def _forward_layers(self, calls: list[_Call], batch: int, lengths: dict[str, int],
+                        exact: bool) -> tuple[list[_Layer], list[dict]]:
+        """run(): each hook call is a layer, its rows from the start of its token axis. A loop of
+        its own, as it runs once per hook call after every run."""
+        layers, skipped = [], []
+        tokens_of = self._tokens_of
+        for call in calls:
+            lead = call.lead_shape
+            n = lead[1] if len(lead) == 2 and lead[0] == batch else tokens_of(lead, batch)  # the usual case first
+            axis = call.axis
+            if axis == "decoder_tokens" and n not in (None, lengths[axis]) and n == lengths["tokens"]:
+                axis = "tokens"  # a decoder's cross-attention keys/values are on the encoder's axis
+            length = lengths.get(axis, 0)
+            if n is None or n > length or (exact and n != length):
+                skipped.append(self._shape_skipped(call.name, call.lead_shape, batch, axis, length))
+                continue
+            layers.append(_Layer(call.name, axis, [call], [0], [n]))
+        return layers, skipped
+
+    @staticmethod
+    def _shape_skipped(name: str, lead: tuple[int, ...], batch: int, axis: str, length: int) -> dict:
+        """meta["skipped"]'s entry for a layer whose activation does not lie on its token axis."""
+        where = f"{axis}={length}" if length else axis
+        return {"layer_name": name, "reason": f"activation leading shape {lead} is not [batch={batch}, {where}]"}
 
     @staticmethod
     def _tokens_of(lead: tuple[int, ...], batch: int) -> int | None:
@@ -457,8 +512,9 @@ class Tracer:
                              if self.attention == "full" else [])
         capture = session.attention_stats
         provenance = model_provenance(self.model)
-        extras = {i: self._layer_extra(layer, decoder_tokens is not None) for i, layer in enumerate(layers)}
-        extras = {i: e for i, e in extras.items() if e}
+        two_axes = decoder_tokens is not None
+        extras = {i: self._layer_extra(layer, two_axes) for i, layer in enumerate(layers)
+                  if two_axes or layer.calls[0].feature_shape is not None}  # the others have none
         raw = raw_capture.cube_part(self.raw, layers)
         shell = dict(tokens=tokens, metrics=self.metrics, padding_mask=padding, meta=meta, provenance=provenance,
                      attention=attention_entries, raw=raw, decoder_tokens=decoder_tokens)
