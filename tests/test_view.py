@@ -105,6 +105,19 @@ def test_a_cube_without_attention_has_no_attention_view():
     assert "attention" not in meta
 
 
+def test_a_cube_too_large_for_a_notebook_is_summarised_inline(monkeypatch):
+    from recon_fast.view import html as view_html
+
+    cube = synthetic_cube(layers=12, tokens=20)  # 12 x 1 x 20 x 5 float32: 4800 bytes
+    full = cube._repr_html_()
+    assert "to_html" not in full and len(full) > cube.data.nbytes  # the values travel in the page
+    monkeypatch.setattr(view_html, "INLINE_LIMIT_BYTES", cube.data.nbytes - 1)
+    summary = cube._repr_html_()
+    assert len(summary) < 1000 and 'cube.to_html("cube.html")' in summary and "12 layers" in summary
+    at_limit = view_html.cube_fragment(cube, limit_bytes=cube.data.nbytes)  # at the limit: shown in full
+    assert len(at_limit) == len(full) and "to_html" not in at_limit
+
+
 def test_attention_statistics_from_entries_and_arrays():
     cube = synthetic_cube(tokens=6)
     summary = {"entropy": np.ones((1, 2, 6), np.float32), "max_weight": np.full((2, 6), 0.5, np.float32)}

@@ -258,10 +258,31 @@ def cube_html(cube: ActivityCube, path: str | os.PathLike | None = None, *, comp
     return write_page(path, page_chunks(payload, blob))
 
 
-def cube_fragment(cube: ActivityCube) -> str:
-    """The cube's view as an HTML fragment, for a notebook's rich display."""
+# A notebook keeps every output inside the .ipynb and its page holds it in memory: a cube whose
+# arrays pass this is summarised inline instead (a 364-layer cube at 32k tokens would be ~300 MB
+# of base64 in the notebook), and its viewer goes to a file on request.
+INLINE_LIMIT_BYTES = 32 * 2**20
+
+
+def cube_fragment(cube: ActivityCube, limit_bytes: int | None = None) -> str:
+    """The cube's view as an HTML fragment, for a notebook's rich display; a short summary that
+    says how to see it where its arrays exceed limit_bytes (default INLINE_LIMIT_BYTES)."""
+    limit = INLINE_LIMIT_BYTES if limit_bytes is None else limit_bytes
+    size = cube.data.nbytes + (cube.attention_data.nbytes if cube.attention_data is not None else 0)
+    if size > limit:
+        return _summary_fragment(cube, size, limit)
     blob = _Blob()
     return b"".join(fragment_chunks(cube_payload(cube, blob), blob)).decode()
+
+
+def _summary_fragment(cube: ActivityCube, size: int, limit: int) -> str:
+    tokens = cube.axis_length("tokens")
+    attention = f", {len(cube.attention_layers)} attention layers" if cube.attention_layers else ""
+    return (f"<div class=\"recon-fast-summary\"><b>{html.escape(repr(cube))}</b><br>"
+            f"{cube.num_layers} layers x {len(cube.tokens)} x {tokens} tokens x {len(cube.metrics)} metrics"
+            f"{attention}: {size / 2**20:.0f} MiB of values, more than the {limit / 2**20:.0f} MiB shown inline "
+            "(recon_fast.view.html.INLINE_LIMIT_BYTES). <code>cube.to_html(\"cube.html\")</code> writes the "
+            "whole viewer to a file; <code>recon-fast view</code> does the same for a saved cube.</div>")
 
 
 def attribution_html(document: dict, path: str | os.PathLike | None = None, *, title: str | None = None) -> str | int:
