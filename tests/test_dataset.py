@@ -1,5 +1,6 @@
 """Dataset tracing (recon_fast.dataset): one process, two ranks under torchrun (gloo), a rank
-killed after its first shard and resumed, a truncated shard, the merged profile, and compare().
+killed after its first shard and resumed, a truncated shard, the merged profile, compare(), and
+attention statistics (on the first 40 documents, as a list of strings).
 
 One tiny random Llama and one word-level tokenizer, saved to a folder so the torchrun ranks load
 exactly the same model; ~200 generated documents of 0 to 69 words (truncated to 48 tokens), so
@@ -9,6 +10,7 @@ batches and their outputs can be compared bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,12 +29,15 @@ from tiny_models import VOCAB, make_model  # noqa: E402
 
 from recon_fast.dataset import Profile, compare, open as open_dataset, trace_dataset  # noqa: E402
 from recon_fast.dataset import shards, sources  # noqa: E402
+from recon_fast.kernels.attention_stats import ATTENTION_STATS  # noqa: E402
 from recon_fast.trace.tracer import Tracer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = 200
 SETTINGS = ["--max-tokens", "48", "--batch-tokens", "256", "--docs-per-shard", "16"]
 KWARGS = {"max_tokens": 48, "batch_tokens": 256, "docs_per_shard": 16}
+ATTENTION_KWARGS = {**KWARGS, "docs_per_shard": 8, "attention": "stats"}
+ATTENTION_DOCS = 40
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +61,41 @@ def assets(tmp_path_factory):
     return folder, model, tokenizer
 
 
-@pytest.fixture
-def one_thread():
+@contextlib.contextmanager
+def single_threaded():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with single_threaded():
+        yield
 
 
 @pytest.fixture(scope="module")
 def single(assets):
     folder, model, tokenizer = assets
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded():
         trace_dataset(model, tokenizer, folder / "docs.jsonl", folder / "single", **KWARGS)
-    finally:
-        torch.set_num_threads(threads)
     return folder / "single"
+
+
+def first_texts(folder: Path, count: int = ATTENTION_DOCS) -> list[str]:
+    """The first documents as a list of strings (their doc_id is their index; document 7 is empty)."""
+    return [json.loads(line)["text"] for line in (folder / "docs.jsonl").read_text().splitlines()[:count]]
+
+
+@pytest.fixture(scope="module")
+def with_attention(assets):
+    folder, model, tokenizer = assets
+    with single_threaded():
+        trace_dataset(model, tokenizer, first_texts(folder), folder / "attention", **ATTENTION_KWARGS)
+    return folder / "attention"
 
 
 def torchrun(folder: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -93,18 +115,24 @@ def two_ranks(assets):
     return folder / "two"
 
 
-def tables(out: Path) -> tuple[pa.Table, pa.Table]:
-    """Every shard's activations and documents, sorted (the order ranks wrote them in is theirs)."""
+def tables(out: Path) -> dict[str, pa.Table]:
+    """Every shard's activations, documents and (when traced) attention, sorted (the order ranks
+    wrote them in is theirs)."""
     manifest = json.loads((out / "manifest.json").read_text())
-    activations = pa.concat_tables([pq.read_table(out / s["activations"]) for s in manifest["shards"]])
-    documents = pa.concat_tables([pq.read_table(out / s["documents_file"]) for s in manifest["shards"]])
-    activations = activations.replace_schema_metadata(None).sort_by([("doc_id", "ascending"), ("layer", "ascending")])
-    return activations, documents.sort_by("doc_id")
+    keys = {"activations": ["doc_id", "layer"], "documents_file": ["doc_id"], "attention": ["doc_id", "layer", "head"]}
+    found = {}
+    for key, order in keys.items():
+        if key in manifest["shards"][0]:
+            table = pa.concat_tables([pq.read_table(out / s[key]) for s in manifest["shards"]])
+            found[key] = table.replace_schema_metadata(None).sort_by([(c, "ascending") for c in order])
+    return found
 
 
 def assert_same_output(out: Path, reference: Path) -> None:
     got, want = tables(out), tables(reference)
-    for g, w, what in zip(got, want, ("activations", "documents")):
+    assert list(got) == list(want)
+    for what in want:
+        g, w = got[what], want[what]
         assert g.column_names == w.column_names
         for name in w.column_names:
             g_col = g.column(name).combine_chunks() if name != "layer_name" else g.column(name).cast(pa.string())
@@ -129,7 +157,9 @@ def test_single_process_output_and_reader(assets, single, one_thread):
     assert manifest["documents"] == DOCS - 1 and manifest["empty_documents"] == 1
     assert manifest["layers"] == ["model.layers.0", "model.layers.1"]
     assert manifest["padded_tokens"] > manifest["tokens"]  # batches did carry padding
-    activations, documents = tables(single)
+    found = tables(single)
+    activations, documents = found["activations"], found["documents_file"]
+    assert "attention" not in found and not manifest["attention_layers"]
     assert documents.column("doc_id").to_pylist() == [i for i in range(DOCS) if i != 7]
     assert documents.column("source_row").to_pylist() == documents.column("doc_id").to_pylist()
     # Padding never reaches the output: every list is exactly the document's tokens long.
@@ -170,7 +200,7 @@ def test_profile_merged_across_ranks_equals_single_process(single, two_ranks):
     got, want = Profile.load(two_ranks / "profile.json"), Profile.load(single / "profile.json")
     assert_same_profile(got, want, rtol=1e-6)
     # And the profile is right: the exact moments of every value in the output.
-    activations, _ = tables(single)
+    activations = tables(single)["activations"]
     for layer in range(2):
         rows = activations.filter(pa.compute.equal(activations["layer"], layer))
         for m, name in enumerate(want.metrics):
@@ -201,24 +231,111 @@ def test_killed_rank_resumes_to_identical_output(assets, single, tmp_path):
     assert_same_profile(Profile.load(out / "profile.json"), Profile.load(single / "profile.json"), rtol=1e-6)
 
 
+def interrupted_copy(run: Path, out: Path, table: str) -> tuple[Path, int]:
+    """A copy of `run` as a crash could leave it: no manifest, rank 0's last file of `table` cut
+    in half. Returns that file and its full size."""
+    shutil.copytree(run, out)
+    (out / "manifest.json").unlink()
+    last = sorted((out / table / "rank0").glob("part-*.parquet"))[-1]
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    return last, len(data)
+
+
 def test_truncated_last_shard_is_redone(assets, single, tmp_path, one_thread):
     folder, model, tokenizer = assets
     out = tmp_path / "truncated"
-    shutil.copytree(single, out)
-    (out / "manifest.json").unlink()
-    last = sorted((out / "activations" / "rank0").glob("part-*.parquet"))[-1]
-    data = last.read_bytes()
-    last.write_bytes(data[: len(data) // 2])
+    last, size = interrupted_copy(single, out, "activations")
     with pytest.raises(ValueError, match="--resume"):
         trace_dataset(model, tokenizer, folder / "docs.jsonl", out, **KWARGS)
     manifest = trace_dataset(model, tokenizer, folder / "docs.jsonl", out, resume=True, **KWARGS)
     assert manifest["ranks"][0]["resumed_shards"] == len(manifest["shards"]) - 1
-    assert last.stat().st_size == len(data)
+    assert last.stat().st_size == size
     assert_same_output(out, single)
     assert_same_profile(Profile.load(out / "profile.json"), Profile.load(single / "profile.json"), rtol=0)
     # Other settings into the same folder are refused rather than mixed.
     with pytest.raises(ValueError, match="other settings"):
         trace_dataset(model, tokenizer, folder / "docs.jsonl", out, resume=True, **{**KWARGS, "batch_tokens": 128})
+
+
+def test_attention_statistics_equal_each_document_traced_alone(assets, single, with_attention, one_thread):
+    folder, model, tokenizer = assets
+    manifest = json.loads((with_attention / "manifest.json").read_text())
+    assert manifest["attention_layers"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert manifest["attention_statistics"] == list(ATTENTION_STATS) and len(manifest["shards"]) >= 3
+    heads = manifest["attention_heads"]
+    found = tables(with_attention)
+    attention, documents = found["attention"], found["documents_file"]
+    assert attention.column_names == ["doc_id", "layer", "layer_name", "head", "tokens", *ATTENTION_STATS]
+    lengths = dict(zip(documents.column("doc_id").to_pylist(), documents.column("tokens").to_pylist()))
+    assert sorted(lengths) == [i for i in range(ATTENTION_DOCS) if i != 7]
+    assert attention.num_rows == len(lengths) * 2 * heads
+    # Padding never reaches the output: every list is exactly the document's tokens long.
+    for name in ATTENTION_STATS:
+        got = [len(v) for v in attention.column(name).to_pylist()]
+        assert got == [lengths[d] for d in attention.column("doc_id").to_pylist()], name
+    assert attention.column("tokens").to_pylist() == [lengths[d] for d in attention.column("doc_id").to_pylist()]
+
+    reader = open_dataset(with_attention)
+    argmax = ATTENTION_STATS.index("argmax")
+    texts = first_texts(folder)
+    with Tracer(model, tokenizer, layers="residual", attention="stats") as tracer:
+        for doc_id in lengths:
+            tracer.run(tokenizer(texts[doc_id], truncation=True, max_length=48, return_tensors="pt"))
+            alone = tracer.cube.attention_data[:, 0]  # [layers, heads, tokens, statistics]
+            rows = attention.filter(pa.compute.equal(attention["doc_id"], doc_id))  # sorted by layer, head
+            table = np.stack([np.stack(rows.column(s).to_numpy(zero_copy_only=False)) for s in ATTENTION_STATS], -1)
+            table = table.reshape(alone.shape)
+            # Batched with padding vs alone: the same math on other shapes, so float rounding apart;
+            # the argmax is a key index, exact (no ties in a random model's scores).
+            np.testing.assert_allclose(table, alone, rtol=1e-5, atol=1e-6, err_msg=f"document {doc_id}")
+            np.testing.assert_array_equal(table[..., argmax], alone[..., argmax])
+            cube = reader.cube(doc_id)
+            assert cube.attention_layers == tracer.cube.attention_layers
+            np.testing.assert_array_equal(cube.attention_data[:, 0], table)
+
+    # One attention layer x statistic across every document (all heads, or one) agrees with the cube.
+    entropy = reader.attention_stat("model.layers.1.self_attn", "entropy")
+    assert list(entropy) == sorted(lengths) and entropy[13].shape == (heads, lengths[13])
+    cube = reader.cube(13)
+    np.testing.assert_array_equal(entropy[13], cube.attention_stat("entropy")[1, 0])
+    lse = reader.attention_stat(0, "lse", head=2)
+    np.testing.assert_array_equal(lse[13], cube.attention_stat("lse")[0, 0, 2])
+    with pytest.raises(KeyError, match="no attention statistics"):
+        open_dataset(single).attention_stat(0, "entropy")
+
+
+def test_truncated_attention_file_is_redone(assets, single, with_attention, tmp_path, one_thread):
+    folder, model, tokenizer = assets
+    out = tmp_path / "truncated"
+    last, size = interrupted_copy(with_attention, out, "attention")  # the activations file, the commit, is intact
+    manifest = trace_dataset(model, tokenizer, first_texts(folder), out, resume=True, **ATTENTION_KWARGS)
+    assert manifest["ranks"][0]["resumed_shards"] == len(manifest["shards"]) - 1
+    assert last.stat().st_size == size
+    assert_same_output(out, with_attention)
+    # Resuming with another attention setting is refused, either way round.
+    with pytest.raises(ValueError, match="other settings"):
+        trace_dataset(model, tokenizer, first_texts(folder), out, resume=True, **{**ATTENTION_KWARGS, "attention": None})
+    plain = tmp_path / "plain"
+    shutil.copytree(single, plain)
+    with pytest.raises(ValueError, match="other settings"):
+        trace_dataset(model, tokenizer, folder / "docs.jsonl", plain, resume=True, attention="stats", **KWARGS)
+
+
+def test_cli_traces_attention_statistics(assets, tmp_path, capsys):
+    from recon_fast.cli import main
+
+    folder, _, _ = assets
+    data = tmp_path / "six.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in first_texts(folder, 6)))
+    code = main(["trace-dataset", "--data", str(data), "--out", str(tmp_path / "o"), "--model", str(folder / "model"),
+                 "--attention", "stats", *SETTINGS])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "attention statistics of 2 layers x 4 heads" in printed
+    reader = open_dataset(tmp_path / "o")
+    assert reader.attention_layers == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert sorted(reader.attention_stat(1, "sink_mass", head=0)) == list(range(6))
 
 
 def test_compare_flags_an_injected_outlier(assets, single):

@@ -17,10 +17,13 @@ def add_parser(sub, add_model_args) -> None:
                    help=".jsonl, .txt (one document per line), .parquet, or a folder of .txt files (one each)")
     p.add_argument("--text-field", default="text", help="the text's key (JSONL) or column (Parquet) (default: text)")
     p.add_argument("--out", required=True, metavar="DIR", help="the output folder: activations/, documents/, "
-                   "profile.json, manifest.json")
+                   "attention/ (--attention stats), profile.json, manifest.json")
     add_model_args(p)
     p.add_argument("--layers", default="residual", help="a preset (all, residual, attn, mlp, components, "
                    "blocks+components) or a regex over module names (default: residual)")
+    p.add_argument("--attention", choices=("stats",), default=None,
+                   help="also per attention layer, document, head and token: entropy, max weight, argmax, sink "
+                        "mass, mean distance, self and previous-token weight, lse (the attention/ table)")
     p.add_argument("--max-tokens", type=int, default=512, help="truncate each document to N tokens (default: 512)")
     p.add_argument("--batch-tokens", type=int, default=8192,
                    help="at most N tokens per batch, padding included (default: 8192)")
@@ -49,7 +52,7 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, progress=False)
     manifest = trace_dataset(model, tokenizer, args.data, args.out, layers=args.layers, max_tokens=args.max_tokens,
                              batch_tokens=args.batch_tokens, text_field=args.text_field,
-                             docs_per_shard=args.docs_per_shard, resume=args.resume,
+                             docs_per_shard=args.docs_per_shard, resume=args.resume, attention=args.attention,
                              progress=args.progress)
     if ranks.rank == 0:
         padding = 1 - manifest["tokens"] / max(manifest["padded_tokens"], 1)
@@ -57,6 +60,8 @@ def run(args) -> int:
         print(f"traced  {manifest['documents']} documents, {manifest['tokens']} tokens on {manifest['world_size']} "
               f"rank(s) in {manifest['seconds']:.1f} s ({manifest['tokens'] / max(manifest['seconds'], 1e-9):.0f} tok/s, "
               f"padding {padding:.1%}{f', {resumed} shard(s) kept from the earlier run' if resumed else ''})")
+        attention = (f", attention statistics of {len(manifest['attention_layers'])} layers x "
+                     f"{manifest['attention_heads']} heads" if manifest["attention_layers"] else "")
         print(f"wrote   {args.out}: {len(manifest['shards'])} shard(s), {len(manifest['layers'])} layers x "
-              f"{len(manifest['metrics'])} metrics, profile.json, manifest.json")
+              f"{len(manifest['metrics'])} metrics{attention}, profile.json, manifest.json")
     return 0

@@ -1,10 +1,11 @@
 """Dataset tracing: every document of a dataset through the Tracer, on one process or many
-(torchrun), into Parquet shards with a dataset profile; reading them back; scoring a new cube
-against the profile.
+(torchrun), into Parquet shards with a dataset profile (and, with attention="stats", attention
+statistics per head); reading them back; scoring a new cube against the profile.
 
     from recon_fast.dataset import trace_dataset, open, compare
-    trace_dataset(model, tokenizer, "docs.jsonl", "out/", layers="residual")
+    trace_dataset(model, tokenizer, "docs.jsonl", "out/", layers="residual", attention="stats")
     reader = open("out/"); reader.cube(0); reader.layer_metric(3, "energy")
+    reader.attention_stat(1, "entropy")  # {doc_id: [heads, tokens]}
     compare("out/profile.json", tracer.cube).top(10)
 
 Modules: sources.py (JSONL, text, Parquet, HF datasets, iterables), batching.py (length-bucketed

@@ -1,6 +1,7 @@
 """Reading a traced dataset back: `open(DIR)` gives a DatasetReader; a document's ActivityCube,
-or one layer x metric across every document, each reading only the rows and columns it needs
-(Parquet filters and column projection: one row group per layer in every shard)."""
+one layer x metric across every document, or one attention layer x statistic, each reading only
+the rows and columns it needs (Parquet filters and column projection: one row group per layer in
+every shard)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from recon_fast.cube.cube import ActivityCube
-from recon_fast.dataset import shards
 from recon_fast.dataset.profile import Profile
 from recon_fast.dataset.tracing import MANIFEST, PROFILE
 
@@ -26,7 +26,11 @@ class DatasetReader:
         self.manifest = json.loads(manifest.read_text())
         self.layers: list[str] = self.manifest["layers"]
         self.metrics: tuple[str, ...] = tuple(self.manifest["metrics"])
-        self._where: dict[int, str] | None = None
+        # Attention statistics (traced with attention="stats"), else empty.
+        self.attention_layers: list[str] = self.manifest.get("attention_layers", [])
+        self.attention_statistics: tuple[str, ...] = tuple(self.manifest.get("attention_statistics", []))
+        self.heads: int = self.manifest.get("attention_heads", 0)
+        self._where: dict[int, dict] | None = None
 
     def __repr__(self) -> str:
         return (f"DatasetReader({str(self.path)!r}, documents={self.manifest['documents']}, "
@@ -55,37 +59,47 @@ class DatasetReader:
     def profile(self) -> Profile:
         return Profile.load(self.path / PROFILE)
 
-    def _shard_of(self, doc_id: int) -> str:
-        if self._where is None:  # doc_id -> activations file, from the small documents files
+    def _shard_of(self, doc_id: int) -> dict:
+        """The manifest's entry of the shard holding `doc_id` (its files under their keys)."""
+        if self._where is None:  # doc_id -> shard, from the small documents files
             import pyarrow.parquet as pq
 
             self._where = {}
             for s in self.manifest["shards"]:
                 for i in pq.read_table(self.path / s["documents_file"], columns=["doc_id"]).column(0).to_pylist():
-                    self._where[i] = str(self.path / s["activations"])
+                    self._where[i] = s
         if doc_id not in self._where:
             raise KeyError(f"document {doc_id} is not in {self.path}")
         return self._where[doc_id]
 
     def cube(self, doc_id: int, tokenizer=None) -> ActivityCube:
         """Document `doc_id` as an ActivityCube (batch 1): its layers, metrics and tokens (their
-        text with a tokenizer, else the ids as strings)."""
+        text with a tokenizer, else the ids as strings), and its attention statistics when the
+        dataset has them."""
         import pyarrow.parquet as pq
 
         doc_id = int(doc_id)
-        table = pq.read_table(self._shard_of(doc_id), columns=["layer", *self.metrics],
+        shard = self._shard_of(doc_id)
+        table = pq.read_table(self.path / shard["activations"], columns=["layer", *self.metrics],
                               filters=[("doc_id", "==", doc_id)]).sort_by("layer")
-        docs = pq.read_table(self._shard_of(doc_id).replace(f"{os.sep}{shards.ACTIVATIONS}{os.sep}",
-                                                            f"{os.sep}{shards.DOCUMENTS}{os.sep}"),
-                             filters=[("doc_id", "==", doc_id)]).to_pylist()[0]
-        data = np.stack([np.stack(table.column(m).to_numpy(zero_copy_only=False)) for m in self.metrics], -1)
+        docs = pq.read_table(self.path / shard["documents_file"], filters=[("doc_id", "==", doc_id)]).to_pylist()[0]
+        data = _stacked(table, self.metrics)  # [layers, tokens, metrics]
+        attention = {}
+        if self.attention_layers:
+            rows = pq.read_table(self.path / shard["attention"], columns=["layer", "head", *self.attention_statistics],
+                                 filters=[("doc_id", "==", doc_id)])
+            rows = rows.sort_by([("layer", "ascending"), ("head", "ascending")])
+            values = _stacked(rows, self.attention_statistics)  # [layers x heads, tokens, statistics]
+            attention = {"attention_layers": list(self.attention_layers),
+                         "attention_data": values.reshape(len(self.attention_layers), 1, self.heads,
+                                                          *values.shape[1:])}
         ids = docs["token_ids"]
         tokens = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
         meta = {"model_name": self.manifest["model"], "doc_id": doc_id, "source_row": docs["source_row"],
                 "text_sha256": docs["text_sha256"], "mode": "dataset", "metrics": list(self.metrics)}
         return ActivityCube(tokens=[tokens], layer_names=list(self.layers), metrics=self.metrics,
                             data=data[:, None].astype(np.float32), meta=meta,
-                            provenance=self.manifest.get("provenance", {}))
+                            provenance=self.manifest.get("provenance", {}), **attention)
 
     def layer_metric(self, layer: int | str, metric: str) -> dict[int, np.ndarray]:
         """{doc_id: [tokens] float32} of one layer (index or name) and metric over every document,
@@ -94,14 +108,51 @@ class DatasetReader:
 
         if metric not in self.metrics:
             raise KeyError(f"metric {metric!r} not in this dataset; it has {list(self.metrics)}")
-        if isinstance(layer, str):
-            if layer not in self.layers:
-                raise KeyError(f"layer {layer!r} not in this dataset")
-            layer = self.layers.index(layer)
+        layer = _index(layer, self.layers, "layer")
         table = ds.dataset(self._files("activations"), format="parquet").to_table(
             columns=["doc_id", metric], filter=ds.field("layer") == layer).sort_by("doc_id")
         values = table.column(metric).to_numpy(zero_copy_only=False)
         return {int(i): np.asarray(v, np.float32) for i, v in zip(table.column("doc_id").to_numpy(), values)}
+
+    def attention_stat(self, layer: int | str, statistic: str, head: int | None = None) -> dict[int, np.ndarray]:
+        """{doc_id: [heads, tokens] float32, or [tokens] for one `head`} of one attention layer
+        (index among the attention layers, or name) and statistic (ATTENTION_STATS) over every
+        document, ordered by doc_id; reads that layer's row group and that statistic's column only."""
+        import pyarrow.dataset as ds
+
+        if not self.attention_layers:
+            raise KeyError(f"{self.path} has no attention statistics: trace it with attention='stats' "
+                           "(--attention stats)")
+        if statistic not in self.attention_statistics:
+            raise KeyError(f"attention statistic {statistic!r} unknown; known: {list(self.attention_statistics)}")
+        layer = _index(layer, self.attention_layers, "attention layer")
+        where = ds.field("layer") == layer
+        if head is not None:
+            if not 0 <= head < self.heads:
+                raise KeyError(f"head {head} out of range: the attention layers have {self.heads} heads")
+            where &= ds.field("head") == head
+        table = ds.dataset(self._files("attention"), format="parquet").to_table(
+            columns=["doc_id", "head", statistic], filter=where).sort_by([("doc_id", "ascending"), ("head", "ascending")])
+        ids = table.column("doc_id").to_numpy()
+        values = table.column(statistic).to_numpy(zero_copy_only=False)
+        if head is not None:
+            return {int(i): np.asarray(v, np.float32) for i, v in zip(ids, values)}
+        # Every document has a row per head, sorted: each run of `heads` rows is one document.
+        return {int(ids[r]): np.stack(values[r: r + self.heads]).astype(np.float32)
+                for r in range(0, len(ids), self.heads)}
+
+
+def _index(layer: int | str, names: list[str], what: str) -> int:
+    if isinstance(layer, str):
+        if layer not in names:
+            raise KeyError(f"{what} {layer!r} not in this dataset")
+        return names.index(layer)
+    return layer
+
+
+def _stacked(table, columns: tuple[str, ...]) -> np.ndarray:
+    """[rows, tokens, columns] of list columns whose rows are equally long (one document's)."""
+    return np.stack([np.stack(table.column(c).to_numpy(zero_copy_only=False)) for c in columns], -1)
 
 
 def open(path: str | os.PathLike) -> DatasetReader:  # noqa: A001 - the package's `recon_fast.dataset.open(DIR)`

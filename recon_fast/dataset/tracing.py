@@ -1,5 +1,7 @@
 """trace_dataset: every document of a source through the Tracer, batch by batch, into Parquet
-shards per rank, with a dataset profile; rank 0 writes manifest.json once every rank is done.
+shards per rank, with a dataset profile of the activations; rank 0 writes manifest.json once every
+rank is done. With attention="stats", each shard also gets a table of attention statistics per
+attention layer, document and head (no profile: the profile covers the activations only).
 
 Each rank walks the same deterministic plan (recon_fast.dataset.batching) and traces its own
 batches, so N ranks compute exactly the batches one process would, and a resumed rank knows which
@@ -22,6 +24,7 @@ from recon_fast.cube.export import atomic_write
 from recon_fast.cube.provenance import model_provenance
 from recon_fast.dataset import batching, distributed, progress as progress_bars, shards, sources
 from recon_fast.dataset.profile import Profile
+from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
 
 MANIFEST = "manifest.json"
@@ -45,9 +48,17 @@ def trace_dataset(model: torch.nn.Module, tokenizer, source: "str | os.PathLike 
     (one document each), .parquet (column `text_field`), a HF datasets Dataset, or any iterable of
     strings. max_tokens truncates each document; batch_tokens bounds documents x longest per batch.
     docs_per_shard: documents per shard (each rank writes its own shards). resume: keep the
-    intact shards of an earlier run into `out_dir` with the same settings and trace the rest."""
+    intact shards of an earlier run into `out_dir` with the same settings and trace the rest.
+    attention: None, or "stats": per attention layer, document, head and token the statistics of
+    recon_fast.kernels.attention_stats, into the shards' attention table (profile.json stays the
+    activations' alone)."""
+    if attention not in (None, "stats"):
+        raise ValueError(f"attention over a dataset is None or 'stats', got {attention!r} ('full' would keep "
+                         "[heads, tokens, tokens] per layer and document)")
     if attention is not None:
-        raise ValueError("attention statistics over a dataset are not supported yet (attention=None)")
+        from recon_fast.trace.attention_stats_capture import check_model
+
+        check_model(model)
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in STATS]
     if unknown or not metrics:
@@ -63,11 +74,11 @@ def trace_dataset(model: torch.nn.Module, tokenizer, source: "str | os.PathLike 
     with distributed.process_group(device) as ranks:
         return _trace(model, tokenizer, source, out_dir, ranks, layers=layers, metrics=metrics, max_tokens=max_tokens,
                       batch_tokens=batch_tokens, text_field=text_field, docs_per_shard=docs_per_shard, window=window,
-                      resume=resume, progress=progress)
+                      resume=resume, attention=attention, progress=progress)
 
 
 def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *, layers, metrics, max_tokens,
-           batch_tokens, text_field, docs_per_shard, window, resume, progress) -> dict:
+           batch_tokens, text_field, docs_per_shard, window, resume, attention, progress) -> dict:
     from recon_fast.trace.tracer import Tracer
 
     started = time.time()
@@ -77,7 +88,8 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     provenance = model_provenance(model)
     pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
-    tracer = Tracer(model, None, layers=layers, metrics=metrics)  # no tokenizer: no per-token text to decode
+    # No tokenizer: no per-token text to decode.
+    tracer = Tracer(model, None, layers=layers, metrics=metrics, attention=attention)
     hooks = list(tracer.hooks)
     if not hooks:
         raise ValueError(f"layers {layers!r} matched no module of the model")
@@ -85,6 +97,8 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
                 "metrics": list(metrics), "max_tokens": max_tokens, "batch_tokens": batch_tokens,
                 "window": window, "docs_per_shard": docs_per_shard, "world_size": ranks.world_size,
                 "text_field": text_field, "pad_id": pad_id}
+    if attention is not None:  # only when set: runs without it keep the config hash they always had
+        settings["attention"] = attention
     # The logits are not traced unless the unembedding is hooked: computing them at one position
     # instead of every one keeps the [batch, tokens, vocab] product out of the run.
     from recon_fast.trace.tracer import accepts_kwargs
@@ -100,6 +114,8 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     batches = batching.rank_batches(windows, batch_tokens, ranks.rank, ranks.world_size)
     bar = progress_bars.start(out_dir, ranks.rank, ranks.world_size, progress, lambda: sources.count(source))
     layer_names: list[str] | None = None
+    attention_layers: list[str] | None = None
+    heads: int | None = None
     profile: Profile | None = None
     written, totals = [], {"documents": 0, "tokens": 0, "padded_tokens": 0, "resumed_shards": 0}
     with bar, tracer:
@@ -110,11 +126,13 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
                 # The last shard a killed run wrote is read in full; the others' footers and
                 # documents are checked (they were complete before the next one began).
                 last = not shards.shard_path(out_dir, shards.ACTIVATIONS, ranks.rank, k + 1).exists()
-                info = shards.committed(out_dir, ranks.rank, k, config_sha256, docs, full_read=last)
+                info = shards.committed(out_dir, ranks.rank, k, config_sha256, docs, full_read=last,
+                                        attention=attention is not None)
             if info is not None:
                 totals["resumed_shards"] += 1
                 part = shards.profile_from_state(info["layer_names"], metrics, info["profile"])
                 layer_names = layer_names or info["layer_names"]
+                attention_layers = attention_layers or info.get("attention_layers")
                 bar.advance(info["documents"], info["tokens"])
             else:
                 buffer = None
@@ -126,19 +144,23 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
                     cube = tracer.cube
                     if buffer is None:
                         layer_names = layer_names or list(cube.layer_names)
-                        buffer = shards.ShardBuffer(layer_names, metrics)
-                    buffer.add_batch(batch.docs, cube.data, mask.astype(bool))
+                        if attention is not None:
+                            attention_layers = attention_layers or list(cube.attention_layers)
+                        buffer = shards.ShardBuffer(layer_names, metrics, attention_layers)
+                    buffer.add_batch(batch.docs, cube.data, mask.astype(bool), cube.attention_data)
                     bar.advance(len(batch.docs), batch.tokens)
                 info = buffer.write(out_dir, ranks.rank, k, config_sha256)
                 part = buffer.profile
                 if fault == f"kill:{ranks.rank}:{k}":
                     os.kill(os.getpid(), signal.SIGKILL)
             profile = part if profile is None else profile.merge(part)
+            heads = heads or info.get("heads")
+            files = {"activations": shards.ACTIVATIONS, "documents_file": shards.DOCUMENTS}
+            if attention is not None:
+                files["attention"] = shards.ATTENTION
             written.append({"rank": ranks.rank, "shard": k, "documents": info["documents"], "tokens": info["tokens"],
-                            "activations": str(shards.shard_path(out_dir, shards.ACTIVATIONS, ranks.rank, k)
-                                               .relative_to(out_dir)),
-                            "documents_file": str(shards.shard_path(out_dir, shards.DOCUMENTS, ranks.rank, k)
-                                                  .relative_to(out_dir))})
+                            **{key: str(shards.shard_path(out_dir, table, ranks.rank, k).relative_to(out_dir))
+                               for key, table in files.items()}})
             totals["documents"] += info["documents"]
             totals["tokens"] += info["tokens"]
             totals["padded_tokens"] += sum(b.padded_tokens for b in group)
@@ -146,11 +168,13 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
 
     # Every rank's summary to every rank; rank 0 merges and writes. The profile goes as its
     # compact state: numbers, not the arrays' pickles.
-    mine = {"shards": written, "totals": totals, "layer_names": layer_names,
+    mine = {"shards": written, "totals": totals, "layer_names": layer_names, "attention_layers": attention_layers,
+            "heads": heads,
             "profile": shards.profile_state(profile) if profile is not None else None}
     everyone = ranks.gather(mine)
     bar.close()  # every rank is done: rank 0's bars show their final counts
     layer_names = next((r["layer_names"] for r in everyone if r["layer_names"]), [])
+    attention_layers = next((r["attention_layers"] for r in everyone if r["attention_layers"]), [])
     merged = Profile(layer_names, metrics)
     for r in everyone:  # rank order: the same merge order on every run
         if r["profile"] is not None:
@@ -158,6 +182,8 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     manifest = {
         "format": FORMAT, "model": provenance.get("model_name_or_path") or type(model).__name__,
         "config_sha256": config_sha256, "settings": settings, "layers": layer_names, "metrics": list(metrics),
+        "attention_layers": attention_layers, "attention_heads": next((r["heads"] for r in everyone if r["heads"]), 0),
+        "attention_statistics": list(ATTENTION_STATS) if attention is not None else [],
         "world_size": ranks.world_size, "source": sources.describe(source),
         "documents": sum(r["totals"]["documents"] for r in everyone),
         "tokens": sum(r["totals"]["tokens"] for r in everyone),
@@ -193,7 +219,7 @@ def _rank_shards(out_dir: Path, rank: int):
 def _remove_beyond(out_dir: Path, rank: int, count: int) -> None:
     """Shards numbered past this run's last (a resumed run's plan can only agree, but a folder
     may hold debris): removed, so the folder holds exactly this run."""
-    for table in (shards.ACTIVATIONS, shards.DOCUMENTS):
+    for table in (shards.ACTIVATIONS, shards.ATTENTION, shards.DOCUMENTS):
         folder = out_dir / table / f"rank{rank}"
         for path in folder.glob("part-*.parquet") if folder.is_dir() else ():
             if int(path.stem.split("-")[1]) >= count:
