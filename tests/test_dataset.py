@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from tiny_models import VOCAB, make_model  # noqa: E402
 
+from recon_fast.cube.cube import ActivityCube  # noqa: E402
 from recon_fast.dataset import Profile, compare, open as open_dataset, trace_dataset  # noqa: E402
 from recon_fast.dataset import shards, sources  # noqa: E402
 from recon_fast.kernels.attention_stats import ATTENTION_STATS  # noqa: E402
@@ -183,6 +185,9 @@ def test_single_process_output_and_reader(assets, single, one_thread):
     energy = reader.layer_metric("model.layers.1", "energy")
     assert list(energy) == documents.column("doc_id").to_pylist()
     np.testing.assert_array_equal(energy[42], cube.metric("energy")[1, 0])
+    np.testing.assert_array_equal(reader.layer_metric(-1, "energy")[42], energy[42])  # as a list counts
+    with pytest.raises(KeyError, match="out of range: this dataset has 2"):
+        reader.layer_metric(2, "energy")
     row = activations.filter(pa.compute.and_(pa.compute.equal(activations["doc_id"], 42),
                                              pa.compute.equal(activations["layer"], 0)))
     np.testing.assert_array_equal(np.asarray(row.column("std")[0].as_py(), np.float32), cube.metric("std")[0, 0])
@@ -374,8 +379,43 @@ def test_progress_bar_counts_documents_and_is_quiet_by_default(assets, tmp_path,
     assert sources.count(folder / "docs.jsonl") == DOCS and sources.count(iter(["a"])) is None
     assert f"{manifest['documents']}/{manifest['documents']}" in final and f"{manifest['tokens']} tok" in final, final
     assert "tok/s" in final and not (tmp_path / "shown" / ".progress").exists()
+    # Debris of a killed run with attention that committed nothing: not part of a run without it.
+    stale = tmp_path / "quiet" / shards.ATTENTION / "rank0" / "part-00000.parquet"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a file")
     trace_dataset(model, tokenizer, folder / "docs.jsonl", tmp_path / "quiet", **KWARGS)  # stderr is not a tty
     assert capsys.readouterr().err == ""
+    assert not stale.exists()
+
+
+def test_baseline_report_reads_the_layer_that_fired_where_a_name_repeats():
+    from recon_fast.cli import baseline
+
+    rng = np.random.default_rng(0)
+    profile = Profile(["shared.norm", "shared.norm"], ("energy",))
+    profile.add(rng.standard_normal((2, 500, 1)).astype(np.float32) + 5, documents=10)
+    data = np.full((2, 1, 4, 1), 5.0, np.float32)
+    data[1, 0, 2, 0] = 99.0  # the module's second firing, token 2: far out
+    cube = ActivityCube(tokens=[["a", "b", "c", "d"]], layer_names=["shared.norm", "shared.norm"],
+                        metrics=("energy",), data=data)
+    comparison = compare(profile, cube)
+    assert comparison.top_indices(1) == [(1, 0, 2, 0)]
+    printed = baseline.report(comparison, cube, profile, "profile.json", rows=1).splitlines()
+    value_row = printed[printed.index("values farthest from the dataset:") + 2].split()
+    assert value_row[:4] == ["shared.norm", "2:'c'", "energy", "99"], value_row
+
+
+def test_compare_warns_when_the_profile_comes_from_another_model():
+    profile = Profile(["l"], ("energy",), meta={"model_config_sha256": "a" * 64})
+    profile.add(np.ones((1, 3, 1), np.float32))
+    cube = ActivityCube(tokens=[["x"]], layer_names=["l"], metrics=("energy",), data=np.ones((1, 1, 1, 1), np.float32),
+                        provenance={"model_config_sha256": "b" * 64})
+    with pytest.warns(UserWarning, match="another model configuration"):
+        compare(profile, cube)
+    cube.provenance["model_config_sha256"] = "a" * 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare(profile, cube)
 
 
 def test_trace_baseline_prints_what_compare_finds(assets, single, tmp_path, capsys):

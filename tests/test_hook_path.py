@@ -140,3 +140,27 @@ def test_fast_path_never_syncs():
     assert all(chunks.last is None for chunks in session.arena._devices.values())  # device memory let go
     for call, a in zip(session.calls, activations * 50):
         torch.testing.assert_close(host.read(call.slot), token_stats_ref(a.cpu()).reshape(-1, 5), rtol=1e-5, atol=1e-5)
+
+
+def test_arena_write_compiles_without_a_graph_break():
+    """The eager shortcut to the op's C++ function is a builtin dynamo cannot trace: under
+    torch.compile the write must call the registered op, in one graph, with the same rows."""
+    arena = StatsArena(initial_rows=64)
+    arena.write(torch.randn(1, 2, 8))  # the first chunk, made eagerly
+    slots = []
+
+    def doubled_and_traced(x):
+        y = x * 2
+        slots.append(arena.write(y))
+        return y + 1
+
+    x = torch.randn(1, 4, 8)
+    explained = torch._dynamo.explain(doubled_and_traced)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+    slots.clear()
+    compiled = torch.compile(doubled_and_traced, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), x * 2 + 1)
+    assert len(slots) == 1
+    got = arena.to_host().read(slots[0]).view(1, 4, 5)
+    torch.testing.assert_close(got, token_stats_ref(x * 2).float(), rtol=1e-5, atol=1e-6)

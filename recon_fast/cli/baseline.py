@@ -62,15 +62,15 @@ def report(comparison: Comparison, cube, profile: Profile, source: str, rows: in
     for peak, i, t, metric, mean, outside in per_layer[:rows]:
         lines.append(f"{comparison.layer_names[i]:<{width}}  {peak:8.2f}  {_token(tokens, t):<16}  {metric:<7}  "
                      f"{mean:8.2f}  {outside:15.1%}")
-    top = comparison.top(rows)
+    top = comparison.top_indices(rows)
     if top:
         lines.append("values farthest from the dataset:")
         lines.append(f"{'layer':<{width}}  {'token':<16}  {'metric':<7}  {'value':>11}  {'z':>8}  {'percentile':>10}")
-        for layer, batch, t, metric, zvalue, pct in top:
-            i = comparison.layer_names.index(layer)
+        for i, batch, t, m in top:
+            metric = comparison.metrics[m]
             value = cube.data[i, batch, t, cube.metrics.index(metric)]
-            lines.append(f"{layer:<{width}}  {_token(tokens, t):<16}  {metric:<7}  {value:11.4g}  {zvalue:8.2f}  "
-                         f"{pct:10.1f}")
+            lines.append(f"{comparison.layer_names[i]:<{width}}  {_token(tokens, t):<16}  {metric:<7}  {value:11.4g}  "
+                         f"{comparison.z[i, batch, t, m]:8.2f}  {comparison.percentile[i, batch, t, m]:10.1f}")
     return "\n".join(lines)
 
 

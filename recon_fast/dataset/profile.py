@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,18 +199,21 @@ class Comparison:
 
     def top(self, k: int = 10, metric: str | None = None) -> list[tuple[str, int, int, str, float, float]]:
         """The k values farthest from the profile's mean: (layer, batch, token, metric, z, percentile)."""
+        return [(self.layer_names[layer], batch, token, self.metrics[m], float(self.z[layer, batch, token, m]),
+                 float(self.percentile[layer, batch, token, m])) for layer, batch, token, m in self.top_indices(k, metric)]
+
+    def top_indices(self, k: int = 10, metric: str | None = None) -> list[tuple[int, int, int, int]]:
+        """top()'s values as indices (layer, batch, token, metric) into z: a layer name that fires
+        more than once names several layers, an index one."""
         z = self.z if metric is None else self.z[..., [self.metrics.index(metric)]]
-        names = self.metrics if metric is None else (metric,)
         score = np.where(np.isfinite(z), np.abs(z), -1.0).ravel()
         order = np.argsort(-score, kind="stable")[:k]
         out = []
         for flat in order:
             if score[flat] < 0:
                 break
-            layer, batch, token, m = np.unravel_index(flat, z.shape)
-            full = (layer, batch, token, self.metrics.index(names[m]))
-            out.append((self.layer_names[layer], int(batch), int(token), names[m], float(self.z[full]),
-                        float(self.percentile[full])))
+            layer, batch, token, m = (int(i) for i in np.unravel_index(flat, z.shape))
+            out.append((layer, batch, token, m if metric is None else self.metrics.index(metric)))
         return out
 
 
@@ -219,6 +223,13 @@ def compare(profile: "Profile | str | os.PathLike", cube) -> Comparison:
     by name (the k-th entry of a name with the k-th in the profile)."""
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
+    traced = profile.meta.get("model_config_sha256")
+    scored = (getattr(cube, "provenance", None) or {}).get("model_config_sha256")
+    if traced and scored and traced != scored:
+        # Models of one family share layer names: the scores would come out, and mean nothing.
+        warnings.warn(f"the profile was traced from another model configuration (config sha256 {traced[:12]}, "
+                      f"this cube's {scored[:12]}): its z-scores and percentiles compare different models",
+                      UserWarning, stacklevel=2)
     index = {}
     seen: dict[str, int] = {}
     for i, name in enumerate(profile.layers):

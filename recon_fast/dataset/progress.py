@@ -6,10 +6,13 @@ files on a background thread, so the bars of ranks running ahead of or behind ra
 Files, not collectives: a collective per update would make every rank wait for the slowest. Where
 the folder is not shared (nodes without a common file system) rank 0 shows the ranks it can see.
 
-Shown when stderr is a terminal (progress=None) or when asked (progress=True); never in CI logs.
-The ETA needs the number of documents, counted from the source when that is cheap (a sized
-iterable, Parquet metadata, the lines of a text or JSONL file); each rank's bar assumes an equal
-share. The .progress folder is removed when the run ends."""
+Drawn when rank 0's stderr is a terminal (progress=None) or when asked (progress=True); never in
+CI logs. In a distributed run every rank reports unless progress=False, since a rank's own
+terminal says nothing of rank 0's (under Slurm only task 0 may have one). The ETA needs the
+number of documents, counted from the source on rank 0 when that is cheap (a sized iterable,
+Parquet metadata, the lines of a text or JSONL file); each rank's bar assumes an equal share, and
+a finished rank's bar shows its own total. Shards kept by --resume count as done but not in the
+rates. Each rank removes its file at the end, rank 0 the folder, also when the run fails."""
 
 from __future__ import annotations
 
@@ -31,21 +34,23 @@ def enabled(progress: bool | None) -> bool:
 
 
 class RankProgress:
-    """This rank's counts, written for rank 0; on rank 0 also the bars of every rank."""
+    """This rank's counts, written for rank 0; on rank 0 (draw=True) the bars of every rank.
+    A context manager: leaving it stops the drawing and removes the files."""
 
-    def __init__(self, out_dir: Path, rank: int, world_size: int, total_documents: int | None):
+    def __init__(self, out_dir: Path, rank: int, world_size: int, total_documents: int | None, draw: bool):
         self.folder = Path(out_dir) / FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rank, self.world_size = rank, world_size
         self.started = time.time()
+        self.finished: float | None = None
         self.documents = self.tokens = 0
-        self.done = False
+        self.resumed_documents = self.resumed_tokens = 0
         self._written = 0.0
         self._bars = None
         self._stop = threading.Event()
         self._thread = None
         self._write(force=True)
-        if rank == 0:
+        if draw:
             from tqdm.auto import tqdm
 
             share = -(-total_documents // world_size) if total_documents is not None else None
@@ -57,35 +62,48 @@ class RankProgress:
     def __enter__(self) -> "RankProgress":
         return self
 
-    def __exit__(self, kind, error, traceback) -> None:
-        """The rank's loop is over: its final counts are written. The bars stay up until close()
-        (after the run's gather, when every rank's file is final), unless the loop failed."""
-        self.done, self._finished = True, time.time()
-        self._write(force=True)
-        if kind is not None:
-            self.close()
+    def __exit__(self, *exc) -> None:
+        self.draw_final()
+        try:
+            (self.folder / f"rank{self.rank}.json").unlink(missing_ok=True)
+            if self.rank == 0:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            else:
+                self.folder.rmdir()  # empty where the folder is this node's own; else rank 0's to remove
+        except OSError:
+            pass
 
-    def advance(self, documents: int, tokens: int) -> None:
+    def advance(self, documents: int, tokens: int, resumed: bool = False) -> None:
         self.documents += documents
         self.tokens += tokens
+        if resumed:  # done already: counted, but not in the rates
+            self.resumed_documents += documents
+            self.resumed_tokens += tokens
         self._write()
 
-    def close(self) -> None:
-        """Rank 0: the bars' last state, drawn once, and the .progress folder removed."""
-        if self._thread is None:
+    def rank_done(self) -> None:
+        """This rank's loop is over: its final counts, for rank 0's last drawing."""
+        self.finished = time.time()
+        self._write(force=True)
+
+    def draw_final(self) -> None:
+        """Rank 0, once every rank is done (after the run's gather): the bars' last state, drawn
+        once. Elsewhere, or a second time, nothing."""
+        if self._bars is None:
             return
         self._stop.set()
         self._thread.join()
-        self._thread = None
         self._redraw()
         for bar in self._bars:
             bar.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._bars = None
 
     # ---- files ------------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"documents": self.documents, "tokens": self.tokens, "started": self.started, "done": self.done,
-                "now": self._finished if self.done else time.time()}  # tok/s stops at the rank's end
+        finished = self.finished  # read once: the drawing thread may run while the loop ends
+        return {"documents": self.documents, "tokens": self.tokens, "resumed_documents": self.resumed_documents,
+                "resumed_tokens": self.resumed_tokens, "started": self.started, "done": finished is not None,
+                "now": finished if finished is not None else time.time()}  # tok/s stops at the rank's end
 
     def _write(self, force: bool = False) -> None:
         state = self._state()
@@ -118,14 +136,16 @@ class RankProgress:
                 continue
             if state["done"]:  # the equal share was an estimate: a finished rank shows 100%
                 bar.total = state["documents"]
+            bar.initial = state["resumed_documents"]  # tqdm's rate and ETA count from there
             bar.n = state["documents"]
             seconds = max(state["now"] - state["started"], 1e-9)
-            bar.set_postfix_str(f"{state['tokens']} tok, {state['tokens'] / seconds:,.0f} tok/s", refresh=False)
+            rate = (state["tokens"] - state["resumed_tokens"]) / seconds
+            bar.set_postfix_str(f"{state['tokens']} tok, {rate:,.0f} tok/s", refresh=False)
             bar.refresh()
 
 
 class Silent:
-    """What start() gives where no progress is shown: the same calls, doing nothing."""
+    """What start() gives where no progress is reported: the same calls, doing nothing."""
 
     def __enter__(self) -> "Silent":
         return self
@@ -133,17 +153,22 @@ class Silent:
     def __exit__(self, *exc) -> None:
         pass
 
-    def advance(self, documents: int, tokens: int) -> None:
+    def advance(self, documents: int, tokens: int, resumed: bool = False) -> None:
         pass
 
-    def close(self) -> None:
+    def rank_done(self) -> None:
+        pass
+
+    def draw_final(self) -> None:
         pass
 
 
 def start(out_dir: Path, rank: int, world_size: int, progress: bool | None,
-          total_documents) -> "RankProgress | Silent":
-    """A RankProgress where progress is shown, else a Silent one. total_documents: a callable
-    counting the source's documents (called only when shown), returning None when it cannot."""
-    if not enabled(progress):
+          count_documents) -> "RankProgress | Silent":
+    """This rank's progress: drawn on rank 0 where enabled, reported by every rank of a
+    distributed run unless progress=False. count_documents: a callable counting the source's
+    documents (called on rank 0 only, when it draws), returning None when it cannot."""
+    draw = rank == 0 and enabled(progress)
+    if not draw and not (world_size > 1 and progress is not False):
         return Silent()
-    return RankProgress(out_dir, rank, world_size, total_documents())
+    return RankProgress(out_dir, rank, world_size, count_documents() if draw else None, draw)

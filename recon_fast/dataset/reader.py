@@ -143,11 +143,15 @@ class DatasetReader:
 
 
 def _index(layer: int | str, names: list[str], what: str) -> int:
+    """A layer's index from its name or index (negative counts from the end, as in a list)."""
     if isinstance(layer, str):
         if layer not in names:
             raise KeyError(f"{what} {layer!r} not in this dataset")
         return names.index(layer)
-    return layer
+    if not -len(names) <= layer < len(names):
+        raise KeyError(f"{what} {layer} out of range: this dataset has {len(names)} ({names[0]!r} .. {names[-1]!r})"
+                       if names else f"{what} {layer}: this dataset has none")
+    return layer % len(names)
 
 
 def _stacked(table, columns: tuple[str, ...]) -> np.ndarray:

@@ -69,7 +69,7 @@ def documents(source, text_field: str = "text") -> Iterator[tuple[int, str]]:
 def count(source) -> int | None:
     """How many documents `source` holds, where that is cheap to know without tokenizing: a
     sized iterable, a Parquet file's metadata, a folder's .txt files, a text or JSONL file's
-    non-blank lines (one pass over the bytes); None for an iterator of unknown length."""
+    non-blank lines (one pass over the file); None for an iterator of unknown length."""
     if not isinstance(source, (str, os.PathLike)):
         try:
             return len(source)
@@ -85,7 +85,7 @@ def count(source) -> int | None:
         return pq.ParquetFile(path).metadata.num_rows
     if name.endswith(".gz"):
         return None  # a second decompression pass would cost as much as reading the documents
-    with open(path, "rb") as f:
+    with open(path, encoding="utf-8") as f:  # as the readers split and skip lines (universal newlines)
         return sum(1 for line in f if line.strip())
 
 

@@ -112,95 +112,97 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     windows = batching.tokenized_windows(sources.documents(source, text_field), tokenizer, max_tokens, window,
                                          skipped_rows)
     batches = batching.rank_batches(windows, batch_tokens, ranks.rank, ranks.world_size)
-    bar = progress_bars.start(out_dir, ranks.rank, ranks.world_size, progress, lambda: sources.count(source))
-    layer_names: list[str] | None = None
-    attention_layers: list[str] | None = None
-    heads: int | None = None
-    profile: Profile | None = None
-    written, totals = [], {"documents": 0, "tokens": 0, "padded_tokens": 0, "resumed_shards": 0}
-    with bar, tracer:
-        for k, group in enumerate(batching.shard_groups(batches, docs_per_shard)):
-            docs = [d for batch in group for d in batch.docs]
-            info = None
-            if resume:
-                # The last shard a killed run wrote is read in full; the others' footers and
-                # documents are checked (they were complete before the next one began).
-                last = not shards.shard_path(out_dir, shards.ACTIVATIONS, ranks.rank, k + 1).exists()
-                info = shards.committed(out_dir, ranks.rank, k, config_sha256, docs, full_read=last,
-                                        attention=attention is not None)
-            if info is not None:
-                totals["resumed_shards"] += 1
-                part = shards.profile_from_state(info["layer_names"], metrics, info["profile"])
-                layer_names = layer_names or info["layer_names"]
-                attention_layers = attention_layers or info.get("attention_layers")
-                bar.advance(info["documents"], info["tokens"])
-            else:
-                buffer = None
-                for batch in group:
-                    ids, mask = batch.input_ids(pad_id)
-                    inputs = {"input_ids": torch.from_numpy(ids).to(device),
-                              "attention_mask": torch.from_numpy(mask).to(device)}
-                    tracer.run(inputs, **extra)
-                    cube = tracer.cube
-                    if buffer is None:
-                        layer_names = layer_names or list(cube.layer_names)
-                        if attention is not None:
-                            attention_layers = attention_layers or list(cube.attention_layers)
-                        buffer = shards.ShardBuffer(layer_names, metrics, attention_layers)
-                    buffer.add_batch(batch.docs, cube.data, mask.astype(bool), cube.attention_data)
-                    bar.advance(len(batch.docs), batch.tokens)
-                info = buffer.write(out_dir, ranks.rank, k, config_sha256)
-                part = buffer.profile
-                if fault == f"kill:{ranks.rank}:{k}":
-                    os.kill(os.getpid(), signal.SIGKILL)
-            profile = part if profile is None else profile.merge(part)
-            heads = heads or info.get("heads")
-            files = {"activations": shards.ACTIVATIONS, "documents_file": shards.DOCUMENTS}
-            if attention is not None:
-                files["attention"] = shards.ATTENTION
-            written.append({"rank": ranks.rank, "shard": k, "documents": info["documents"], "tokens": info["tokens"],
-                            **{key: str(shards.shard_path(out_dir, table, ranks.rank, k).relative_to(out_dir))
-                               for key, table in files.items()}})
-            totals["documents"] += info["documents"]
-            totals["tokens"] += info["tokens"]
-            totals["padded_tokens"] += sum(b.padded_tokens for b in group)
-    _remove_beyond(out_dir, ranks.rank, len(written))
+    # Closed (drawing thread, bars, the ranks' files) also when anything below raises.
+    with progress_bars.start(out_dir, ranks.rank, ranks.world_size, progress, lambda: sources.count(source)) as bar:
+        layer_names: list[str] | None = None
+        attention_layers: list[str] | None = None
+        heads: int | None = None
+        profile: Profile | None = None
+        written, totals = [], {"documents": 0, "tokens": 0, "padded_tokens": 0, "resumed_shards": 0}
+        with tracer:
+            for k, group in enumerate(batching.shard_groups(batches, docs_per_shard)):
+                docs = [d for batch in group for d in batch.docs]
+                info = None
+                if resume:
+                    # The last shard a killed run wrote is read in full; the others' footers and
+                    # documents are checked (they were complete before the next one began).
+                    last = not shards.shard_path(out_dir, shards.ACTIVATIONS, ranks.rank, k + 1).exists()
+                    info = shards.committed(out_dir, ranks.rank, k, config_sha256, docs, full_read=last,
+                                            attention=attention is not None)
+                if info is not None:
+                    totals["resumed_shards"] += 1
+                    part = shards.profile_from_state(info["layer_names"], metrics, info["profile"])
+                    layer_names = layer_names or info["layer_names"]
+                    attention_layers = attention_layers or info.get("attention_layers")
+                    bar.advance(info["documents"], info["tokens"], resumed=True)
+                else:
+                    buffer = None
+                    for batch in group:
+                        ids, mask = batch.input_ids(pad_id)
+                        inputs = {"input_ids": torch.from_numpy(ids).to(device),
+                                  "attention_mask": torch.from_numpy(mask).to(device)}
+                        tracer.run(inputs, **extra)
+                        cube = tracer.cube
+                        if buffer is None:
+                            layer_names = layer_names or list(cube.layer_names)
+                            if attention is not None:
+                                attention_layers = attention_layers or list(cube.attention_layers)
+                            buffer = shards.ShardBuffer(layer_names, metrics, attention_layers)
+                        buffer.add_batch(batch.docs, cube.data, mask.astype(bool), cube.attention_data)
+                        bar.advance(len(batch.docs), batch.tokens)
+                    info = buffer.write(out_dir, ranks.rank, k, config_sha256)
+                    part = buffer.profile
+                    if fault == f"kill:{ranks.rank}:{k}":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                profile = part if profile is None else profile.merge(part)
+                heads = heads or info.get("heads")
+                files = {"activations": shards.ACTIVATIONS, "documents_file": shards.DOCUMENTS}
+                if attention is not None:
+                    files["attention"] = shards.ATTENTION
+                written.append({"rank": ranks.rank, "shard": k, "documents": info["documents"], "tokens": info["tokens"],
+                                **{key: str(shards.shard_path(out_dir, table, ranks.rank, k).relative_to(out_dir))
+                                   for key, table in files.items()}})
+                totals["documents"] += info["documents"]
+                totals["tokens"] += info["tokens"]
+                totals["padded_tokens"] += sum(b.padded_tokens for b in group)
+        bar.rank_done()
+        _remove_beyond(out_dir, ranks.rank, len(written), attention is not None)
 
-    # Every rank's summary to every rank; rank 0 merges and writes. The profile goes as its
-    # compact state: numbers, not the arrays' pickles.
-    mine = {"shards": written, "totals": totals, "layer_names": layer_names, "attention_layers": attention_layers,
-            "heads": heads,
-            "profile": shards.profile_state(profile) if profile is not None else None}
-    everyone = ranks.gather(mine)
-    bar.close()  # every rank is done: rank 0's bars show their final counts
-    layer_names = next((r["layer_names"] for r in everyone if r["layer_names"]), [])
-    attention_layers = next((r["attention_layers"] for r in everyone if r["attention_layers"]), [])
-    merged = Profile(layer_names, metrics)
-    for r in everyone:  # rank order: the same merge order on every run
-        if r["profile"] is not None:
-            merged.merge(shards.profile_from_state(layer_names, metrics, r["profile"]))
-    manifest = {
-        "format": FORMAT, "model": provenance.get("model_name_or_path") or type(model).__name__,
-        "config_sha256": config_sha256, "settings": settings, "layers": layer_names, "metrics": list(metrics),
-        "attention_layers": attention_layers, "attention_heads": next((r["heads"] for r in everyone if r["heads"]), 0),
-        "attention_statistics": list(ATTENTION_STATS) if attention is not None else [],
-        "world_size": ranks.world_size, "source": sources.describe(source),
-        "documents": sum(r["totals"]["documents"] for r in everyone),
-        "tokens": sum(r["totals"]["tokens"] for r in everyone),
-        "padded_tokens": sum(r["totals"]["padded_tokens"] for r in everyone),
-        "empty_documents": len(skipped_rows),
-        "ranks": [dict(r["totals"], rank=i) for i, r in enumerate(everyone)],
-        "shards": [s for r in everyone for s in r["shards"]],
-        "seconds": time.time() - started, "provenance": provenance,
-    }
-    if ranks.rank == 0:
-        merged.meta = {"model": manifest["model"], "config_sha256": config_sha256,
-                       "model_config_sha256": provenance.get("model_config_sha256")}
-        merged.save(out_dir / PROFILE)
-        with atomic_write(out_dir / MANIFEST) as f:  # last: its presence says the run is complete
-            f.write(json.dumps(manifest, indent=1).encode())
-    ranks.barrier()
-    return manifest
+        # Every rank's summary to every rank; rank 0 merges and writes. The profile goes as its
+        # compact state: numbers, not the arrays' pickles.
+        mine = {"shards": written, "totals": totals, "layer_names": layer_names, "attention_layers": attention_layers,
+                "heads": heads,
+                "profile": shards.profile_state(profile) if profile is not None else None}
+        everyone = ranks.gather(mine)
+        bar.draw_final()  # every rank is done: rank 0's bars show their final counts
+        layer_names = next((r["layer_names"] for r in everyone if r["layer_names"]), [])
+        attention_layers = next((r["attention_layers"] for r in everyone if r["attention_layers"]), [])
+        merged = Profile(layer_names, metrics)
+        for r in everyone:  # rank order: the same merge order on every run
+            if r["profile"] is not None:
+                merged.merge(shards.profile_from_state(layer_names, metrics, r["profile"]))
+        manifest = {
+            "format": FORMAT, "model": provenance.get("model_name_or_path") or type(model).__name__,
+            "config_sha256": config_sha256, "settings": settings, "layers": layer_names, "metrics": list(metrics),
+            "attention_layers": attention_layers, "attention_heads": next((r["heads"] for r in everyone if r["heads"]), 0),
+            "attention_statistics": list(ATTENTION_STATS) if attention is not None else [],
+            "world_size": ranks.world_size, "source": sources.describe(source),
+            "documents": sum(r["totals"]["documents"] for r in everyone),
+            "tokens": sum(r["totals"]["tokens"] for r in everyone),
+            "padded_tokens": sum(r["totals"]["padded_tokens"] for r in everyone),
+            "empty_documents": len(skipped_rows),
+            "ranks": [dict(r["totals"], rank=i) for i, r in enumerate(everyone)],
+            "shards": [s for r in everyone for s in r["shards"]],
+            "seconds": time.time() - started, "provenance": provenance,
+        }
+        if ranks.rank == 0:
+            merged.meta = {"model": manifest["model"], "config_sha256": config_sha256,
+                           "model_config_sha256": provenance.get("model_config_sha256")}
+            merged.save(out_dir / PROFILE)
+            with atomic_write(out_dir / MANIFEST) as f:  # last: its presence says the run is complete
+                f.write(json.dumps(manifest, indent=1).encode())
+        ranks.barrier()
+        return manifest
 
 
 def _pad_id(tokenizer) -> int:
@@ -216,11 +218,13 @@ def _rank_shards(out_dir: Path, rank: int):
     return folder.glob("part-*.parquet") if folder.is_dir() else iter(())
 
 
-def _remove_beyond(out_dir: Path, rank: int, count: int) -> None:
+def _remove_beyond(out_dir: Path, rank: int, count: int, attention: bool) -> None:
     """Shards numbered past this run's last (a resumed run's plan can only agree, but a folder
-    may hold debris): removed, so the folder holds exactly this run."""
+    may hold debris), and any attention table of a run without attention (a killed run with
+    attention that committed nothing leaves one): removed, so the folder holds exactly this run."""
     for table in (shards.ACTIVATIONS, shards.ATTENTION, shards.DOCUMENTS):
         folder = out_dir / table / f"rank{rank}"
+        keep = 0 if table == shards.ATTENTION and not attention else count
         for path in folder.glob("part-*.parquet") if folder.is_dir() else ():
-            if int(path.stem.split("-")[1]) >= count:
+            if int(path.stem.split("-")[1]) >= keep:
                 path.unlink()

@@ -23,10 +23,15 @@ def _rows_op_for(device_type: str):
     (the Python slice + token_stats, which also covers the plain-PyTorch fallback)."""
     if ops.backend(device_type) == "torch":
         return None
-    overload = torch.ops.recon_fast.token_stats_rows.default
-    # OpOverload.__call__ only forwards to the C++ function in `_op` (which dispatches as usual);
-    # calling that skips a Python frame, 0.3 us of every hook call.
-    return getattr(overload, "_op", overload)
+    return torch.ops.recon_fast.token_stats_rows.default
+
+
+def _direct(overload):
+    """The C++ function behind an OpOverload: OpOverload.__call__ only forwards to `_op` (which
+    dispatches as usual), so calling it skips a Python frame, 0.3 us of every hook call. Eager
+    only: torch.compile cannot trace the bare builtin (a graph break per hook), so writes made
+    while compiling call the overload itself. The overload where `_op` is gone (private API)."""
+    return getattr(overload, "_op", overload) if overload is not None else None
 
 
 # Rows of one CUDA chunk: 20 MiB of statistics (1M tokens x layers) on the device at a time.
@@ -60,7 +65,8 @@ class _DeviceChunks:
         self.capacity = -1  # rows of `last`
         self.fill = 0  # rows used in `last`
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.rows_op = _rows_op_for(device.type)  # looked up once per arena, not per write
+        self.rows_op_traced = _rows_op_for(device.type)  # looked up once per arena, not per write
+        self.rows_op = _direct(self.rows_op_traced)
 
 
 class StatsArena:
@@ -83,7 +89,7 @@ class StatsArena:
             self._new_chunk(chunks, rows)
             row0 = 0
         chunks.fill = row0 + rows
-        rows_op = chunks.rows_op
+        rows_op = chunks.rows_op if not torch.compiler.is_compiling() else chunks.rows_op_traced
         if rows_op is not None:
             rows_op(x, chunks.last, row0)
         else:

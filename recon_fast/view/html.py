@@ -276,10 +276,12 @@ def cube_fragment(cube: ActivityCube, limit_bytes: int | None = None) -> str:
 
 
 def _summary_fragment(cube: ActivityCube, size: int, limit: int) -> str:
+    # size counts data and attention_data only: full attention entries reach the page as their
+    # entropy and max weight (attention_statistics), never as [T, T] maps.
     tokens = cube.axis_length("tokens")
     attention = f", {len(cube.attention_layers)} attention layers" if cube.attention_layers else ""
     return (f"<div class=\"recon-fast-summary\"><b>{html.escape(repr(cube))}</b><br>"
-            f"{cube.num_layers} layers x {len(cube.tokens)} x {tokens} tokens x {len(cube.metrics)} metrics"
+            f"{cube.num_layers} layers x {len(cube.tokens)} sequences x {tokens} tokens x {len(cube.metrics)} metrics"
             f"{attention}: {size / 2**20:.0f} MiB of values, more than the {limit / 2**20:.0f} MiB shown inline "
             "(recon_fast.view.html.INLINE_LIMIT_BYTES). <code>cube.to_html(\"cube.html\")</code> writes the "
             "whole viewer to a file; <code>recon-fast view</code> does the same for a saved cube.</div>")
