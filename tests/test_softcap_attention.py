@@ -240,3 +240,35 @@ def test_no_square_allocation_at_4096_tokens(monkeypatch):
     traced, traced_largest = largest_allocation(lambda: Tracer(model, attention="stats").run(ids).logits)
     assert traced_largest <= budget < length * length * 4, f"largest allocation {traced_largest} bytes"
     torch.testing.assert_close(traced, eager, atol=1e-5, rtol=0)
+
+
+def test_before_transformers_5_21_the_traced_run_drops_the_cap_as_sdpa_did(monkeypatch):
+    """transformers < 5.21: sdpa took a soft-cap and dropped it. Simulated here on any version:
+    the traced run must follow the model (uncapped, logits bit-identical, a warning) and its
+    statistics describe the attention that ran: an uncapped eager twin's."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def sdpa_dropping_the_cap(module, query, key, value, attention_mask, **kwargs):
+        return sdpa(module, query, key, value, attention_mask, **{**kwargs, "softcap": None})
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa_dropping_the_cap)
+    monkeypatch.setattr(attention_stats_capture, "sdpa_drops_softcap", lambda: True)
+    monkeypatch.setattr(attention_stats_capture, "_warned", set())
+    model = gemma2_under_sdpa()
+    inputs = left_padded()
+    with torch.no_grad():
+        untraced = model(**inputs).logits
+        capped = eager_twin(model)(**inputs).logits
+        uncapped_twin = eager_twin(model)
+        for module in uncapped_twin.modules():
+            if hasattr(module, "attn_logit_softcapping"):
+                module.attn_logit_softcapping = None
+        uncapped = uncapped_twin(**inputs, output_attentions=True)
+    assert not torch.allclose(untraced, capped)  # the cap bites: dropping it shows
+    tracer = Tracer(model, attention="stats")
+    with pytest.warns(UserWarning, match="ignores the attention soft-cap"):
+        traced = tracer.run(inputs).logits
+    assert torch.equal(traced, untraced)
+    assert_matches_eager(tracer.cube.attention_data, list(uncapped.attentions), inputs["attention_mask"].bool().numpy())
