@@ -7,6 +7,7 @@ compares, on a random-weight model of SmolLM2-135M's shape (Llama, 30 layers, d_
   recon_fast per-neuron  the same, every MLP split into its 1536 hidden neurons
   recon_fast by-source   the same, every head split over the T source positions it read from
                        (the attention row of the last query only, recomputed from q and k)
+  recon_fast by-source top-8  the same, each head keeping its 8 largest sources and one remainder
   cache components     hooks keep every component's whole [T, d_model] output, then decompose
                        (what an activation cache does, restricted to what DLA needs)
   TransformerLens      run_with_cache + decompose_resid + apply_ln_to_stack on a TransformerBridge
@@ -28,7 +29,7 @@ import torch
 import resident_memory
 
 APPROACHES = ["forward only", "recon_fast", "recon_fast per-head", "recon_fast per-neuron", "recon_fast by-source",
-              "cache components", "TransformerLens"]
+              "recon_fast by-source top-8", "cache components", "TransformerLens"]
 VOCAB = 49152
 
 
@@ -53,12 +54,16 @@ def cache_components(model, ids: torch.Tensor) -> torch.Tensor:
 
     parts = anatomy(model)
     cache: dict[str, torch.Tensor] = {}
-    modules = {"embed": parts.embed}
+    modules = {"embed": parts.embed} if parts.embed is not None else {}
     for i, block in enumerate(parts.blocks):
         modules[f"L{i}.attn"], modules[f"L{i}.mlp"] = block.attn, block.mlp
     handles = [module.register_forward_hook(
         lambda mod, args, out, name=name: cache.__setitem__(name, extract_tensor(out).detach().clone()))
         for name, module in modules.items()]
+    if parts.embed is None:  # the adapter's embedding term is what enters block 0 (it runs first)
+        handles.append(parts.blocks[0].module.register_forward_pre_hook(
+            lambda mod, args, kwargs: cache.__setitem__(
+                "embed", (args[0] if args else kwargs["hidden_states"]).detach().clone()), with_kwargs=True))
     handles.append(parts.final_norm.module.register_forward_pre_hook(
         lambda mod, args: cache.__setitem__("final", args[0].detach().clone())))
     try:
@@ -119,6 +124,8 @@ def approach(name: str, model):
         return lambda ids: direct_logit_attribution(model, ids, per_neuron=True)
     if name == "recon_fast by-source":
         return lambda ids: direct_logit_attribution(model, ids, by_source=True)
+    if name == "recon_fast by-source top-8":
+        return lambda ids: direct_logit_attribution(model, ids, by_source=True, source_top_k=8)
     if name == "cache components":
         return lambda ids: cache_components(model, ids)
     if name == "TransformerLens":

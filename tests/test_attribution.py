@@ -595,6 +595,118 @@ def test_an_attention_that_the_rows_do_not_reproduce_is_refused(monkeypatch):
         direct_logit_attribution(causal_model("gpt2", seed=108), torch.arange(8), by_source=True)
 
 
+
+# ---- by_source's top-k mode: each head's k largest sources and one remainder -----------------------
+def assert_top_sources_of(top, full, k: int, heads=None) -> None:
+    """`top` (source_top_k=k) against `full`, the full source split of the same call: every
+    other term, and the kept source terms, bit for bit; each sequence's k largest |term| of each
+    head kept (a batch keeps their union), in position order; "S_rest" the sum of the others, so
+    that a head adds up to its term (and to `heads`' per-head term) and all terms to the logit."""
+    assert top.source_top_k == k and full.source_top_k is None and full.rest_magnitude is None
+    index = {label: i for i, label in enumerate(full.labels)}
+    batch, keys = full.values.shape[0], sum(label.startswith("L0.H0.S") for label in full.labels)
+    others = [label for label in top.labels if ".S" not in label]
+    assert others == [label for label in full.labels if ".S" not in label]
+    assert torch.equal(top.values[:, [top.labels.index(l) for l in others]], full.values[:, [index[l] for l in others]])
+    scale = float(full.values.abs().max())
+    folded = torch.zeros(batch, dtype=torch.float64)
+    for layer in range(full.n_layers):
+        for head in range(full.n_heads):
+            prefix = f"L{layer}.H{head}.S"
+            columns = [i for i, label in enumerate(top.labels) if label.startswith(prefix)]
+            names = [top.labels[i] for i in columns]
+            assert names[-1] == f"L{layer}.H{head}.S_rest" and all(n[len(prefix):].isdigit() for n in names[:-1])
+            kept = [int(n[len(prefix):]) for n in names[:-1]]
+            assert kept == sorted(set(kept)) and (len(kept) == k if batch == 1 else k <= len(kept) <= batch * k)
+            whole = full.values[:, [index[f"{prefix}{j}"] for j in range(keys)]]  # [B, Tk]
+            assert torch.equal(top.values[:, columns[:-1]], whole[:, kept])
+            dropped = [j for j in range(keys) if j not in kept]
+            # Each sequence's k largest are kept: nothing dropped is larger than its k-th (ties aside).
+            kth = whole.abs().topk(k, dim=-1).values[:, -1:]
+            assert bool((whole[:, dropped].abs() <= kth).all()), (prefix, kept)
+            rest = top.values[:, columns[-1]]
+            torch.testing.assert_close(rest, whole[:, dropped].sum(-1), rtol=1e-12, atol=1e-12 * scale)
+            torch.testing.assert_close(top.values[:, columns].sum(-1), whole.sum(-1), rtol=1e-12, atol=1e-12 * scale)
+            if heads is not None:
+                torch.testing.assert_close(top.values[:, columns].sum(-1), heads.values[:, heads.labels.index(
+                    f"L{layer}.H{head}")], rtol=1e-5, atol=1e-5 * scale)
+            folded += whole[:, dropped].abs().sum(-1)
+    torch.testing.assert_close(top.rest_magnitude, folded, rtol=1e-12, atol=1e-12 * scale)
+    assert_sums_to_logit(top)
+    torch.testing.assert_close(top.total(), full.total(), rtol=1e-12, atol=1e-12 * scale)
+    for row in range(batch):  # the top k terms are the full split's: a remainder is not a single term
+        for share in ("top", "total"):
+            listed, expected = top.top(k, row, share), full.top(k, row, share)
+            assert [(label, value) for label, value, _ in listed] == [(label, value) for label, value, _ in expected]
+            assert [p for _, _, p in listed] == pytest.approx([p for _, _, p in expected], rel=1e-9)
+        # Further down, the list is the full one's without the sources that were not kept.
+        listed, kept = top.top(len(top.labels), row, "total"), set(top.labels)
+        expected = [term for term in full.top(len(full.labels), row, "total") if term[0] in kept]
+        assert [(label, value) for label, value, _ in listed] == [(label, value) for label, value, _ in expected]
+        assert [p for _, _, p in listed] == pytest.approx([p for _, _, p in expected], rel=1e-9)
+        assert top.head_totals(row) == pytest.approx(full.head_totals(row), rel=1e-9, abs=1e-12 * scale)
+        torch.testing.assert_close(top.grid(row)[2], full.grid(row)[2], rtol=1e-9, atol=1e-12 * scale)
+        for layer in range(full.n_layers):
+            assert top.top_sources(layer, 1, k, row) == full.top_sources(layer, 1, k, row)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_top_k_sources_are_the_full_splits_largest_and_a_remainder(arch, k, batch):
+    model = causal_model(arch, seed=121)
+    ids = torch.randint(0, VOCAB, (batch, 11), generator=torch.Generator().manual_seed(122))
+    full = direct_logit_attribution(model, ids, position=-2, by_source=True, per_neuron=True)
+    top = direct_logit_attribution(model, ids, position=-2, by_source=True, per_neuron=True, source_top_k=k)
+    heads = direct_logit_attribution(model, ids, position=-2, per_head=True)
+    assert_top_sources_of(top, full, k, heads)
+    assert len(top.labels) < len(full.labels)
+
+
+def test_top_k_sources_at_several_positions_are_each_positions_own():
+    model = causal_model("llama", seed=123)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(124))
+    full = attribute_positions(model, ids, [3, -1], by_source=True)
+    top = attribute_positions(model, ids, [3, -1], by_source=True, source_top_k=2)
+    for one, whole in zip(top, full):
+        assert_top_sources_of(one, whole, 2)
+    assert top[0].labels != top[1].labels  # each query read its own sources
+
+
+@pytest.mark.parametrize("k", [11, 50])
+def test_top_k_sources_of_every_key_are_the_full_split(k):
+    """k at least the number of keys (11) cuts nothing: no remainder terms, source_top_k None."""
+    model = causal_model("gpt2", seed=125)
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(126))
+    full = direct_logit_attribution(model, ids, by_source=True)
+    top = direct_logit_attribution(model, ids, by_source=True, source_top_k=k)
+    assert top.labels == full.labels and torch.equal(top.values, full.values)
+    assert top.source_top_k is None and top.rest_magnitude is None
+    assert top.to_dict() == full.to_dict() and full.to_dict()["source_top_k"] is None
+
+
+def test_top_k_sources_serialise_name_and_refuse_what_they_lack():
+    from recon_fast.attribution.direct import layer_term
+    from recon_fast.cli.attribution import display_names
+
+    model = causal_model("neox", seed=127)
+    top = direct_logit_attribution(model, torch.arange(9), by_source=True, source_top_k=2)
+    document = top.to_dict()
+    assert document["source_top_k"] == 2 and document["labels"] == top.labels
+    assert document["sequences"][0]["rest_magnitude"] == float(top.rest_magnitude[0])
+    assert layer_term("L1.H2.S_rest") == (1, "H2.S_rest") and layer_term("L1.H2.Srest") is None
+    assert display_names(["L1.H2.S_rest", "L1.H2.S7"]) == {"L1.H2.S_rest": "Head L1.H2<-rest",
+                                                           "L1.H2.S7": "Head L1.H2<-7   "}
+    assert all(".S_rest" not in label for label, _, _ in top.top(len(top.labels)))
+    assert len(top.top_sources(0, 0, k=2)) == 2
+    with pytest.raises(ValueError, match=r"top_sources\(k=3\): this attribution kept the 2 largest sources"):
+        top.top_sources(0, 0, k=3)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="source_top_k must be a positive int or None"):
+            direct_logit_attribution(model, torch.arange(9), by_source=True, source_top_k=bad)
+    with pytest.raises(ValueError, match="it needs by_source=True"):
+        direct_logit_attribution(model, torch.arange(9), per_head=True, source_top_k=2)
+
 @pytest.mark.parametrize("position", [-1, 3])
 def test_gpt2_neurons_agree_with_transformer_lens(word_tokenizer, position):
     pytest.importorskip("transformer_lens")

@@ -184,6 +184,24 @@ def test_attribute_sources_names_the_tokens_each_top_head_read(run_cli):
         assert re.match(r'^- Head L\d+\.H\d+ \([+-]\d+\.\d{3}\): "[^"]*"@\d +[+-]\d+\.\d{3}, "[^"]*"@\d +[+-]\d+\.\d{3}$', line), line
 
 
+
+def test_sources_print_what_the_full_split_prints_from_the_top_sources_only(run_cli):
+    """--sources 2 --top-k 3 keeps each head's 3 largest sources and a remainder (the prompt has 5
+    tokens): the printed lines are those of --all-sources, the JSON says what it kept."""
+    argv = ("attribute", "--prompt", "The capital of France is", "--sources", "2", "--top-k", "3")
+    for share in ("top", "total"):
+        assert run_cli(*argv, "--share", share) == run_cli(*argv, "--share", share, "--all-sources")
+    top, full = json.loads(run_cli(*argv, "--json")), json.loads(run_cli(*argv, "--json", "--all-sources"))
+    assert top["source_top_k"] == 3 and full["source_top_k"] is None
+    assert len([label for label in top["labels"] if label.endswith(".S_rest")]) == 30 * 9
+    assert len(top["labels"]) == len(full["labels"]) - 30 * 9 * (5 - 3 - 1)
+    assert sum(top["sequences"][0]["values"]) == pytest.approx(full["sequences"][0]["total"], rel=1e-9)
+
+
+def test_all_sources_needs_sources(run_cli, capsys):
+    assert cli.main(["attribute", "--prompt", "hi", "--all-sources"]) == 2
+    assert "--all-sources keeps every source term of --sources K" in capsys.readouterr().err
+
 # ---- issue 12: --report pictures on the real model ---------------------------------------------------
 def test_reports_show_mlp_terms_log_norms_and_step_text(run_cli, smollm2, tmp_path, monkeypatch):
     """SmolLM2's per-head picture has its MLPs beside the heads (the top contributor to "Why do

@@ -189,6 +189,29 @@ def test_sources_of_one_pass_equal_separate_runs_and_respect_causality():
             assert bool((column == 0).all()) == (j > position or j <= position - 4), (position, j)
 
 
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in NO_SOURCES])
+def test_top_k_sources_add_up_in_every_family(family):
+    """Each head's 2 largest sources and its remainder add up to the head's term, and all terms to
+    the model's own logit, through every family's post-norms, multipliers and soft-caps."""
+    model = family_model(family)
+    ids = ids_for(33)
+    logits = model_logits(model, ids)
+    heads = direct_logit_attribution(model, ids, position=-2, per_head=True)
+    full = direct_logit_attribution(model, ids, position=-2, by_source=True)
+    top = direct_logit_attribution(model, ids, position=-2, by_source=True, source_top_k=2)
+    expected = logits[:, -2].gather(-1, top.target_id[:, None])[:, 0]
+    assert relative(capped(model, top.total()), expected) <= 1e-4
+    scale = float(heads.values.abs().max())
+    for row in range(2):
+        totals = top.head_totals(row)
+        assert totals == pytest.approx({label: float(heads.values[row, heads.labels.index(label)])
+                                        for label in totals}, rel=1e-4, abs=1e-4 * scale)
+    kept = [label for label in top.labels if ".S" in label and not label.endswith("S_rest")]
+    assert len(kept) <= 2 * 4 * 2 * 2  # layers x heads x k for each of the 2 sequences (united)
+    assert torch.equal(top.values[:, [top.labels.index(l) for l in kept]],
+                       full.values[:, [full.labels.index(l) for l in kept]])
+
 def test_unknown_families_keep_the_named_error():
     from transformers import OPTConfig, OPTForCausalLM
 

@@ -5,7 +5,9 @@ residual, onto the unembedding row of the target token. What belongs to no compo
 unembedding bias) is a term of its own, so the terms add up to the model's logit (or to a
 difference of two logits). A component may be split further, its parts through the same frozen
 maps: attention into heads, heads into the source positions they read from
-(recon_fast.attribution.source_capture), MLPs into their hidden neurons.
+(recon_fast.attribution.source_capture), MLPs into their hidden neurons. A source split may keep
+only each head's k largest sources and one remainder term per head ("L{i}.H{h}.S_rest"), chosen
+on the device, so that it stays small at thousands of tokens and still adds up.
 
 One forward pass serves any number of positions; only rows at those positions are kept
 ([batch, positions, d_model], d_mlp for neurons; attention rows and values for sources).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import operator
 import re
 from dataclasses import dataclass
@@ -32,13 +35,16 @@ from recon_fast.trace.model_inputs import forward_takes, model_dtype, prepare_in
 # model's own dtype per layer, far below what a missing or extra term would cause.
 RECONSTRUCTION_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
-_LAYER_LABEL = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|mlp_bias|attn_norm_bias|mlp_norm_bias|H\d+(?:\.S\d+)?|N\d+)$")
+# The part of a head's source split that the top-k mode folds into one term: "L{i}.H{h}.S_rest".
+SOURCE_REST = "S_rest"
+_LAYER_LABEL = re.compile(r"L(\d+)\.(attn|mlp|attn_bias|mlp_bias|attn_norm_bias|mlp_norm_bias"
+                          r"|H\d+(?:\.S(?:\d+|_rest))?|N\d+)$")
 
 
 def layer_term(label: str) -> tuple[int, str] | None:
     """(layer, part) of a per-layer term label ("L3.mlp" -> (3, "mlp"), "L3.H7" -> (3, "H7"),
-    "L3.N12" -> (3, "N12"), "L3.H7.S5" -> (3, "H7.S5")), or None for the others (embed,
-    pos_embed, norm_bias, unembed_bias)."""
+    "L3.N12" -> (3, "N12"), "L3.H7.S5" -> (3, "H7.S5"), "L3.H7.S_rest" -> (3, "H7.S_rest")), or None
+    for the others (embed, pos_embed, norm_bias, unembed_bias)."""
     match = _LAYER_LABEL.match(label)
     return (int(match.group(1)), match.group(2)) if match else None
 
@@ -54,7 +60,8 @@ class Attribution:
 
     labels:      term names, in residual order: "embed", "pos_embed"; per layer "L{i}.attn", or with
                  per_head "L{i}.H{h}" (with by_source "L{i}.H{h}.S{j}": head h's share read from
-                 source position j) and "L{i}.attn_bias"; "L{i}.mlp", or with per_neuron "L{i}.N{n}"
+                 source position j, and with source_top_k a last "L{i}.H{h}.S_rest" per head: the
+                 sum of its sources not kept) and "L{i}.attn_bias"; "L{i}.mlp", or with per_neuron "L{i}.N{n}"
                  and "L{i}.mlp_bias"; "L{i}.attn_norm_bias"/"L{i}.mlp_norm_bias" for a post-norm
                  with a bias; then "norm_bias" and "unembed_bias" where the model has them.
     values:      [batch, terms] float64; values[b].sum() is the model's logit for target_id[b]
@@ -66,6 +73,12 @@ class Attribution:
                  (before final soft-capping for Gemma2/3: see `note`).
     position:    the position as asked (may be negative); index: the same, counted from 0.
     note:        what the logit is, where it is not simply the model's output (soft-capping).
+    source_top_k: by_source's top-k mode: each head keeps the sources that are among the k largest
+                 |term| of any sequence of the batch (so the sequences share labels; a batch of one
+                 keeps exactly k), in position order, then its "S_rest" term. None where every
+                 source term is kept (also when k is at least the number of keys).
+    rest_magnitude: [batch] with source_top_k, the sum of |term| over the source terms folded
+                 into the "S_rest" terms (top(share="total") counts them as the full split would).
     """
 
     labels: list[str]
@@ -83,6 +96,8 @@ class Attribution:
     per_neuron: bool = False
     by_source: bool = False
     note: str | None = None
+    source_top_k: int | None = None
+    rest_magnitude: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         top = ", ".join(f"{label} {value:+.3g}" for label, value, _ in self.top(3))
@@ -96,15 +111,29 @@ class Attribution:
 
     def top(self, k: int = 10, row: int = 0, share: str = "top") -> list[tuple[str, float, float]]:
         """The k terms of largest magnitude as (label, value, percent). percent is HexRay's
-        |value| / sum of |value| over these k (share="top"), or over all terms (share="total")."""
+        |value| / sum of |value| over these k (share="top"), or over all terms (share="total").
+        The "S_rest" remainders are sums of many sources, not single terms: they are not listed,
+        and share="total" counts the sources they hold, so the list is the full split's."""
         if share not in ("top", "total"):
             raise ValueError(f"share must be 'top' or 'total', got {share!r}")
         values = self.values[row]
-        magnitude = values.abs()
+        single = self._single_terms
+        magnitude = values.abs() if single is None else values[single].abs()
         order = torch.argsort(magnitude, descending=True, stable=True)[:max(k, 0)]
         denominator = float(magnitude[order].sum() if share == "top" else magnitude.sum())
+        if share == "total" and self.rest_magnitude is not None:
+            denominator += float(self.rest_magnitude[row])
         denominator = denominator or 1.0
-        return [(self.labels[i], float(values[i]), 100.0 * float(magnitude[i]) / denominator) for i in order.tolist()]
+        columns = order if single is None else single[order]
+        return [(self.labels[i], float(values[i]), 100.0 * float(magnitude[o]) / denominator)
+                for i, o in zip(columns.tolist(), order.tolist())]
+
+    @functools.cached_property
+    def _single_terms(self) -> torch.Tensor | None:  # columns other than "S_rest", None when all are
+        if self.source_top_k is None:
+            return None
+        return torch.tensor([i for i, label in enumerate(self.labels) if not label.endswith(SOURCE_REST)],
+                            dtype=torch.long)
 
     @functools.cached_property
     def _terms(self) -> list[tuple[int, str] | None]:  # layer_term of every label, parsed once
@@ -125,15 +154,19 @@ class Attribution:
 
     def top_sources(self, layer: int, head: int, k: int = 5, row: int = 0) -> list[tuple[int, float]]:
         """The k source positions (j, value) that head `head` of `layer` moved the most logit
-        from (needs by_source)."""
+        from (needs by_source; with source_top_k, k may not exceed it)."""
         if not self.by_source:
             raise ValueError("top_sources() needs an attribution computed with by_source=True")
-        prefix = f"H{head}.S"
-        found = self._largest(lambda t: t is not None and t[0] == layer and t[1].startswith(prefix), k, row)
+        if self.source_top_k is not None and k > self.source_top_k:
+            raise ValueError(f"top_sources(k={k}): this attribution kept the {self.source_top_k} largest sources "
+                             "of each head (source_top_k); compute it with a larger source_top_k, or None for all")
+        prefix, rest = f"H{head}.S", f"H{head}.{SOURCE_REST}"
+        found = self._largest(lambda t: t is not None and t[0] == layer and t[1].startswith(prefix) and t[1] != rest,
+                              k, row)
         return [(int(label.rsplit(".S", 1)[1]), value) for label, value in found]
 
     def head_totals(self, row: int = 0) -> dict[str, float]:
-        """"L{i}.H{h}" -> the head's term (its source terms summed under by_source)."""
+        """"L{i}.H{h}" -> the head's term (its source terms, and "S_rest", summed under by_source)."""
         totals: dict[str, float] = {}
         for label, value in zip(self.labels, self.values[row].tolist()):
             term = layer_term(label)
@@ -161,6 +194,7 @@ class Attribution:
             "per_head": self.per_head,
             "per_neuron": self.per_neuron,
             "by_source": self.by_source,
+            **({"source_top_k": self.source_top_k} if self.by_source else {}),
             "labels": list(self.labels),
             "sequences": [
                 {"target_id": int(self.target_id[b]), "target_text": self.target_text[b],
@@ -169,6 +203,9 @@ class Attribution:
                 for b in range(self.values.shape[0])
             ],
         }
+        if self.rest_magnitude is not None:
+            for b, sequence in enumerate(document["sequences"]):
+                sequence["rest_magnitude"] = float(self.rest_magnitude[b])
         if self.versus_id is not None:
             for b, sequence in enumerate(document["sequences"]):
                 sequence["versus_id"], sequence["versus_text"] = int(self.versus_id[b]), self.versus_text[b]
@@ -179,7 +216,7 @@ class Attribution:
 
 def direct_logit_attribution(model: nn.Module, input_ids, position: int = -1, target=None,
                              per_head: bool = False, *, per_neuron: bool = False, by_source: bool = False,
-                             tokenizer=None, **model_kwargs) -> Attribution:
+                             source_top_k: int | None = None, tokenizer=None, **model_kwargs) -> Attribution:
     """Direct logit attribution at `position` (see Attribution for the terms).
 
     input_ids:  token ids ([T] or [batch, T]), a dict/BatchEncoding, or text with `tokenizer`.
@@ -189,17 +226,23 @@ def direct_logit_attribution(model: nn.Module, input_ids, position: int = -1, ta
     per_head:   split each attention output into its heads (and the output-projection bias).
     per_neuron: split each MLP output into its hidden neurons (and the down projection's bias).
     by_source:  split each head's term over the source positions it attended to (implies per_head).
+    source_top_k: with by_source, keep per head only its k sources of largest |term| (chosen on
+                the device) and one "L{i}.H{h}.S_rest" term, the sum of the others, so the terms
+                still add up; None keeps all of them (layers x heads x tokens terms).
     """
     return attribute_positions(model, input_ids, [position], target, per_head, per_neuron=per_neuron,
-                               by_source=by_source, tokenizer=tokenizer, **model_kwargs)[0]
+                               by_source=by_source, source_top_k=source_top_k, tokenizer=tokenizer,
+                               **model_kwargs)[0]
 
 
 @torch.no_grad()
 def attribute_positions(model: nn.Module, input_ids, positions: list[int], target=None,
                         per_head: bool = False, *, per_neuron: bool = False, by_source: bool = False,
-                        tokenizer=None, **model_kwargs) -> list[Attribution]:
+                        source_top_k: int | None = None, tokenizer=None, **model_kwargs) -> list[Attribution]:
     """direct_logit_attribution at several positions from one forward pass (a causal model's
-    prefix up to each position is the same as a separate run on that prefix)."""
+    prefix up to each position is the same as a separate run on that prefix). With source_top_k,
+    each position keeps its own sources, so the positions' labels differ."""
+    _check_source_top_k(source_top_k, by_source)
     parts = anatomy(model)
     _check_eval_mode(model)
     per_head = per_head or by_source  # sources split heads
@@ -223,8 +266,8 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
     vectors = _vector_terms(capture, parts, residual.device)  # label -> [B, P, d] float64
     _check_reconstruction(model, vectors, residual, indices)
     targets, versus = _targets(target, logits, tokenizer, descending=parts.logit_multiplier >= 0)  # [B, P] each
-    labels, values = _logit_terms(model, parts, capture, sources, vectors, residual, targets, versus,
-                                  per_head=per_head, per_neuron=per_neuron)  # [B, P, terms]
+    terms, rest_magnitude = _logit_terms(model, parts, capture, sources, vectors, residual, targets, versus,
+                                         per_head=per_head, per_neuron=per_neuron, source_top_k=source_top_k)
     actual = _picked(logits, targets)
     if versus is not None:
         actual = actual - _picked(logits, versus)
@@ -235,19 +278,31 @@ def attribute_positions(model: nn.Module, input_ids, positions: list[int], targe
     if parts.logit_softcap is not None:
         note = (f"pre-soft-cap logit: the model outputs {parts.logit_softcap:g} * tanh(logit / "
                 f"{parts.logit_softcap:g}) (final_logit_softcapping), which no sum of terms can be")
+    if rest_magnitude is None:
+        source_top_k = None  # k was at least the number of keys: every source term was kept
     return [
-        Attribution(labels=labels, values=values[:, j].cpu(), target_id=targets[:, j].cpu(),
+        Attribution(labels=terms[j][0], values=terms[j][1].cpu(), target_id=targets[:, j].cpu(),
                     target_text=[row[j] for row in texts], logit=actual[:, j], position=positions[j],
                     index=indices[j], n_layers=len(parts.blocks), n_heads=parts.n_heads, per_head=per_head,
                     versus_id=versus[:, j].cpu() if versus is not None else None,
                     versus_text=[row[j] for row in versus_texts] if versus_texts else None,
-                    per_neuron=per_neuron, by_source=by_source, note=note)
+                    per_neuron=per_neuron, by_source=by_source, note=note, source_top_k=source_top_k,
+                    rest_magnitude=rest_magnitude[:, j].cpu() if rest_magnitude is not None else None)
         for j in range(len(indices))
     ]
 
 
 def _picked(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, ids.unsqueeze(-1).to(logits.device)).squeeze(-1).double()
+
+
+def _check_source_top_k(k, by_source: bool) -> None:
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"source_top_k must be a positive int or None (every source), got {k!r}")
+    if not by_source:
+        raise ValueError("source_top_k keeps the largest source terms of each head: it needs by_source=True")
 
 
 def _check_eval_mode(model: nn.Module) -> None:
@@ -415,11 +470,13 @@ def _target_ids(target, logits: torch.Tensor, tokenizer, descending: bool) -> to
 
 def _logit_terms(model: nn.Module, parts: Anatomy, capture: PositionCapture, sources: SourceCapture | None,
                  vectors: dict[str, torch.Tensor], residual: torch.Tensor, targets: torch.Tensor,
-                 versus: torch.Tensor | None, *, per_head: bool, per_neuron: bool) -> tuple[list[str], torch.Tensor]:
+                 versus: torch.Tensor | None, *, per_head: bool, per_neuron: bool, source_top_k: int | None = None
+                 ) -> tuple[list[tuple[list[str], torch.Tensor]], torch.Tensor | None]:
     """Each term through the final norm (scale frozen at `residual`) onto the unembedding rows of
-    `targets` (minus those of `versus`): (labels, [B, P, terms] float64). Split terms (heads,
-    neurons, sources) go through the same frozen maps, and a post-norm's scale frozen at its own
-    input, so a component's parts add up to its term."""
+    `targets` (minus those of `versus`): per position (labels, [B, terms] float64), and with
+    source_top_k [B, P] the magnitude folded into "S_rest" terms (None if nothing was). Split
+    terms (heads, neurons, sources) go through the same frozen maps, and a post-norm's scale
+    frozen at its own input, so a component's parts add up to its term."""
     device = residual.device
     tolerance = RECONSTRUCTION_TOLERANCE.get(model_dtype(model), 1e-4)
 
@@ -433,12 +490,11 @@ def _logit_terms(model: nn.Module, parts: Anatomy, capture: PositionCapture, sou
         unembed_rows = unembed_rows - unembedding(versus)
     unembed_rows = unembed_rows * parts.logit_multiplier
     direction = parts.final_norm.pull_back(unembed_rows, residual)  # [B, P, d]: reads a part's logit share
-    labels: list[str] = []
-    columns: list[torch.Tensor] = []
+    pieces: list[tuple[list, torch.Tensor | list[torch.Tensor]]] = []  # see _per_position
+    rest_magnitude = None
 
     def add(names: list[str], column: torch.Tensor) -> None:  # column [B, P, len(names)]
-        labels.extend(names)
-        columns.append(column)
+        pieces.append((names, column))
 
     def dot(vector: torch.Tensor, towards: torch.Tensor) -> torch.Tensor:
         return (vector * towards).sum(-1, keepdim=True)
@@ -472,7 +528,12 @@ def _logit_terms(model: nn.Module, parts: Anatomy, capture: PositionCapture, sou
             if sources is not None:
                 split = _source_terms(sources, i, outputs, reads, tolerance)  # [B, P, H, Tk]
                 keys = split.shape[-1]
-                add([f"L{i}.H{h}.S{j}" for h in range(heads) for j in range(keys)], split.flatten(2))
+                if source_top_k is not None and source_top_k < keys:
+                    kept_labels, kept_values, folded = _top_source_terms(split, source_top_k, i)
+                    pieces.append((kept_labels, kept_values))
+                    rest_magnitude = folded if rest_magnitude is None else rest_magnitude + folded
+                else:
+                    add([f"L{i}.H{h}.S{j}" for h in range(heads) for j in range(keys)], split.flatten(2))
             else:
                 split = (outputs * reads).sum(-1)
                 add([f"L{i}.H{h}" for h in range(heads)], split)
@@ -506,7 +567,43 @@ def _logit_terms(model: nn.Module, parts: Anatomy, capture: PositionCapture, sou
         if versus is not None:
             picked = picked - unembed_bias[versus.to(unembed_bias.device)]
         add(["unembed_bias"], (picked.to(device, torch.float64) * parts.logit_multiplier).unsqueeze(-1))
-    return labels, torch.cat(columns, dim=-1)
+    return _per_position(pieces, residual.shape[1]), rest_magnitude
+
+
+def _per_position(pieces: list[tuple[list, torch.Tensor | list[torch.Tensor]]],
+                  positions: int) -> list[tuple[list[str], torch.Tensor]]:
+    """(labels, [B, terms]) per position, from pieces that the positions share (labels, [B, P, n])
+    or that are their own (labels per position, [B, n_p] per position: top-k sources)."""
+    if all(torch.is_tensor(column) for _, column in pieces):  # one label list for every position
+        labels = [name for names, _ in pieces for name in names]
+        values = torch.cat([column for _, column in pieces], dim=-1)
+        return [(labels, values[:, p]) for p in range(positions)]
+    result = []
+    for p in range(positions):
+        own = [(names[p], column[p]) if isinstance(column, list) else (names, column[:, p]) for names, column in pieces]
+        result.append(([name for names, _ in own for name in names], torch.cat([column for _, column in own], dim=-1)))
+    return result
+
+
+def _top_source_terms(split: torch.Tensor, k: int,
+                      layer: int) -> tuple[list[list[str]], list[torch.Tensor], torch.Tensor]:
+    """The top-k mode of a layer's source split [B, P, H, Tk]: per position, the labels and [B, n]
+    values of each head's kept sources (the k of largest |term|, united over the batch so that
+    the sequences share labels), in position order, each head's followed by its "S_rest" (the sum
+    of those not kept); and [B, P] the summed |term| of those not kept. The choice is made on
+    the device; only the kept indices come to the host, to name them."""
+    batch, positions, heads, keys = split.shape
+    chosen = split.abs().topk(k, dim=-1).indices  # [B, P, H, k]
+    kept = torch.zeros_like(split, dtype=torch.bool).scatter_(-1, chosen, True).any(0)  # [P, H, Tk]
+    dropped = split.masked_fill(kept, 0.0)
+    # Each head's kept columns, then one more: its remainder, at index Tk of the augmented axis.
+    where = torch.cat([kept, kept.new_ones(positions, heads, 1)], dim=-1).nonzero()  # [n, 3] (p, h, j), sorted
+    terms = torch.cat([split, dropped.sum(-1, keepdim=True)], dim=-1)[:, where[:, 0], where[:, 1], where[:, 2]]
+    counts = torch.bincount(where[:, 0], minlength=positions).tolist()
+    names = [f"L{layer}.H{h}.S{j}" if j < keys else f"L{layer}.H{h}.{SOURCE_REST}" for _, h, j in where.tolist()]
+    starts = [0] + list(itertools.accumulate(counts))
+    return ([names[a:b] for a, b in zip(starts, starts[1:])], list(terms.split(counts, dim=-1)),
+            dropped.abs().sum((-2, -1)))
 
 
 def _source_terms(sources: SourceCapture, layer: int, outputs: torch.Tensor, reads: torch.Tensor,

@@ -40,7 +40,12 @@ def add_parsers(sub, add_model_args) -> None:
     p.add_argument("--neurons", type=int, default=0, metavar="K",
                    help="split every MLP into its neurons; print the top K neurons overall and per layer")
     p.add_argument("--sources", type=int, default=0, metavar="K",
-                   help="split every head over the source tokens it read from; print the top K for the top heads")
+                   help="split every head over the source tokens it read from; print the top K for the top heads "
+                        "(each head keeps its max(K, --top-k) largest sources, enough for what is printed, and "
+                        "one remainder L{i}.H{h}.S_rest, in --json and --report too)")
+    p.add_argument("--all-sources", action="store_true",
+                   help="with --sources: keep every source term of every head (layers x heads x tokens terms) "
+                        "in --json and --report")
     p.add_argument("--share", choices=("top", "total"), default="top",
                    help="percent of the listed terms' magnitude (HexRay's, default) or of all terms")
     p.add_argument("--logit-debug", action="store_true", help="also print the model's logit beside the terms' sum")
@@ -86,7 +91,7 @@ def display_names(labels: list[str]) -> dict[str, str]:
         if term is None:
             parts[label] = (_PLAIN_NAMES.get(label, label), None)
         elif term[1].startswith("H"):
-            parts[label] = ("Head", f"L{term[0]}.{term[1].replace('.S', '<-')}")
+            parts[label] = ("Head", f"L{term[0]}.{term[1].replace('.S_rest', '<-rest').replace('.S', '<-')}")
         elif term[1].startswith("N"):
             parts[label] = ("MLP", f"L{term[0]}.{term[1]}")
         else:
@@ -174,15 +179,21 @@ def cmd_attribute(args) -> int:
     _check_top_k(args.top_k)
     if args.neurons < 0 or args.sources < 0:
         raise ValueError("--neurons and --sources must be at least 0")
+    if args.all_sources and not args.sources:
+        raise ValueError("--all-sources keeps every source term of --sources K: give --sources too")
     _check(args, "attribution")
     model, tokenizer = _load(args)
     target = _token_argument(args.target)
     if args.versus is not None:
         target = (target, _token_argument(args.versus))
     inputs = tokenizer(args.prompt, return_tensors="pt")
+    # The top --top-k terms overall and the top K sources of a head are each among that head's
+    # max(K, --top-k) largest, so this many per head prints what the full split would print.
+    source_top_k = None if args.all_sources or not args.sources else max(args.sources, args.top_k)
     attribution = direct_logit_attribution(model, inputs, position=args.position, target=target,
                                            per_head=args.per_head, per_neuron=args.neurons > 0,
-                                           by_source=args.sources > 0, tokenizer=tokenizer)
+                                           by_source=args.sources > 0, source_top_k=source_top_k,
+                                           tokenizer=tokenizer)
     document = {"prompt": args.prompt, "model": args.model, **attribution.to_dict()}
     written = _attribution_report(args.report, "attribution", document, attribution, args.model) if args.report else []
     if args.json:
