@@ -60,6 +60,26 @@ def attribution_document(layers=4, heads=4, seed=1) -> dict:
                                              "total": float(values.sum()), "values": values.tolist()}]}
 
 
+def source_document(layers=2, heads=2, neurons=3, seed=2) -> dict:
+    """by_source's top-k mode as to_dict writes it, with neurons: each head keeps two source
+    positions and one S_rest, each MLP is its neurons and a bias. The largest term of all is an
+    S_rest (a sum: never a bar); the largest single term is L1.H0's share from token 3."""
+    rng = np.random.default_rng(seed)
+    labels = ["embed"]
+    for i in range(layers):
+        for h in range(heads):
+            labels += [f"L{i}.H{h}.S{j}" for j in (0, 3 - h)] + [f"L{i}.H{h}.S_rest"]
+        labels += [f"L{i}.attn_bias"] + [f"L{i}.N{n}" for n in range(neurons)] + [f"L{i}.mlp_bias"]
+    values = rng.normal(size=len(labels))
+    values[labels.index("L0.H1.S_rest")] = -20.0
+    values[labels.index("L1.H0.S3")] = 7.5
+    sequence = {"target_id": 7, "target_text": " France", "logit": float(values.sum()), "total": float(values.sum()),
+                "values": values.tolist(), "rest_magnitude": 31.25}
+    return {"prompt": "The capital of France is Paris", "model": "synthetic", "position": -1, "index": 5,
+            "per_head": True, "per_neuron": True, "by_source": True, "source_top_k": 2, "labels": labels,
+            "tokens": ["The", " capital", " of", " Paris", " is", " France"], "sequences": [sequence]}
+
+
 def cot_document() -> dict:
     steps = []
     for n, text in enumerate(["John has 3 apples.", "He buys 2 more.", "How many does he have?"], start=1):
@@ -373,5 +393,77 @@ def test_notebook_fragment_renders(browser):
     assert not fragment.lstrip().startswith("<!DOCTYPE")
     page = Page(browser, content=f"<html><body><p>notebook cell</p>{fragment}{cube._repr_html_()}</body></html>")
     assert page.js("() => document.querySelectorAll('.rfv[data-rendered]').length") == 2  # two views, one script
+    page.check_clean()
+    page.close()
+
+
+def bar_rows(page: Page) -> list[tuple[str, str]]:
+    return page.js("() => [...document.querySelectorAll('.rfv-bar-row')].map(r => [r.dataset.label, "
+                   "r.innerText.replace(/\\s+/g, ' ')])")
+
+
+def test_source_and_neuron_terms_add_to_their_head_and_mlp(browser, tmp_path):
+    document = source_document()
+    labels, values = document["labels"], document["sequences"][0]["values"]
+    view.attribution_html(document, tmp_path / "sources.html")
+    page = Page(browser, tmp_path / "sources.html")
+    columns = page.js("() => document.querySelector('.rfv').rfv.grid.cols_")
+    assert columns == ["H0", "H1", "attn_bias", "", "mlp", "mlp_bias"]
+    sums = np.array(page.js("() => Array.from(document.querySelector('.rfv').rfv.grid.sums_)")).reshape(2, -1)
+    for i in range(2):
+        for h in range(2):  # a head: its kept sources and its S_rest (Attribution.head_totals)
+            parts = [v for label, v in zip(labels, values) if label.startswith(f"L{i}.H{h}.")]
+            assert len(parts) == 3 and sums[i, columns.index(f"H{h}")] == pytest.approx(sum(parts), rel=1e-12)
+        neurons = [v for label, v in zip(labels, values) if label.startswith(f"L{i}.N")]
+        assert sums[i, columns.index("mlp")] == pytest.approx(sum(neurons), rel=1e-12)
+        assert sums[i, columns.index("mlp_bias")] == values[labels.index(f"L{i}.mlp_bias")]
+    text = page.hover_cell("grid", 0, 1)
+    assert "Head L0.H1 (L0.H1: the sum of 2 source terms and S_rest)" in text, text
+    kept = sorted([(values[labels.index(f"L0.H1.S{j}")], j) for j in (0, 2)], key=lambda vj: -abs(vj[0]))
+    words = document["tokens"]
+    assert "largest sources: " + ", ".join(f'token "{words[j]}" ({j}) {v:+.3f}' for v, j in kept) in text, text
+    assert "the sources not kept (S_rest): -20.000" in text
+    assert page.js("() => document.querySelector('.rfv-other').innerText").count("\n") == 1  # embed only
+
+    rows = bar_rows(page)
+    assert len(rows) == 10 and not [label for label, _ in rows if label.endswith("S_rest")], rows
+    assert rows[0][0] == "L1.H0.S3" and rows[0][1].startswith('Head L1.H0 <- token " Paris" (3) +7.50'), rows
+    single = [abs(v) for label, v in zip(labels, values) if not label.endswith("S_rest")]
+    listed = sorted(single, reverse=True)[:10]
+    assert f"({7.5 / sum(listed) * 100:.1f}%)" in rows[0][1]  # share="top": the ten listed
+    page.page.select_option("select[name=share]", "total")
+    total = sum(single) + document["sequences"][0]["rest_magnitude"]  # share="total": S_rest's sources counted
+    assert f"({7.5 / total * 100:.1f}%)" in bar_rows(page)[0][1]
+    note = page.js("() => document.querySelector('.rfv-note').textContent")
+    assert "each head's 2 largest sources kept; the rest summed per head" in note, note
+    page.check_clean()
+    page.close()
+
+
+def test_a_real_top_k_source_attribution_renders(browser, tmp_path):
+    import torch
+    from tiny_models import VOCAB, make_model
+
+    from recon_fast.attribution.direct import direct_logit_attribution
+
+    model = make_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    attribution = direct_logit_attribution(model, ids, by_source=True, source_top_k=2, per_neuron=True)
+    document = {"prompt": "nine random tokens", "model": "tiny llama", **attribution.to_dict()}
+    view.attribution_html(document, tmp_path / "real.html")
+    page = Page(browser, tmp_path / "real.html")
+    page.check_clean()
+    rows = bar_rows(page)
+    top = attribution.top(10)
+    assert [label for label, _ in rows] == [label for label, _, _ in top]  # Attribution.top's list, no S_rest
+    assert rows[0][1].endswith(f"({top[0][2]:.1f}%)")
+    _, heads, grid = attribution.grid()
+    sums = np.array(page.js("() => Array.from(document.querySelector('.rfv').rfv.grid.sums_)")).reshape(2, -1)
+    columns = page.js("() => document.querySelector('.rfv').rfv.grid.cols_")
+    np.testing.assert_allclose(sums[:, [columns.index(h) for h in heads]], grid.numpy(), rtol=1e-12, atol=1e-15)
+    page.page.select_option("select[name=share]", "total")
+    total = attribution.top(10, share="total")
+    assert bar_rows(page)[0][1].endswith(f"({total[0][2]:.1f}%)")
+    assert "each head's 2 largest sources kept" in page.js("() => document.querySelector('.rfv-note').textContent")
     page.check_clean()
     page.close()

@@ -690,22 +690,79 @@
   }
 
   // ---- the attribution view --------------------------------------------------------------------
-  var TERM = /^L(\d+)\.(attn|mlp|attn_bias|H(\d+))$/;
+  // Term labels as recon_fast.attribution.direct writes them (its _LAYER_LABEL): per layer
+  // "L{i}.attn", "L{i}.mlp" and their biases; a head "L{i}.H{h}"; a head's share read from source
+  // position j "L{i}.H{h}.S{j}"; with source_top_k one "L{i}.H{h}.S_rest" per head, the sum of the
+  // sources it did not keep (a sum, not a term of its own); an MLP hidden neuron "L{i}.N{n}".
+  // Groups: 1 layer, 2 part, 3 head, 4 source position or "_rest", 5 neuron.
+  var TERM = /^L(\d+)\.(attn|mlp|attn_bias|mlp_bias|attn_norm_bias|mlp_norm_bias|H(\d+)(?:\.S(\d+|_rest))?|N(\d+))$/;
   var PLAIN = { embed: 'Embed', pos_embed: 'PosEmbed', norm_bias: 'NormBias', unembed_bias: 'UnembedBias' };
+  var KIND = { attn: 'Attn', mlp: 'MLP', attn_bias: 'Attn', mlp_bias: 'MLP', attn_norm_bias: 'Attn', mlp_norm_bias: 'MLP' };
+  var SUFFIX = { attn_bias: '.b', mlp_bias: '.b', attn_norm_bias: '.nb', mlp_norm_bias: '.nb' };
 
-  function hexName(label) {  // HexRay's names: "MLP L9", "Attn L11", "Head L3.H7"
+  // layer_term's parse of a label (null for embed, norm_bias, ...), with the grid cell it adds to
+  // as Attribution.grid/head_totals add them: a source (and S_rest) to its head, a neuron to "mlp".
+  function layerTerm(label) {
     var m = TERM.exec(label);
-    if (!m) return PLAIN[label] || label;
-    if (m[3] !== undefined) return 'Head L' + m[1] + '.H' + m[3];
-    return (m[2] === 'mlp' ? 'MLP L' : 'Attn L') + m[1] + (m[2] === 'attn_bias' ? '.b' : '');
+    if (!m) return null;
+    var t = { layer: +m[1], head: m[3] === undefined ? -1 : +m[3], rest: m[4] === '_rest',
+      source: m[4] === undefined || m[4] === '_rest' ? -1 : +m[4], neuron: m[5] === undefined ? -1 : +m[5], part: m[2] };
+    t.cell = t.head >= 0 ? 'H' + t.head : t.neuron >= 0 ? 'mlp' : t.part;
+    return t;
   }
+
+  function sourceName(j, tokens) {  // 'token "Paris" (5)', or 'token 5' where the document has no tokens
+    return tokens && j < tokens.length ? 'token ' + shownToken(tokens[j]) + ' (' + j + ')' : 'token ' + j;
+  }
+
+  // HexRay's names ("MLP L9", "Attn L11", "Head L3.H7") as `attribute` prints them: a neuron
+  // "MLP L3.N12", a head's share from a source 'Head L3.H7 <- token "Paris" (5)', its remainder
+  // "Head L3.H7 <- rest".
+  function hexName(label, tokens) {
+    var t = layerTerm(label);
+    if (!t) return PLAIN[label] || label;
+    if (t.head >= 0) {
+      var head = 'Head L' + t.layer + '.H' + t.head;
+      return t.rest ? head + ' <- rest' : t.source >= 0 ? head + ' <- ' + sourceName(t.source, tokens) : head;
+    }
+    if (t.neuron >= 0) return 'MLP L' + t.layer + '.N' + t.neuron;
+    return KIND[t.part] + ' L' + t.layer + (SUFFIX[t.part] || '');
+  }
+
+  // The prompt's tokens, to name source positions: per sequence or shared, where the document has them.
+  function tokensOf(doc, a, seq, row) {
+    var t = seq.tokens || a.tokens || doc.tokens;
+    if (Array.isArray(t) && Array.isArray(t[0])) t = t[Math.min(row, t.length - 1)];
+    return Array.isArray(t) ? t : null;
+  }
+
+  // The magnitudes a percent is taken of, by Attribution.top's rule. to_dict records no share, so
+  // the page offers both: "top" (HexRay's, `attribute`'s default) the listed terms' summed |value|,
+  // "total" every term's. An S_rest is a sum of sources, never listed; under "total" the sources
+  // it holds count one by one, as in the full split: the sequence's rest_magnitude (their summed
+  // |term|, from to_dict) stands in for the |S_rest| terms (which it bounds from above).
+  function magnitudes(terms, values, seq) {
+    var single = [], singleSum = 0, restSum = 0;
+    values.forEach(function (v, i) {
+      if (terms[i] && terms[i].rest) restSum += Math.abs(v);
+      else { single.push(i); singleSum += Math.abs(v); }
+    });
+    var rest = typeof seq.rest_magnitude === 'number' ? seq.rest_magnitude : restSum;
+    return { single: single, total: singleSum + rest };
+  }
+
+  function byMagnitude(values) {  // term indices by |value|, largest first, ties in label order (a stable sort)
+    return function (i, j) { return Math.abs(values[j]) - Math.abs(values[i]) || i - j; };
+  }
+
+  function signed(v, digits) { return (v < 0 ? '' : '+') + v.toFixed(digits); }
 
   function mountAttribution(root, meta) {
     var doc = meta.attribution;
     var entries = doc.steps ? doc.steps.map(function (s) {
       return { title: 'Step ' + s.step, text: s.text, where: 'token ' + s.token_index, a: s.attribution };
     }) : [{ title: null, text: null, where: 'index ' + doc.position, a: doc }];
-    var S = { entry: 0, seq: 0, k: 10 };
+    var S = { entry: 0, seq: 0, k: 10, share: 'top' };
     var app = { state: S };
     root.rfv = app;
     var head = el('div', 'rfv-head', root);
@@ -713,6 +770,8 @@
     el('div', 'rfv-meta', head, (doc.model ? 'model ' + doc.model + ' \u00b7 ' : '') + (doc.prompt !== undefined ? 'prompt ' + shownToken(doc.prompt) : ''));
     var bar = el('div', 'rfv-controls', root);
     select(bar, 'top', 'top_k', ['5', '10', '20', '50'], '10', function (v) { S.k = +v; render(); });
+    select(bar, 'percent of', 'share', [['top', 'the listed terms (HexRay)'], ['total', 'all terms']], 'top',
+      function (v) { S.share = v; render(); });
     var nseq = entries[0].a.sequences.length;
     if (nseq > 1) select(bar, 'sequence', 'batch', Array.from({ length: nseq }, function (_, i) { return String(i); }), '0', function (v) { S.seq = +v; render(); });
     var steps = null;
@@ -726,80 +785,119 @@
       });
     }
     var header = el('div', 'rfv-subtitle rfv-target', root);
+    var notes = el('div', 'rfv-note', root);
     var bars = el('div', 'rfv-bars', root);
     var gridSec = el('div', 'rfv-section', root);
     var gridTitle = el('div', 'rfv-subtitle', gridSec);
     var grid = null, other = el('div', 'rfv-other', root);
     app.bars = bars;
 
+    function gridTip(r, c) {  // a cell's term, or what it sums, its share of all terms and its largest sources
+      var cell = grid.cells_[r * grid.cols + c];
+      if (!cell) return null;
+      var key = 'L' + r + '.' + grid.cols_[c], sum = grid.sums_[r * grid.cols + c], values = grid.values_;
+      var summed = cell.sources.length ? cell.sources.length + ' source terms' + (cell.rest >= 0 ? ' and S_rest' : '')
+        : cell.neurons ? cell.neurons + ' neurons' : '';
+      var lines = [hexName(key) + ' (' + key + (summed ? ': the sum of ' + summed : '') + ')',
+        fmt32(Math.fround(sum)) + '  (' + (grid.total_ ? Math.abs(sum) / grid.total_ * 100 : 0).toFixed(1) + '% of all |terms|)'];
+      if (cell.sources.length) {
+        var top = cell.sources.slice().sort(byMagnitude(values)).slice(0, 3);
+        lines.push('largest sources: ' + top.map(function (i) {
+          return sourceName(layerTerm(grid.labels_[i]).source, grid.tokens_) + ' ' + signed(values[i], 3);
+        }).join(', '));
+      }
+      if (cell.rest >= 0) lines.push('the sources not kept (S_rest): ' + signed(values[cell.rest], 3));
+      return lines;
+    }
+
     function render() {
-      var e = entries[S.entry], a = e.a, seq = a.sequences[Math.min(S.seq, a.sequences.length - 1)];
+      var e = entries[S.entry], a = e.a, si = Math.min(S.seq, a.sequences.length - 1), seq = a.sequences[si];
       if (steps) Array.prototype.forEach.call(steps.children, function (b, i) { b.classList.toggle('rfv-sel', i === S.entry); });
-      var values = seq.values, labels = a.labels, absSum = 0;
-      values.forEach(function (v) { absSum += Math.abs(v); });
+      var values = seq.values, labels = a.labels, terms = labels.map(layerTerm), tokens = tokensOf(doc, a, seq, si);
+      var mag = magnitudes(terms, values, seq);
       header.textContent = (e.title ? e.title + ': ' + shownToken(e.text) + ' \u2014 ' : '') + 'Token ' + shownToken(seq.target_text) +
         ' (' + e.where + ') \u00b7 logit ' + seq.logit.toFixed(4) + ' \u00b7 sum of ' + labels.length + ' terms ' + seq.total.toFixed(4);
-      // HexRay's bars: the k terms of largest magnitude, percent of their summed magnitude
-      var order = values.map(function (v, i) { return i; }).sort(function (i, j) { return Math.abs(values[j]) - Math.abs(values[i]) || i - j; }).slice(0, S.k);
+      var said = [];
+      if (a.source_top_k != null) {
+        said.push('Sources: each head\'s ' + a.source_top_k + ' largest sources kept' +
+          (a.sequences.length > 1 ? ' (in any sequence of the batch)' : '') + '; the rest summed per head ' +
+          '(L{i}.H{h}.S_rest: added to its head in the grid, not listed among the bars).');
+      }
+      if (a.note) said.push(a.note);
+      notes.textContent = said.join(' ');
+      notes.style.display = said.length ? '' : 'none';
+      // HexRay's bars: the k single terms of largest magnitude (no S_rest), as Attribution.top
+      var order = mag.single.slice().sort(byMagnitude(values)).slice(0, S.k);
       var topSum = 0;
       order.forEach(function (i) { topSum += Math.abs(values[i]); });
+      var of = S.share === 'top' ? topSum : mag.total;
       var longest = order.length ? Math.abs(values[order[0]]) : 1;
       bars.textContent = '';
-      el('div', 'rfv-subtitle', bars, 'Top contributors to the logit (percent of the ' + order.length + ' listed, as HexRay)');
-      order.forEach(function (i) {
+      el('div', 'rfv-subtitle', bars, 'Top contributors to the logit (percent of ' + (S.share === 'top'
+        ? 'the ' + order.length + ' listed, as HexRay)' : 'all terms\u2019 magnitude' +
+          (mag.single.length < labels.length ? ', the sources in S_rest counted one by one)' : ')')));
+      var names = order.map(function (i) { return hexName(labels[i], tokens); });
+      bars.style.setProperty('--rfv-name', Math.min(Math.max.apply(null, names.map(function (n) { return n.length; }).concat([16])), 48) + 'ch');
+      order.forEach(function (i, n) {
         var v = values[i], row = el('div', 'rfv-bar-row', bars);
         row.dataset.label = labels[i];
-        el('span', 'rfv-bar-name', row, hexName(labels[i]));
+        el('span', 'rfv-bar-name', row, names[n]);
         var track = el('span', 'rfv-bar-track', row);
         var fill = el('span', 'rfv-bar-fill ' + (v < 0 ? 'rfv-neg' : 'rfv-pos'), track);
         fill.style.width = (longest ? Math.abs(v) / longest * 100 : 0) + '%';
-        el('span', 'rfv-bar-value', row, (v < 0 ? '' : '+') + v.toFixed(2) + ' (' + (v < 0 ? '-' : '') + (topSum ? Math.abs(v) / topSum * 100 : 0).toFixed(1) + '%)');
-        row.title = labels[i] + ' = ' + v;
+        el('span', 'rfv-bar-value', row, signed(v, 2) + ' (' + (v < 0 ? '-' : '') + (of ? Math.abs(v) / of * 100 : 0).toFixed(1) + '%)');
+        row.title = names[n] + '\n' + labels[i] + ' = ' + v;
       });
-      // the per-layer grid: heads (or attn) with the MLP term beside them
-      var nl = 0, nh = 0, bias = false, perHead = false;
-      labels.forEach(function (l) {
-        var m = TERM.exec(l);
-        if (!m) return;
-        nl = Math.max(nl, +m[1] + 1);
-        if (m[3] !== undefined) { perHead = true; nh = Math.max(nh, +m[3] + 1); }
-        if (m[2] === 'attn_bias') bias = true;
+      // the per-layer grid: heads (or attn) with the MLP term beside them; a head's cell sums its
+      // source terms and S_rest, an MLP's its neurons (Attribution.grid), each bias a column of its own
+      var nl = 0, nh = 0, perHead = false, has = {};
+      terms.forEach(function (t) {
+        if (!t) return;
+        nl = Math.max(nl, t.layer + 1);
+        if (t.head >= 0) { perHead = true; nh = Math.max(nh, t.head + 1); }
+        has[t.cell] = true;
+        if (t.source >= 0) has.sources = true;
+        if (t.rest) has.rest = true;
+        if (t.neuron >= 0) has.neurons = true;
       });
       var cols = perHead ? Array.from({ length: nh }, function (_, h) { return 'H' + h; }) : ['attn'];
-      if (perHead && bias) cols.push('attn_bias');
+      if (perHead && has.attn_bias) cols.push('attn_bias');
       cols.push('');  // a gap before the MLP column
       cols.push('mlp');
-      var cells = new Float32Array(nl * cols.length).fill(NaN), where = {};
-      labels.forEach(function (l, i) {
-        var m = TERM.exec(l);
-        if (!m) return;
-        var c = cols.indexOf(m[3] !== undefined ? 'H' + m[3] : m[2]);
-        if (c >= 0) { cells[+m[1] * cols.length + c] = values[i]; where[+m[1] * cols.length + c] = l; }
+      if (has.mlp_bias) cols.push('mlp_bias');
+      var sums = new Float64Array(nl * cols.length), cells = new Array(nl * cols.length), outside = [];
+      terms.forEach(function (t, i) {
+        var c = t ? cols.indexOf(t.cell) : -1;
+        if (c < 0) { outside.push(i); return; }
+        var at = t.layer * cols.length + c, cell = cells[at] || (cells[at] = { terms: 0, sources: [], rest: -1, neurons: 0 });
+        sums[at] += values[i];
+        cell.terms++;
+        if (t.rest) cell.rest = i; else if (t.source >= 0) cell.sources.push(i);
+        if (t.neuron >= 0) cell.neurons++;
       });
-      gridTitle.textContent = (perHead ? 'per head' + (bias ? ' (and the attention output bias)' : '') : 'attention and MLP') +
-        ' per layer, the MLP term beside them \u2014 logit contribution (red: toward the token, blue: against)';
+      var shown = new Float32Array(sums.length).fill(NaN);  // NaN: no term there (drawn white)
+      cells.forEach(function (cell, at) { shown[at] = sums[at]; });
+      gridTitle.textContent = (perHead ? 'per head' + (has.attn_bias ? ' (and the attention output bias)' : '') : 'attention and MLP') +
+        ' per layer, the MLP term beside them' + (has.mlp_bias ? ' (and its output bias)' : '') +
+        (has.sources ? '; a head\u2019s cell sums its source terms' + (has.rest ? ' and S_rest' : '') : '') +
+        (has.neurons ? '; an MLP\u2019s cell sums its neurons' : '') +
+        ' \u2014 logit contribution (red: toward the token, blue: against)';
       if (!grid) {
         grid = new Heatmap(gridSec, {
           height: Math.min(Math.max(nl * 18 + 44, 180), 760), maxCellW: 44, maxCellH: 20, zoom: false, left: 48,
           nanRgb: [255, 255, 255], rowLabel: function (r) { return 'L' + r; },
-          colLabel: function (c) { var n = grid.cols_[c]; return n === 'attn_bias' ? 'bias' : n === 'mlp' ? 'MLP' : n; },
-          tooltip: function (r, c) {
-            var l = grid.where_[r * grid.cols + c];
-            if (!l) return null;
-            var v = grid.values[r * grid.cols + c];
-            return [hexName(l) + ' (' + l + ')', fmt32(v) + '  (' + (absSum ? Math.abs(v) / absSum * 100 : 0).toFixed(1) + '% of all |terms|)'];
-          }
+          colLabel: function (c) { var n = grid.cols_[c]; return n === 'attn_bias' || n === 'mlp_bias' ? 'bias' : n === 'mlp' ? 'MLP' : n; },
+          tooltip: gridTip
         });
         app.grid = grid;
       }
-      grid.cols_ = cols; grid.where_ = where;
-      var gs = groupStats([{ values: cells, cols: cols.length }], nl, false);
-      grid.set(cells, nl, cols.length, { kind: 'div', log: false, perRow: false }, gs);
+      Object.assign(grid, { cols_: cols, cells_: cells, sums_: sums, labels_: labels, values_: values, tokens_: tokens, total_: mag.total });
+      var gs = groupStats([{ values: shown, cols: cols.length }], nl, false);
+      grid.set(shown, nl, cols.length, { kind: 'div', log: false, perRow: false }, gs);
       other.textContent = '';
-      var rest = labels.map(function (l, i) { return i; }).filter(function (i) { return !TERM.test(labels[i]); });
-      if (rest.length) {
-        el('div', 'rfv-subtitle', other, 'terms of no layer');
-        rest.forEach(function (i) { el('div', 'rfv-other-row', other, hexName(labels[i]) + ': ' + (values[i] < 0 ? '' : '+') + values[i].toFixed(4)); });
+      if (outside.length) {
+        el('div', 'rfv-subtitle', other, 'terms outside the grid');
+        outside.forEach(function (i) { el('div', 'rfv-other-row', other, hexName(labels[i], tokens) + ': ' + signed(values[i], 4)); });
       }
     }
     render();
