@@ -107,11 +107,13 @@ def test_residual_shows_and_unembeds_only_the_last_positions(run_cli):
     assert len(norm_rows) == 31 and all(len(row.split()) == 5 + 2 for row in norm_rows)
 
 
-def test_json_and_report(run_cli, tmp_path):
+def test_json_and_report(run_cli, smollm2, tmp_path):
     out = run_cli("attribute", "--prompt", "Why do bees buzz?", "--json", "--report", str(tmp_path))
     document = json.loads(out)
     sequence = document["sequences"][0]
     assert sum(sequence["values"]) == pytest.approx(sequence["logit"], rel=1e-4)
+    ids = smollm2[1]("Why do bees buzz?")["input_ids"]  # the prompt's tokens, for the viewer's source names
+    assert len(document["tokens"]) == len(ids) and "".join(document["tokens"]).endswith("buzz?")
     assert json.loads((tmp_path / "attribution.json").read_text()) == document
     png = (tmp_path / "attribution.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000

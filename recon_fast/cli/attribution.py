@@ -175,6 +175,7 @@ def cmd_attribute(args) -> int:
     if args.cot_debug:
         return cmd_cot(args)
     from recon_fast.attribution.direct import direct_logit_attribution
+    from recon_fast.trace.model_inputs import token_texts
 
     _check_top_k(args.top_k)
     if args.neurons < 0 or args.sources < 0:
@@ -194,7 +195,9 @@ def cmd_attribute(args) -> int:
                                            per_head=args.per_head, per_neuron=args.neurons > 0,
                                            by_source=args.sources > 0, source_top_k=source_top_k,
                                            tokenizer=tokenizer)
-    document = {"prompt": args.prompt, "model": args.model, **attribution.to_dict()}
+    # The prompt's tokens as text: the viewer names a source term by its token ("<- token ' Paris' (5)").
+    tokens = token_texts(tokenizer, inputs["input_ids"].tolist())[0]
+    document = {"prompt": args.prompt, "model": args.model, "tokens": tokens, **attribution.to_dict()}
     written = _attribution_report(args.report, "attribution", document, attribution, args.model) if args.report else []
     if args.json:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
