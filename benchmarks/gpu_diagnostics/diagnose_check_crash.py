@@ -118,9 +118,14 @@ def main():
         else:
             passing.append(name)
     print("crashing:", crashing or "none")
+    with tempfile.TemporaryDirectory(prefix="recon_diagnose_") as scratch:  # the probe, logs, gdb script
+        _deeper(py, crashing, scratch)
 
+
+def _deeper(py: str, crashing: list[str], scratch: str) -> None:
     if "--probe" in sys.argv:
-        tmp = tempfile.mkdtemp(prefix="recon_probe_")
+        tmp = os.path.join(scratch, "probe")
+        os.makedirs(tmp)
         src = os.path.join(tmp, "probe.cpp")
         with open(src, "w") as f:
             f.write(PROBE_SRC)
@@ -133,7 +138,7 @@ def main():
 
     if "--bindings" in sys.argv:
         for name in crashing[:1] or ["stats-dim"]:  # LD_BIND_NOW: every symbol, whichever case runs
-            log = tempfile.mktemp(prefix="ldb_")
+            log = os.path.join(scratch, f"ldb_{name}")
             env = dict(os.environ, LD_DEBUG="bindings", LD_DEBUG_OUTPUT=log, LD_BIND_NOW="1")
             run([py, "-c", CHILD.format(expr=CASES[name][1])], env=env)
             usual = ("libstdc++", "libc.so", "libm.so", "libgcc_s", "ld-linux", "libpython",
@@ -159,7 +164,7 @@ def main():
         if dbg is None:
             print("no gdb/cuda-gdb on PATH")
         else:
-            script = tempfile.mktemp(suffix=".py")
+            script = os.path.join(scratch, "crash.py")
             with open(script, "w") as f:
                 f.write(CHILD.format(expr=CASES[crashing[0]][1]))
             rc, out = run([dbg, "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40",
