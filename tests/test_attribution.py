@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import CAUSAL_ARCHS, VOCAB, make_model, perturb_vectors
+from tiny_models import CAUSAL_ARCHS, VOCAB, make_model, perturb_vectors, residual_pieces
 
 from recon_fast.attribution import attribute_positions, direct_logit_attribution
 from recon_fast.attribution.anatomy import anatomy
@@ -99,33 +99,9 @@ def decompose_by_differences(model, ids, position: int, target: torch.Tensor):
     else:
         blocks, mid_norm, final_norm, unembed = model.model.layers, "post_attention_layernorm", model.model.norm, model.lm_head
     parallel = getattr(model.config, "use_parallel_residual", False)
-    seen, handles = {}, []
-
-    def keep(key):
-        def hook(module, args, output=None):
-            value = args[0] if output is None else (output[0] if isinstance(output, tuple) else output)
-            seen[key] = value[:, position].double()
-        return hook
-
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(keep(f"pre{i}")))
-        handles.append(block.register_forward_hook(keep(f"post{i}")))
-        if parallel:
-            handles.append(block.attention.register_forward_hook(keep(f"attn{i}")))
-        else:
-            handles.append(getattr(block, mid_norm).register_forward_pre_hook(keep(f"mid{i}")))
-    handles.append(final_norm.register_forward_pre_hook(keep("final")))
-    try:
-        model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    vectors = {"embeddings": seen["pre0"]}
-    for i in range(len(blocks)):
-        attn = seen[f"attn{i}"] if parallel else seen[f"mid{i}"] - seen[f"pre{i}"]
-        vectors[f"L{i}.attn"] = attn
-        vectors[f"L{i}.mlp"] = seen[f"post{i}"] - seen[f"pre{i}"] - attn
-    h = seen["final"]
+    vectors, h = residual_pieces(model, ids, blocks, final_norm, position,
+                                 attention_of=(lambda block: block.attention) if parallel else None,
+                                 midpoint_of=lambda block: getattr(block, mid_norm))
     weight = final_norm.weight.double()
     u = unembed.weight.double()[target] * weight  # [B, d]
     if isinstance(final_norm, torch.nn.LayerNorm):

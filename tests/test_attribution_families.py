@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 from attribution_families import FAMILIES, make_family_model
-from tiny_models import VOCAB
+from tiny_models import VOCAB, residual_pieces
 
 from recon_fast.attribution import attribute_positions, direct_logit_attribution
 from recon_fast.attribution.anatomy import anatomy
@@ -119,33 +119,10 @@ def decompose_by_differences(family, model, ids, position: int, target: torch.Te
     body = model.transformer if family == "falcon" else model.model
     blocks = body.h if family == "falcon" else body.layers
     final = body.ln_f if family == "falcon" else (body.final_layernorm if family == "phi" else body.norm)
-    seen, handles = {}, []
-
-    def keep(key, output=False):
-        def hook(module, args, out=None):
-            value = (out[0] if isinstance(out, tuple) else out) if output else args[0]
-            seen[key] = value[:, position].double()
-        return hook
-
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(keep(f"pre{i}")))
-        handles.append(block.register_forward_hook(keep(f"post{i}", output=True)))
-        if family in PARALLEL_ATTENTION:
-            handles.append(getattr(block, PARALLEL_ATTENTION[family]).register_forward_hook(keep(f"attn{i}", True)))
-        else:
-            handles.append(getattr(block, MIDPOINT[family]).register_forward_pre_hook(keep(f"mid{i}")))
-    handles.append(final.register_forward_pre_hook(keep("final")))
-    try:
-        model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    vectors = {"embeddings": seen["pre0"]}
-    for i in range(len(blocks)):
-        attn = seen[f"attn{i}"] if family in PARALLEL_ATTENTION else seen[f"mid{i}"] - seen[f"pre{i}"]
-        vectors[f"L{i}.attn"] = attn
-        vectors[f"L{i}.mlp"] = seen[f"post{i}"] - seen[f"pre{i}"] - attn
-    h = seen["final"]
+    parallel = PARALLEL_ATTENTION.get(family)
+    vectors, h = residual_pieces(model, ids, blocks, final, position,
+                                 attention_of=(lambda block: getattr(block, parallel)) if parallel else None,
+                                 midpoint_of=lambda block: getattr(block, MIDPOINT[family]))
     weight = final.weight.double() + (1.0 if family.startswith("gemma") else 0.0)  # Gemma's (1 + w)
     direction = model.lm_head.weight.double()[target] * weight
     eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", None)

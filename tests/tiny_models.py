@@ -179,3 +179,40 @@ def save_model_folder(folder, arch: str = "llama", model=None):
     model.save_pretrained(folder)
     word_tokenizer(folder)
     return folder
+
+
+@torch.no_grad()
+def residual_pieces(model: torch.nn.Module, ids, blocks, final_norm: torch.nn.Module, position: int, *,
+                    attention_of=None, midpoint_of=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The residual stream's parts at `position`, taken with plain hooks (no recon_fast code), the
+    attribution tests' independent reference: ({"embeddings", "L{i}.attn", "L{i}.mlp"} -> [B, d]
+    float64, the final norm's input [B, d]). A block's attention write is the output of
+    attention_of(block) (parallel blocks), else the residual entering midpoint_of(block) (the
+    module between attention and MLP) minus the block's input; its MLP's the rest of the block."""
+    seen, handles = {}, []
+
+    def keep(key, output=False):
+        def hook(module, args, out=None):
+            value = (out[0] if isinstance(out, tuple) else out) if output else args[0]
+            seen[key] = value[:, position].double()
+        return hook
+
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(keep(f"pre{i}")))
+        handles.append(block.register_forward_hook(keep(f"post{i}", output=True)))
+        if attention_of is not None:
+            handles.append(attention_of(block).register_forward_hook(keep(f"attn{i}", output=True)))
+        else:
+            handles.append(midpoint_of(block).register_forward_pre_hook(keep(f"mid{i}")))
+    handles.append(final_norm.register_forward_pre_hook(keep("final")))
+    try:
+        model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    vectors = {"embeddings": seen["pre0"]}
+    for i in range(len(blocks)):
+        attn = seen[f"attn{i}"] if attention_of is not None else seen[f"mid{i}"] - seen[f"pre{i}"]
+        vectors[f"L{i}.attn"] = attn
+        vectors[f"L{i}.mlp"] = seen[f"post{i}"] - seen[f"pre{i}"] - attn
+    return vectors, seen["final"]
