@@ -65,11 +65,17 @@ def word_documents(n: int, seed: int = 0) -> list[str]:
 
 
 def plain_forward(model, batches, pad_id: int) -> None:
-    """The plain batched forward: the same batches, no hooks, logits at one position."""
+    """The plain batched forward: the same batches, no hooks, logits at one position, on the
+    model's device (ids copied there as trace_dataset copies them; on CUDA, timed to the end of
+    the device's work, as trace_dataset's host copy of each batch's statistics waits for it)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
         for batch in batches:
             ids, mask = batch.input_ids(pad_id)
-            model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), logits_to_keep=1)
+            model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
+                  logits_to_keep=1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def interleaved(benchmark, record_measure, group, model, tokenizer, documents, settings, rounds):
@@ -125,6 +131,23 @@ def test_throughput_tiny_one_thread(benchmark, record_measure):
                     model, tokenizer, tiny_documents(400), {"max_tokens": 256, "batch_tokens": 4096}, rounds=7)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_throughput_gpu_1b_shape(benchmark, record_measure):
+    """Issue 11's GPU line: a random Llama of a 1B model's shape (16 layers, d 2048, GQA 32/8),
+    bf16 on one GPU, word-level documents of 1 to 300 words truncated to 512 tokens. (No
+    SmolLM2 there: the GPU machine has no GGUF reader.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = tiny_llama_and_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=4096, vocab_size=VOCAB, pad_token_id=0)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    interleaved(benchmark, record_measure, f"trace_dataset vs plain forward: 1B-shape Llama, bf16, "
+                f"{torch.cuda.get_device_name()}", model, tokenizer, tiny_documents(2000),
+                {"max_tokens": 512, "batch_tokens": 32768}, rounds=5)
 
 
 # ---- memory ------------------------------------------------------------------------------------

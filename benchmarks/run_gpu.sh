@@ -2,15 +2,17 @@
 # Everything recon-fast checks on a CUDA machine, in one go: build the extension with its CUDA
 # kernels against the machine's torch, run the tests (CUDA cases included), the GPU benchmarks and
 # an ncu look at the token_stats kernel. Logs go to $LOGS (default ./gpu-logs).
-#   bash benchmarks/run_gpu.sh [build] [tests] [bench-ops] [bench-tracer] [bench-attention] [ncu] [diagnose]
+#   bash benchmarks/run_gpu.sh [build] [tests] [bench-ops] [bench-tracer] [bench-attention] [bench-dataset] [ncu] [diagnose]
 # With no argument it does all of them but diagnose (the argument-error SIGSEGV kit,
 # benchmarks/gpu_diagnostics/README.md). Wheels of packages the machine lacks (orjson) may wait in
-# ./.whl; they are installed into a private target first.
+# ./.whl; they are installed into a private target first. bench-dataset needs pyarrow there:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl orjson pyarrow
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${LOGS:-gpu-logs}
 mkdir -p "$LOGS"
-steps=${*:-build tests bench-ops bench-tracer bench-attention ncu}
+steps=${*:-build tests bench-ops bench-tracer bench-attention bench-dataset ncu}
 want() { [[ " $steps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 
@@ -45,6 +47,9 @@ fi
 if want diagnose; then
   PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 480 python3 benchmarks/gpu_diagnostics/diagnose_check_crash.py \
     --probe --bindings --gdb >"$LOGS/diagnose.log" 2>&1; head -60 "$LOGS/diagnose.log"
+fi
+if want bench-dataset; then
+  $BENCH benchmarks/bench_dataset.py -k gpu 2>&1 | tee "$LOGS/bench_dataset.log" | grep -E '^\[|^  |passed|failed|skipped|Error' | tail -20
 fi
 if want ncu && command -v ncu >/dev/null; then
   ncu --clock-control none -k regex:'token_stats|reduce_kernel' -c 2 \
