@@ -649,6 +649,19 @@ def test_top_k_sources_at_several_positions_are_each_positions_own():
     assert top[0].labels != top[1].labels  # each query read its own sources
 
 
+def test_top_k_never_keeps_a_key_the_query_cannot_see():
+    """At position 1 a causal query reads keys 0 and 1 only: the others weigh 0, and a top 4 must
+    not fill up with them (ties, naming tokens after the query); the sums stay exact."""
+    model = causal_model("llama", seed=123)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(124))
+    full = attribute_positions(model, ids, [1], by_source=True)[0]
+    top = attribute_positions(model, ids, [1], by_source=True, source_top_k=4)[0]
+    kept = [int(label.rsplit(".S", 1)[1]) for label in top.labels if ".S" in label and not label.endswith("S_rest")]
+    assert kept and max(kept) <= 1
+    torch.testing.assert_close(top.total(), full.total(), rtol=1e-12, atol=1e-12)
+    assert [j for j, _ in top.top_sources(0, 0, 4)] == [j for j, v in full.top_sources(0, 0, 4) if v != 0]
+
+
 @pytest.mark.parametrize("k", [11, 50])
 def test_top_k_sources_of_every_key_are_the_full_split(k):
     """k at least the number of keys (11) cuts nothing: no remainder terms, source_top_k None."""

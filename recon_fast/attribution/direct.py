@@ -113,7 +113,8 @@ class Attribution:
         """The k terms of largest magnitude as (label, value, percent). percent is HexRay's
         |value| / sum of |value| over these k (share="top"), or over all terms (share="total").
         The "S_rest" remainders are sums of many sources, not single terms: they are not listed,
-        and share="total" counts the sources they hold, so the list is the full split's."""
+        and share="total" counts the sources they hold, so for k <= source_top_k the list is the
+        full split's (beyond, a head's (source_top_k + 1)-th source may be missing from it)."""
         if share not in ("top", "total"):
             raise ValueError(f"share must be 'top' or 'total', got {share!r}")
         values = self.values[row]
@@ -594,7 +595,10 @@ def _top_source_terms(split: torch.Tensor, k: int,
     the device; only the kept indices come to the host, to name them."""
     batch, positions, heads, keys = split.shape
     chosen = split.abs().topk(k, dim=-1).indices  # [B, P, H, k]
-    kept = torch.zeros_like(split, dtype=torch.bool).scatter_(-1, chosen, True).any(0)  # [P, H, Tk]
+    # A zero term carries nothing: the keys a query cannot see (later positions, padding) have
+    # weight 0 and would fill a short row's k with arbitrary ties naming tokens after the query.
+    # They are kept by nobody (S_rest does not change: they add 0).
+    kept = (torch.zeros_like(split, dtype=torch.bool).scatter_(-1, chosen, True) & (split != 0)).any(0)  # [P, H, Tk]
     dropped = split.masked_fill(kept, 0.0)
     # Each head's kept columns, then one more: its remainder, at index Tk of the augmented axis.
     where = torch.cat([kept, kept.new_ones(positions, heads, 1)], dim=-1).nonzero()  # [n, 3] (p, h, j), sorted

@@ -175,7 +175,6 @@ def cmd_attribute(args) -> int:
     if args.cot_debug:
         return cmd_cot(args)
     from recon_fast.attribution.direct import direct_logit_attribution
-    from recon_fast.trace.model_inputs import token_texts
 
     _check_top_k(args.top_k)
     if args.neurons < 0 or args.sources < 0:
@@ -209,7 +208,6 @@ def cmd_attribute(args) -> int:
     if args.neurons:
         print("\n".join(neuron_lines(attribution, args.neurons)))
     if args.sources:
-        tokens = token_texts(tokenizer, inputs["input_ids"].tolist())[0]
         print("\n".join(source_lines(attribution, args.sources, args.top_k, tokens)))
     if attribution.note:
         print(f"Note: {attribution.note}")
