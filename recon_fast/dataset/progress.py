@@ -7,8 +7,9 @@ Files, not collectives: a collective per update would make every rank wait for t
 the folder is not shared (nodes without a common file system) rank 0 shows the ranks it can see.
 
 Drawn when rank 0's stderr is a terminal (progress=None) or when asked (progress=True); never in
-CI logs. In a distributed run every rank reports unless progress=False, since a rank's own
-terminal says nothing of rank 0's (under Slurm only task 0 may have one). The ETA needs the
+CI logs. Rank 0 decides and the run tells every rank (a rank's own terminal says nothing of rank
+0's: under Slurm only task 0 may have one), with a run id that tells this run's files from those
+a killed run left. The ETA needs the
 number of documents, counted from the source on rank 0 when that is cheap (a sized iterable,
 Parquet metadata, the lines of a text or JSONL file); each rank's bar assumes an equal share, and
 a finished rank's bar shows its own total. Shards kept by --resume count as done but not in the
@@ -37,8 +38,10 @@ class RankProgress:
     """This rank's counts, written for rank 0; on rank 0 (draw=True) the bars of every rank.
     A context manager: leaving it stops the drawing and removes the files."""
 
-    def __init__(self, out_dir: Path, rank: int, world_size: int, total_documents: int | None, draw: bool):
+    def __init__(self, out_dir: Path, rank: int, world_size: int, run_id: str, total_documents: int | None,
+                 draw: bool):
         self.folder = Path(out_dir) / FOLDER
+        self.run_id = run_id
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rank, self.world_size = rank, world_size
         self.started = time.time()
@@ -74,11 +77,11 @@ class RankProgress:
             pass
 
     def advance(self, documents: int, tokens: int, resumed: bool = False) -> None:
-        self.documents += documents
-        self.tokens += tokens
-        if resumed:  # done already: counted, but not in the rates
+        if resumed:  # done already: counted, but not in the rates (first: the drawing thread reads along)
             self.resumed_documents += documents
             self.resumed_tokens += tokens
+        self.documents += documents
+        self.tokens += tokens
         self._write()
 
     def rank_done(self) -> None:
@@ -101,7 +104,8 @@ class RankProgress:
     # ---- files ------------------------------------------------------------------------------
     def _state(self) -> dict:
         finished = self.finished  # read once: the drawing thread may run while the loop ends
-        return {"documents": self.documents, "tokens": self.tokens, "resumed_documents": self.resumed_documents,
+        return {"run": self.run_id, "documents": self.documents, "tokens": self.tokens,
+                "resumed_documents": self.resumed_documents,
                 "resumed_tokens": self.resumed_tokens, "started": self.started, "done": finished is not None,
                 "now": finished if finished is not None else time.time()}  # tok/s stops at the rank's end
 
@@ -120,9 +124,10 @@ class RankProgress:
 
     def _read(self, rank: int) -> dict | None:
         try:
-            return json.loads((self.folder / f"rank{rank}.json").read_text())
+            state = json.loads((self.folder / f"rank{rank}.json").read_text())
         except (OSError, ValueError):
             return None
+        return state if state.get("run") == self.run_id else None  # not a killed run's leftover
 
     # ---- rank 0's bars ----------------------------------------------------------------------
     def _redraw_loop(self) -> None:
@@ -163,12 +168,11 @@ class Silent:
         pass
 
 
-def start(out_dir: Path, rank: int, world_size: int, progress: bool | None,
+def start(out_dir: Path, rank: int, world_size: int, shown: bool, run_id: str,
           count_documents) -> "RankProgress | Silent":
-    """This rank's progress: drawn on rank 0 where enabled, reported by every rank of a
-    distributed run unless progress=False. count_documents: a callable counting the source's
-    documents (called on rank 0 only, when it draws), returning None when it cannot."""
-    draw = rank == 0 and enabled(progress)
-    if not draw and not (world_size > 1 and progress is not False):
+    """This rank's progress where rank 0 shows it (`shown`: rank 0's enabled(progress), as every
+    rank was told), else a Silent one. count_documents: a callable counting the source's
+    documents (called on rank 0 only), returning None when it cannot."""
+    if not shown:
         return Silent()
-    return RankProgress(out_dir, rank, world_size, count_documents() if draw else None, draw)
+    return RankProgress(out_dir, rank, world_size, run_id, count_documents() if rank == 0 else None, rank == 0)

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -112,8 +113,11 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     windows = batching.tokenized_windows(sources.documents(source, text_field), tokenizer, max_tokens, window,
                                          skipped_rows)
     batches = batching.rank_batches(windows, batch_tokens, ranks.rank, ranks.world_size)
+    # Rank 0's terminal decides whether bars are shown, for every rank (one small collective).
+    shown, run_id = ranks.gather((progress_bars.enabled(progress), uuid.uuid4().hex) if ranks.rank == 0 else None)[0]
     # Closed (drawing thread, bars, the ranks' files) also when anything below raises.
-    with progress_bars.start(out_dir, ranks.rank, ranks.world_size, progress, lambda: sources.count(source)) as bar:
+    with progress_bars.start(out_dir, ranks.rank, ranks.world_size, shown, run_id,
+                             lambda: sources.count(source)) as bar:
         layer_names: list[str] | None = None
         attention_layers: list[str] | None = None
         heads: int | None = None
