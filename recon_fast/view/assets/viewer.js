@@ -715,7 +715,8 @@
     return tokens && j < tokens.length ? 'token ' + shownToken(tokens[j]) + ' (' + j + ')' : 'token ' + j;
   }
 
-  // HexRay's names ("MLP L9", "Attn L11", "Head L3.H7") as `attribute` prints them: a neuron
+  // HexRay's names ("MLP L9", "Attn L11", "Head L3.H7") as `attribute` prints them, and, spelled
+  // out for a page where a line has room (the command prints "Head L3.H7<-5"), a neuron
   // "MLP L3.N12", a head's share from a source 'Head L3.H7 <- token "Paris" (5)', its remainder
   // "Head L3.H7 <- rest".
   function hexName(label, tokens) {
