@@ -78,7 +78,7 @@ def count(source) -> int | None:
     path = Path(source)
     name = path.name.lower()
     if path.is_dir():
-        return sum(1 for p in path.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
+        return len(_text_files_in(path))
     if name.endswith(PARQUET_SUFFIXES):
         import pyarrow.parquet as pq
 
@@ -101,8 +101,13 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield row, line
 
 
+def _text_files_in(folder: Path) -> list[Path]:
+    """A folder's documents: its .txt files, in name order."""
+    return sorted(p for p in folder.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
+
+
 def _text_files(folder: Path) -> Iterator[tuple[int, str]]:
-    files = sorted(p for p in folder.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
+    files = _text_files_in(folder)
     for row, file in enumerate(files):
         yield row, file.read_text(encoding="utf-8")
 

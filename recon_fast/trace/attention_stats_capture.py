@@ -310,8 +310,6 @@ def _softcap_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if general is not None:
         return _eager_of(module)(module, query, key, value, attention_mask.built_for("eager"), dropout=dropout,
                                  scaling=scaling, softcap=softcap, **kwargs)
-    if scaling is None:
-        scaling = module.head_dim**-0.5  # eager's default
     # The eager mask is made in the dtype the model passed its mask function (eager_mask's default
     # float32 where it passed none); the mask value, finfo(dtype).min, must be the same.
     mask_dtype = attention_mask.arguments.get("dtype", torch.float32)
