@@ -1,6 +1,7 @@
 // Argument checks and layout for attention_stats, written once for every backend.
 #include "attention_stats_plan.h"
 
+#include "check_text.h"
 #include "token_stats_plan.h"  // stats_dtype_of
 
 #include <ATen/ops/empty.h>
@@ -26,31 +27,31 @@ AttentionStatsPlan plan_attention_stats(const at::Tensor& q_in, const at::Tensor
                                         const std::optional<at::Tensor>& mask, int64_t sink_tokens) {
   TORCH_CHECK(q_in.defined() && k_in.defined(), "attention_stats: q or k is undefined");
   TORCH_CHECK(q_in.dim() == 4, "attention_stats: q must be 4-D [batch, heads, q_len, head_dim], got shape ",
-              q_in.sizes());
+              shape_str(q_in.sizes()));
   TORCH_CHECK(k_in.dim() == 4,
               "attention_stats: k must be 4-D [batch, kv_heads, k_len, head_dim], got shape ",
-              k_in.sizes());
+              shape_str(k_in.sizes()));
   TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type(), "attention_stats: q is ", q_in.scalar_type(),
               " but k is ", k_in.scalar_type());
   const StatsDtype dtype = stats_dtype_of(q_in, "attention_stats: q and k");
-  TORCH_CHECK(q_in.device() == k_in.device(), "attention_stats: q is on ", q_in.device(),
-              " but k is on ", k_in.device());
+  TORCH_CHECK(q_in.device() == k_in.device(), "attention_stats: q is on ", q_in.device().str(),
+              " but k is on ", k_in.device().str());
   const int64_t batch = q_in.size(0), heads = q_in.size(1), q_len = q_in.size(2);
   const int64_t kv_heads = k_in.size(1), k_len = k_in.size(2), head_dim = q_in.size(3);
-  TORCH_CHECK(k_in.size(0) == batch, "attention_stats: q has batch ", batch, " but k has batch ",
-              k_in.size(0));
-  TORCH_CHECK(k_in.size(3) == head_dim, "attention_stats: q has head_dim ", head_dim,
-              " but k has head_dim ", k_in.size(3));
+  TORCH_CHECK(k_in.size(0) == batch, "attention_stats: q has batch ", num(batch), " but k has batch ",
+              num(k_in.size(0)));
+  TORCH_CHECK(k_in.size(3) == head_dim, "attention_stats: q has head_dim ", num(head_dim),
+              " but k has head_dim ", num(k_in.size(3)));
   TORCH_CHECK(head_dim > 0, "attention_stats: head_dim is empty (size 0)");
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "attention_stats: q has ", heads,
-              " heads, not a multiple of k's ", kv_heads);
-  TORCH_CHECK(std::isfinite(scaling), "attention_stats: scaling must be finite, got ", scaling);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "attention_stats: q has ", num(heads),
+              " heads, not a multiple of k's ", num(kv_heads));
+  TORCH_CHECK(std::isfinite(scaling), "attention_stats: scaling must be finite, got ", num(scaling));
   TORCH_CHECK(!window.has_value() || *window >= 1,
               "attention_stats: window must be at least 1 (keys a query sees, itself included), got ",
-              window.value_or(0));
+              num(window.value_or(0)));
   TORCH_CHECK(!softcap.has_value() || (*softcap > 0 && std::isfinite(*softcap)),
-              "attention_stats: softcap must be positive and finite, got ", softcap.value_or(0));
-  TORCH_CHECK(sink_tokens >= 0, "attention_stats: sink_tokens must be >= 0, got ", sink_tokens);
+              "attention_stats: softcap must be positive and finite, got ", num(softcap.value_or(0)));
+  TORCH_CHECK(sink_tokens >= 0, "attention_stats: sink_tokens must be >= 0, got ", num(sink_tokens));
 
   AttentionStatsPlan plan;
   AttentionStatsProblem& p = plan.problem;
@@ -60,10 +61,10 @@ AttentionStatsPlan plan_attention_stats(const at::Tensor& q_in, const at::Tensor
     TORCH_CHECK(kpm.scalar_type() == at::kBool,
                 "attention_stats: key_padding_mask must be bool (true = keep), got ", kpm.scalar_type());
     TORCH_CHECK(kpm.dim() == 2 && kpm.size(0) == batch && kpm.size(1) == k_len,
-                "attention_stats: key_padding_mask must have shape [", batch, ", ", k_len,
-                "] ([batch, k_len]), got ", kpm.sizes());
+                "attention_stats: key_padding_mask must have shape [", num(batch), ", ", num(k_len),
+                "] ([batch, k_len]), got ", shape_str(kpm.sizes()));
     TORCH_CHECK(kpm.device() == q_in.device(), "attention_stats: key_padding_mask is on ",
-                kpm.device(), " but q is on ", q_in.device());
+                kpm.device().str(), " but q is on ", q_in.device().str());
     p.key_padding = kpm.data_ptr<bool>();
     p.key_padding_stride_b = kpm.stride(0);
     p.key_padding_stride_t = kpm.stride(1);
@@ -77,10 +78,10 @@ AttentionStatsPlan plan_attention_stats(const at::Tensor& q_in, const at::Tensor
     TORCH_CHECK(m.dim() == 4 && (m.size(0) == 1 || m.size(0) == batch) &&
                     (m.size(1) == 1 || m.size(1) == heads) && m.size(2) == q_len &&
                     m.size(3) == k_len,
-                "attention_stats: mask must have shape [", batch, " or 1, ", heads, " or 1, ", q_len,
-                ", ", k_len, "], got ", m.sizes());
-    TORCH_CHECK(m.device() == q_in.device(), "attention_stats: mask is on ", m.device(),
-                " but q is on ", q_in.device());
+                "attention_stats: mask must have shape [", num(batch), " or 1, ", num(heads), " or 1, ",
+                num(q_len), ", ", num(k_len), "], got ", shape_str(m.sizes()));
+    TORCH_CHECK(m.device() == q_in.device(), "attention_stats: mask is on ", m.device().str(),
+                " but q is on ", q_in.device().str());
     // Additive masks are read as float32 (the precision scores are kept in): other dtypes are
     // converted once, which costs a copy of the mask on this already slow path.
     const at::Tensor mm = m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat

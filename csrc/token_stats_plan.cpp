@@ -3,22 +3,13 @@
 
 #include <c10/util/Exception.h>
 
+#include "check_text.h"
+
 #include <string>
 #include <vector>
 
 namespace recon_fast {
 namespace {
-
-// "[4, 8]": shapes are formatted here rather than by streaming an IntArrayRef into TORCH_CHECK,
-// which crashed (SIGSEGV while building the message) in the CUDA build against torch 2.11.
-std::string shape_str(at::IntArrayRef sizes) {
-  std::string text = "[";
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (d) text += ", ";
-    text += std::to_string(sizes[d]);
-  }
-  return text + "]";
-}
 
 
 // Merges adjacent leading dims that are contiguous with each other in *both* tensors, so the
@@ -45,8 +36,8 @@ void build_row_indexers(at::IntArrayRef sizes, at::IntArrayRef x_strides,
     os.push_back(0);
   }
   TORCH_CHECK(sz.size() <= static_cast<size_t>(kMaxRowDims),
-              "token_stats: x has too many non-mergeable leading dimensions (", sz.size(),
-              " > ", kMaxRowDims, "); call .contiguous() first");
+              "token_stats: x has too many non-mergeable leading dimensions (", num(sz.size()),
+              " > ", num(kMaxRowDims), "); call .contiguous() first");
   x_rows.ndim = out_rows.ndim = static_cast<int>(sz.size());
   for (size_t d = 0; d < sz.size(); ++d) {
     x_rows.sizes[d] = out_rows.sizes[d] = sz[d];
@@ -82,12 +73,12 @@ TokenStatsPlan plan_token_stats(const at::Tensor& x_in, const at::Tensor& out) {
   TORCH_CHECK(out.defined(), "token_stats: out is undefined");
   TORCH_CHECK(out.scalar_type() == at::kFloat, "token_stats: out must be float32, got ",
               out.scalar_type());
-  TORCH_CHECK(out.device() == x_in.device(), "token_stats: out is on ", out.device(),
-              " but x is on ", x_in.device());
+  TORCH_CHECK(out.device() == x_in.device(), "token_stats: out is on ", out.device().str(),
+              " but x is on ", x_in.device().str());
   const auto lead = x_in.sizes().slice(0, x_in.dim() - 1);
   TORCH_CHECK(out.dim() == x_in.dim() && out.sizes().slice(0, out.dim() - 1) == lead &&
                   out.size(-1) == kNumStats,
-              "token_stats: out must have shape ", shape_str(lead), " + [", kNumStats,
+              "token_stats: out must have shape ", shape_str(lead), " + [", num(kNumStats),
               "] for x of shape ", shape_str(x_in.sizes()), ", got ", shape_str(out.sizes()));
 
   TokenStatsPlan plan;

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "check_text.h"
 #include "token_stats_problem.h"
 
 namespace recon_fast {
@@ -18,10 +19,10 @@ void token_stats_rows(const at::Tensor& x, at::Tensor& buffer, int64_t row0) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0,
               "token_stats_rows: x needs a non-empty last dimension");
   TORCH_CHECK(buffer.dim() == 2 && buffer.size(1) == kNumStats && buffer.is_contiguous(),
-              "token_stats_rows: buffer must be a contiguous [N, ", kNumStats, "] tensor");
+              "token_stats_rows: buffer must be a contiguous [N, ", num(kNumStats), "] tensor");
   const int64_t rows = x.numel() / x.size(-1);
-  TORCH_CHECK(row0 >= 0 && row0 + rows <= buffer.size(0), "token_stats_rows: rows [", row0, ", ",
-              row0 + rows, ") are outside the buffer's ", buffer.size(0));
+  TORCH_CHECK(row0 >= 0 && row0 + rows <= buffer.size(0), "token_stats_rows: rows [", num(row0), ", ",
+              num(row0 + rows), ") are outside the buffer's ", num(buffer.size(0)));
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = kNumStats;
   at::Tensor out = buffer.narrow(0, row0, rows).view(shape);

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../attention_stats_plan.h"
+#include "../check_text.h"
 #include "attention_stats_launch.h"
 
 namespace recon_fast::cuda {
@@ -20,12 +21,13 @@ at::Tensor attention_stats_cuda(const at::Tensor& q, const at::Tensor& k, double
   AttentionStatsPlan plan = plan_attention_stats(q, k, scaling, causal, window, softcap,
                                                  key_padding_mask, mask, sink_tokens);
   TORCH_CHECK(plan.problem.head_dim <= kAttentionMaxHeadDim, "attention_stats: head_dim ",
-              plan.problem.head_dim, " is above the CUDA kernel's limit of ", kAttentionMaxHeadDim);
+              num(plan.problem.head_dim), " is above the CUDA kernel's limit of ",
+              num(kAttentionMaxHeadDim));
   // Cached by torch: no device query, no sync.
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(props->major >= 8, "attention_stats: the CUDA kernel needs compute capability 8.0+ "
-              "(mma.sync bf16/fp16, cp.async); ", props->name, " is ", props->major, ".",
-              props->minor);
+              "(mma.sync bf16/fp16, cp.async); ", props->name, " is ", num(props->major), ".",
+              num(props->minor));
   // The current stream, never a sync: hooks enqueue this behind the layer that produced q and k.
   C10_CUDA_CHECK(launch_attention_stats(plan.problem, at::cuda::getCurrentCUDAStream()));
   return plan.out;
