@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from recon_fast.dispatch import weight as real_weight
+
 
 @dataclass(frozen=True)
 class FamilyLayout:
@@ -131,19 +133,20 @@ class Anatomy:
         return _linear_weight(block.out_proj)
 
     def out_proj_bias(self, block: Block) -> torch.Tensor | None:
-        return getattr(block.out_proj, "bias", None)
+        return real_weight(block.out_proj, "bias")
 
     def down_proj_weight(self, block: Block) -> torch.Tensor:
         """The MLP's down projection as [d_model, d_mlp]."""
         return _linear_weight(block.down_proj)
 
     def down_proj_bias(self, block: Block) -> torch.Tensor | None:
-        return getattr(block.down_proj, "bias", None)
+        return real_weight(block.down_proj, "bias")
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor:
-    """[out, in] whether nn.Linear or GPT-2's Conv1D (which stores it transposed)."""
-    weight = module.weight
+    """[out, in] whether nn.Linear or GPT-2's Conv1D (which stores it transposed); read in
+    through accelerate's hook where the module is offloaded."""
+    weight = real_weight(module)
     return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
@@ -212,10 +215,10 @@ def logit_processing(config) -> dict:
 
 def norm(module: nn.Module, path: str, offset: float = 0.0) -> Norm:
     """The Norm description of a LayerNorm or RMSNorm module; ValueError for anything else."""
-    weight = getattr(module, "weight", None)
+    weight = real_weight(module)  # a copy read in where the norm is offloaded (meta otherwise)
     if weight is not None and offset:
         weight = weight.detach().double() + offset
-    bias = getattr(module, "bias", None)
+    bias = real_weight(module, "bias")
     if isinstance(module, nn.LayerNorm):
         return Norm(module, "layernorm", float(module.eps), weight, bias)
     kind = ("rmsnorm" if "RMSNorm" in type(module).__name__

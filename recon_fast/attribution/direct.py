@@ -28,6 +28,7 @@ from torch import nn
 from recon_fast.attribution.anatomy import Anatomy, anatomy
 from recon_fast.attribution.position_capture import PositionCapture
 from recon_fast.attribution.source_capture import SourceCapture
+from recon_fast.dispatch import weight as real_weight
 from recon_fast.trace.model_inputs import forward_takes, model_dtype, prepare_inputs, token_texts
 
 # How far the sum of the captured parts may be from the captured residual, relative to the
@@ -481,8 +482,10 @@ def _logit_terms(model: nn.Module, parts: Anatomy, capture: PositionCapture, sou
     device = residual.device
     tolerance = RECONSTRUCTION_TOLERANCE.get(model_dtype(model), 1e-4)
 
+    unembed_weight = real_weight(parts.unembed)  # read in once where the unembedding is offloaded
+
     def unembedding(ids: torch.Tensor) -> torch.Tensor:  # [B, P] -> [B, P, d] float64
-        weight = parts.unembed.weight
+        weight = unembed_weight
         picked = weight.index_select(0, ids.flatten().to(weight.device)).to(device, torch.float64)
         return picked.view(*ids.shape, -1)
 
@@ -562,7 +565,7 @@ def _logit_terms(model: nn.Module, parts: Anatomy, capture: PositionCapture, sou
     norm = parts.final_norm
     if norm.bias is not None:
         add(["norm_bias"], dot(unembed_rows, norm.bias.to(device, torch.float64)))
-    unembed_bias = getattr(parts.unembed, "bias", None)
+    unembed_bias = real_weight(parts.unembed, "bias")
     if unembed_bias is not None:
         picked = unembed_bias[targets.to(unembed_bias.device)]
         if versus is not None:

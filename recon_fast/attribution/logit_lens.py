@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from recon_fast.attribution.anatomy import LensParts, lens_parts
+from recon_fast.dispatch import execution_device
 from recon_fast.kernels import ops
 from recon_fast.trace.model_inputs import forward_takes, prepare_inputs, token_texts
 from recon_fast.trace.tracer import extract_tensor
@@ -115,13 +116,15 @@ def _read_residual(parts: LensParts, residual: torch.Tensor, where: torch.Tensor
     norms [B, T]."""
     norms = ops.token_stats(residual)[..., 0]
     residual = residual.index_select(1, where.to(residual.device))
-    weight = getattr(parts.final_norm, "weight", None)
-    norm_device = weight.device if weight is not None else residual.device  # models split across GPUs
+    # Models split across devices: each module's input where it computes (accelerate's hooks
+    # would move it too; an offloaded module's weights are meta between calls).
+    norm_device = execution_device(parts.final_norm) or residual.device
+    unembed_device = execution_device(parts.unembed) or norm_device
     top_ids, top_logprobs = [], []
     for start in range(0, residual.shape[1], LENS_CHUNK):
         chunk = residual[:, start:start + LENS_CHUNK].to(norm_device)
         normed = parts.final_norm(chunk)
-        logits = parts.unembed(normed.to(parts.unembed.weight.device)).float() * parts.logit_multiplier
+        logits = parts.unembed(normed.to(unembed_device)).float() * parts.logit_multiplier
         if parts.logit_softcap is not None:  # what the model does to its own logits (Gemma2/3)
             logits = torch.tanh(logits / parts.logit_softcap) * parts.logit_softcap
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -27,6 +27,7 @@ from recon_fast.dataset import batching, distributed, progress as progress_bars,
 from recon_fast.dataset.profile import Profile
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
+from recon_fast.trace.model_inputs import model_device
 
 MANIFEST = "manifest.json"
 PROFILE = "profile.json"
@@ -71,7 +72,7 @@ def trace_dataset(model: torch.nn.Module, tokenizer, source: "str | os.PathLike 
         raise ValueError(f"max_tokens must be 1 or more, got {max_tokens}")
     sources.check_source(source, text_field)
     out_dir = Path(out_dir)
-    device = next(model.parameters()).device
+    device = model_device(model)  # where inputs go, also for a model dispatched by accelerate
     with distributed.process_group(device) as ranks:
         return _trace(model, tokenizer, source, out_dir, ranks, layers=layers, metrics=metrics, max_tokens=max_tokens,
                       batch_tokens=batch_tokens, text_field=text_field, docs_per_shard=docs_per_shard, window=window,
@@ -88,7 +89,7 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
                          "it, or choose a new folder")
     provenance = model_provenance(model)
     pad_id = _pad_id(tokenizer)
-    device = next(model.parameters()).device
+    device = model_device(model)
     # No tokenizer: no per-token text to decode.
     tracer = Tracer(model, None, layers=layers, metrics=metrics, attention=attention)
     hooks = list(tracer.hooks)

@@ -14,9 +14,13 @@ from torch import nn
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's inputs go: model.device when it has one, else its first parameter's."""
     device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
+    if isinstance(device, torch.device) and device.type != "meta":
         return device
     first = next(model.parameters(), None)
+    if first is not None and first.device.type == "meta":  # offloaded by accelerate: where it runs
+        from recon_fast.dispatch import input_device
+
+        return input_device(model)
     return first.device if first is not None else torch.device("cpu")
 
 
