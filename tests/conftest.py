@@ -1,10 +1,23 @@
 """Shared fixtures: devices to test on, and the real SmolLM2 model loaded once per session."""
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
+# Tests never write into the user's model cache: the embedded model is converted once per test
+# session into a temporary folder, which every test, subprocess and CLI call of the session shares.
+_CACHE = tempfile.mkdtemp(prefix="recon-fast-test-cache-")
+os.environ["RECON_FAST_CACHE"] = _CACHE
+
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
