@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from recon_fast.cube import export
+from recon_fast.file_errors import reading
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
 
@@ -214,13 +215,24 @@ class ActivityCube:
         if not path.is_file():
             raise FileNotFoundError(f"no cube file {str(path)!r}")
         with open(path, "rb") as f:
-            is_zip = f.read(2) == b"PK"
-        return cls._from_npz(path) if is_zip else cls._from_json(path)
+            head = f.read(2)
+        # By content, not name: a renamed file still reads, and the error says what it looked like.
+        kind = "npz" if head == b"PK" else "json.gz" if head == b"\x1f\x8b" else "json"
+        with reading(path, f"recon-fast cube (.{kind})"):
+            cube = cls._from_npz(path) if kind == "npz" else cls._from_json(path)
+        return cube
 
     @classmethod
     def _from_npz(cls, path: Path) -> "ActivityCube":
         header, arrays = export.read_npz(path)
         meta = header["meta"]
+        # The header says which arrays were written: a damaged zip directory can rename or drop a
+        # member and still read, which would silently lose the padding mask or a raw slice.
+        expected = {"data", *(f"raw_{i}" for i in header.get("raw", {}))}
+        expected |= {"padding_mask"} if "padding_mask" in meta else set()
+        expected |= {"attention_data"} if header.get("attention_layers") else set()
+        if set(arrays) != expected:
+            raise ValueError(f"its arrays are {sorted(arrays)}, its header lists {sorted(expected)}")
         meta.pop("padding_mask", None)
         meta.pop("metrics", None)
         return cls(tokens=header["tokens"], layer_names=header["layer_names"],
@@ -280,7 +292,9 @@ class ActivityCube:
         mask = meta.pop("padding_mask", None)
         raw = {}
         if references:
-            _, arrays = export.read_npz(cls.raw_sidecar(path))
+            sidecar = cls.raw_sidecar(path)
+            with reading(sidecar, "raw-slice sidecar (.raw.npz) of a cube"):
+                _, arrays = export.read_npz(sidecar)
             raw = {i: {"array": arrays[r["key"]], "token_range": r["token_range"], "dim_range": r["dim_range"]}
                    for i, r in references.items()}
         return cls(tokens=tokens, layer_names=names, metrics=metrics, data=data,

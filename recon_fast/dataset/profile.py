@@ -185,7 +185,24 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A profile.json, or FileFormatError naming the file and its first problem (cut short, not
+        a profile, arrays of the wrong shape)."""
+        from recon_fast.file_errors import reading
+
+        with reading(path, "recon-fast profile (profile.json)"):
+            profile = cls.from_dict(json.loads(Path(path).read_bytes()))
+            profile.check_shapes()
+        return profile
+
+    def check_shapes(self) -> None:
+        """ValueError unless every array is [layers, metrics] (histogram [.., BINS]): a damaged
+        file can parse and still hold a short row."""
+        shape = (len(self.layers), len(self.metrics))
+        for name in ("count", "mean", "m2", "min", "max", "nonfinite"):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name} is {list(getattr(self, name).shape)}, expected layers x metrics = {list(shape)}")
+        if self.histogram.shape != (*shape, BINS):
+            raise ValueError(f"histogram is {list(self.histogram.shape)}, expected {[*shape, BINS]}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import numpy as np
 from recon_fast.cube.cube import ActivityCube
 from recon_fast.dataset.profile import Profile
 from recon_fast.dataset.tracing import MANIFEST, PROFILE
+from recon_fast.file_errors import reading
 
 
 class DatasetReader:
@@ -23,9 +24,12 @@ class DatasetReader:
         if not manifest.exists():
             raise ValueError(f"{self.path} has no {MANIFEST}: not a traced dataset, or its run has not finished "
                              "(recon-fast trace-dataset --resume completes it)")
-        self.manifest = json.loads(manifest.read_text())
-        self.layers: list[str] = self.manifest["layers"]
-        self.metrics: tuple[str, ...] = tuple(self.manifest["metrics"])
+        with reading(manifest, "recon-fast dataset manifest"):
+            self.manifest = json.loads(manifest.read_bytes())
+            self.layers: list[str] = list(self.manifest["layers"])
+            self.metrics: tuple[str, ...] = tuple(self.manifest["metrics"])
+            for key in ("documents", "shards"):
+                self.manifest[key]  # noqa: B018 - a manifest without them is not one: fail here, naming it
         # Attention statistics (traced with attention="stats"), else empty.
         self.attention_layers: list[str] = self.manifest.get("attention_layers", [])
         self.attention_statistics: tuple[str, ...] = tuple(self.manifest.get("attention_statistics", []))
@@ -46,9 +50,8 @@ class DatasetReader:
         """The documents table (pyarrow.Table: doc_id, source_row, tokens, token_ids, text_sha256),
         sorted by doc_id; `columns` reads only those."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        tables = [pq.read_table(f, columns=columns) for f in self._files("documents_file")]
+        tables = [_read_shard(f, columns=columns) for f in self._files("documents_file")]
         table = pa.concat_tables(tables)
         return table.sort_by("doc_id") if "doc_id" in table.column_names else table
 
@@ -62,11 +65,9 @@ class DatasetReader:
     def _shard_of(self, doc_id: int) -> dict:
         """The manifest's entry of the shard holding `doc_id` (its files under their keys)."""
         if self._where is None:  # doc_id -> shard, from the small documents files
-            import pyarrow.parquet as pq
-
             self._where = {}
             for s in self.manifest["shards"]:
-                for i in pq.read_table(self.path / s["documents_file"], columns=["doc_id"]).column(0).to_pylist():
+                for i in _read_shard(self.path / s["documents_file"], columns=["doc_id"]).column(0).to_pylist():
                     self._where[i] = s
         if doc_id not in self._where:
             raise KeyError(f"document {doc_id} is not in {self.path}")
@@ -76,17 +77,15 @@ class DatasetReader:
         """Document `doc_id` as an ActivityCube (batch 1): its layers, metrics and tokens (their
         text with a tokenizer, else the ids as strings), and its attention statistics when the
         dataset has them."""
-        import pyarrow.parquet as pq
-
         doc_id = int(doc_id)
         shard = self._shard_of(doc_id)
-        table = pq.read_table(self.path / shard["activations"], columns=["layer", *self.metrics],
+        table = _read_shard(self.path / shard["activations"], columns=["layer", *self.metrics],
                               filters=[("doc_id", "==", doc_id)]).sort_by("layer")
-        docs = pq.read_table(self.path / shard["documents_file"], filters=[("doc_id", "==", doc_id)]).to_pylist()[0]
+        docs = _read_shard(self.path / shard["documents_file"], filters=[("doc_id", "==", doc_id)]).to_pylist()[0]
         data = _stacked(table, self.metrics)  # [layers, tokens, metrics]
         attention = {}
         if self.attention_layers:
-            rows = pq.read_table(self.path / shard["attention"], columns=["layer", "head", *self.attention_statistics],
+            rows = _read_shard(self.path / shard["attention"], columns=["layer", "head", *self.attention_statistics],
                                  filters=[("doc_id", "==", doc_id)])
             rows = rows.sort_by([("layer", "ascending"), ("head", "ascending")])
             values = _stacked(rows, self.attention_statistics)  # [layers x heads, tokens, statistics]
@@ -109,8 +108,8 @@ class DatasetReader:
         if metric not in self.metrics:
             raise KeyError(f"metric {metric!r} not in this dataset; it has {list(self.metrics)}")
         layer = _index(layer, self.layers, "layer")
-        table = ds.dataset(self._files("activations"), format="parquet").to_table(
-            columns=["doc_id", metric], filter=ds.field("layer") == layer).sort_by("doc_id")
+        table = _scan(self._files("activations"), columns=["doc_id", metric],
+                      filter=ds.field("layer") == layer).sort_by("doc_id")
         values = table.column(metric).to_numpy(zero_copy_only=False)
         return {int(i): np.asarray(v, np.float32) for i, v in zip(table.column("doc_id").to_numpy(), values)}
 
@@ -131,8 +130,7 @@ class DatasetReader:
             if not 0 <= head < self.heads:
                 raise KeyError(f"head {head} out of range: the attention layers have {self.heads} heads")
             where &= ds.field("head") == head
-        table = ds.dataset(self._files("attention"), format="parquet").to_table(
-            columns=["doc_id", "head", statistic], filter=where).sort_by([("doc_id", "ascending"), ("head", "ascending")])
+        table = _scan(self._files("attention"), columns=["doc_id", "head", statistic], filter=where).sort_by([("doc_id", "ascending"), ("head", "ascending")])
         ids = table.column("doc_id").to_numpy()
         values = table.column(statistic).to_numpy(zero_copy_only=False)
         if head is not None:
@@ -140,6 +138,32 @@ class DatasetReader:
         # Every document has a row per head, sorted: each run of `heads` rows is one document.
         return {int(ids[r]): np.stack(values[r: r + self.heads]).astype(np.float32)
                 for r in range(0, len(ids), self.heads)}
+
+
+SHARD = "recon-fast dataset shard (Parquet)"
+
+
+def _read_shard(path, **kwargs):
+    """pq.read_table, or FileFormatError naming the shard file (cut short, overwritten, ...)."""
+    import pyarrow.parquet as pq
+
+    with reading(path, SHARD):
+        return pq.read_table(path, **kwargs)
+
+
+def _scan(files: list[str], **kwargs):
+    """One table from many shard files (pyarrow.dataset); a file that does not read is named."""
+    import pyarrow.dataset as ds
+
+    try:
+        return ds.dataset(files, format="parquet").to_table(**kwargs)
+    except Exception:  # which file? pyarrow's message does not always say: read each footer to find it
+        import pyarrow.parquet as pq
+
+        for f in files:
+            with reading(f, SHARD):
+                pq.read_table(f, columns=kwargs.get("columns"))
+        raise
 
 
 def _index(layer: int | str, names: list[str], what: str) -> int:

@@ -152,12 +152,13 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 
 
 def committed(out_dir: Path, rank: int, k: int, config_sha256: str, docs: list[Document],
-              full_read: bool, attention: bool = False) -> dict | None:
+              full_read: bool, attention: bool = False, metrics: tuple[str, ...] = ()) -> dict | None:
     """The shard's info if shard k of `rank` is complete and holds exactly `docs` (the plan's),
     else None (then it is to be traced again). A shard of another configuration is an error: its
     folder belongs to a different run. full_read reads every value (a file cut short by a crash
     or a full disk can still have a footer that parses), the rest check footers and documents.
-    attention: the run traces attention statistics, so the shard's attention file is checked too."""
+    attention: the run traces attention statistics, so the shard's attention file is checked too.
+    metrics: the run's, to check the shard's partial profile against before it is merged."""
     import pyarrow.parquet as pq
 
     path = shard_path(out_dir, ACTIVATIONS, rank, k)
@@ -168,9 +169,14 @@ def committed(out_dir: Path, rank: int, k: int, config_sha256: str, docs: list[D
     try:
         info = json.loads(pq.read_schema(path).metadata[META_KEY])
         listed = pq.read_table(doc_path, columns=["doc_id", "text_sha256"])
-    except Exception:  # pyarrow's errors for a truncated or corrupt file are of several kinds
+        # A damaged footer can parse and still lack what a merge needs: such a shard is redone,
+        # never merged (its partial profile is checked here, before anything counts on it).
+        int(info["rows"]), int(info["documents"]), int(info["tokens"])
+        if metrics:
+            profile_from_state(info["layer_names"], metrics, info["profile"]).check_shapes()
+    except Exception:  # pyarrow's (and a damaged footer's) errors are of several kinds
         return None
-    if info.get("config_sha256") != config_sha256:
+    if not isinstance(info, dict) or info.get("config_sha256") != config_sha256:
         raise ValueError(f"{path} was written by a run with other settings (model, layers, metrics, attention, "
                          "max_tokens, batch_tokens or number of ranks); resume with the same ones or use a new --out")
     if rows != info["rows"] or listed.num_rows != info["documents"]:

@@ -17,6 +17,7 @@ import orjson
 from recon_fast.cube.cube import ActivityCube
 from recon_fast.cube import export
 from recon_fast.cube.export import atomic_write
+from recon_fast.file_errors import FileFormatError, reading
 
 ASSETS = Path(__file__).with_name("assets")
 
@@ -171,26 +172,22 @@ def read_source(path: str | os.PathLike) -> ActivityCube | dict:
         raise FileNotFoundError(f"no such file {str(path)!r}" if not path.exists() else f"{str(path)!r} is not a file")
     with open(path, "rb") as f:
         head = f.read(2)
-    if head == b"PK":  # npz (a zip)
+    if head == b"PK":  # npz (a zip): ActivityCube.load names the file and its problem
+        return ActivityCube.load(path)
+    expected = "cube (.json, .json.gz, .npz) or attribution JSON"
+    with reading(path, expected):
         try:
-            return ActivityCube.load(path)
-        except (KeyError, ValueError, OSError) as exc:
-            raise ValueError(f"{str(path)!r} is not a cube .npz written by recon-fast ({exc})") from None
-    try:
-        document = export.read_json(path)
-    except (orjson.JSONDecodeError, OSError, EOFError) as exc:
-        raise ValueError(f"{str(path)!r} is neither a cube (.json, .json.gz, .npz) nor an attribution JSON: "
-                         f"it does not parse as JSON ({str(exc).splitlines()[0]})") from None
+            document = export.read_json(path)
+        except orjson.JSONDecodeError as exc:
+            raise FileFormatError(path, expected, f"it does not parse as JSON ({str(exc).splitlines()[0]})") from None
     if isinstance(document, dict) and isinstance(document.get("layers"), list):
         del document
-        try:
-            return ActivityCube.load(path)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{str(path)!r} looks like a cube but does not load: {exc}") from None
+        return ActivityCube.load(path)
     if is_attribution(document):
         return document
-    raise ValueError(f"{str(path)!r} is neither a cube (JSON with `layers`) nor an attribution JSON "
-                     "(`labels` and `sequences`, or `steps`), as `recon-fast trace` / `attribute --json` write them")
+    raise FileFormatError(path, expected, "it parses as JSON but is neither a cube (no `layers`) nor an "
+                          "attribution JSON (no `labels` and `sequences`, or `steps`), as `recon-fast trace` / "
+                          "`attribute --json` write them")
 
 
 def attribution_payload(document: dict, title: str | None = None) -> dict:
