@@ -57,26 +57,38 @@ def text_sha256(text: str) -> str:
 
 
 def tokenized_windows(documents: Iterable[tuple[int, str]], tokenizer, max_tokens: int | None,
-                      window: int, skipped: list[int] | None = None) -> Iterator[list[Document]]:
+                      window: int, skipped: list[int] | None = None,
+                      truncated: list[int] | None = None) -> Iterator[list[Document]]:
     """Windows of `window` documents, tokenized (special tokens as the tokenizer adds them,
-    truncated to max_tokens). Documents with no token are left out and their rows appended to
-    `skipped`; they still take a doc_id, so ids stay tied to the source's order."""
+    truncated to max_tokens; the rows of those cut appended to `truncated`). Documents with no
+    token are left out and their rows appended to `skipped`; they still take a doc_id, so ids
+    stay tied to the source's order."""
     pending: list[tuple[int, int, str]] = []
     doc_id = 0
     for row, text in documents:
         pending.append((doc_id, row, text))
         doc_id += 1
         if len(pending) == window:
-            yield _tokenize(pending, tokenizer, max_tokens, skipped)
+            yield _tokenize(pending, tokenizer, max_tokens, skipped, truncated)
             pending = []
     if pending:
-        yield _tokenize(pending, tokenizer, max_tokens, skipped)
+        yield _tokenize(pending, tokenizer, max_tokens, skipped, truncated)
 
 
-def _tokenize(pending, tokenizer, max_tokens, skipped) -> list[Document]:
+def _tokenize(pending, tokenizer, max_tokens, skipped, truncated=None) -> list[Document]:
     texts = [text for _, _, text in pending]
-    kwargs = {"truncation": True, "max_length": max_tokens} if max_tokens else {}
-    encoded = tokenizer(texts, add_special_tokens=True, verbose=False, **kwargs)["input_ids"]
+    if not max_tokens:
+        encoded = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    else:
+        # One token more than allowed says which documents were cut (exactly max_tokens may be a
+        # whole one); only those are tokenized again, by the tokenizer's own truncation, so the
+        # ids are what a single truncating call gives (special tokens kept where it keeps them).
+        encoded = _encode(tokenizer, texts, max_tokens + 1)
+        cut = [i for i, ids in enumerate(encoded) if len(ids) > max_tokens]
+        for i, ids in zip(cut, _encode(tokenizer, [texts[i] for i in cut], max_tokens) if cut else ()):
+            encoded[i] = ids
+        if truncated is not None:
+            truncated.extend(pending[i][1] for i in cut)
     docs = []
     for (doc_id, row, text), ids in zip(pending, encoded):
         if not ids:
@@ -85,6 +97,11 @@ def _tokenize(pending, tokenizer, max_tokens, skipped) -> list[Document]:
             continue
         docs.append(Document(doc_id, row, np.asarray(ids, dtype=np.int64), text_sha256(text)))
     return docs
+
+
+def _encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return list(tokenizer(texts, add_special_tokens=True, verbose=False, truncation=True,
+                          max_length=max_length)["input_ids"])
 
 
 def pack(docs: list[Document], batch_tokens: int) -> list[Batch]:

@@ -27,6 +27,7 @@ from recon_fast.dataset import batching, distributed, progress as progress_bars,
 from recon_fast.dataset.profile import Profile
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
+from recon_fast.trace.input_limits import position_limit
 from recon_fast.trace.model_inputs import model_device
 
 MANIFEST = "manifest.json"
@@ -88,6 +89,9 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
         raise ValueError(f"{out_dir} already holds a traced dataset; pass --resume (resume=True) to continue "
                          "it, or choose a new folder")
     provenance = model_provenance(model)
+    limit = position_limit(model)
+    if limit is not None and (max_tokens is None or max_tokens > limit):
+        max_tokens = limit  # a longer document could not go through the position table: cut, and counted
     pad_id = _pad_id(tokenizer)
     device = model_device(model)
     # No tokenizer: no per-token text to decode.
@@ -111,8 +115,9 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     fault = os.environ.get(FAULT_ENV, "")
 
     skipped_rows: list[int] = []
+    truncated_rows: list[int] = []
     windows = batching.tokenized_windows(sources.documents(source, text_field), tokenizer, max_tokens, window,
-                                         skipped_rows)
+                                         skipped_rows, truncated_rows)
     batches = batching.rank_batches(windows, batch_tokens, ranks.rank, ranks.world_size)
     # Rank 0's terminal decides whether bars are shown, for every rank (one small collective).
     shown, run_id = ranks.gather((progress_bars.enabled(progress), uuid.uuid4().hex) if ranks.rank == 0 else None)[0]
@@ -133,7 +138,7 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
                     # documents are checked (they were complete before the next one began).
                     last = not shards.shard_path(out_dir, shards.ACTIVATIONS, ranks.rank, k + 1).exists()
                     info = shards.committed(out_dir, ranks.rank, k, config_sha256, docs, full_read=last,
-                                            attention=attention is not None)
+                                            attention=attention is not None, metrics=metrics)
                 if info is not None:
                     totals["resumed_shards"] += 1
                     part = shards.profile_from_state(info["layer_names"], metrics, info["profile"])
@@ -196,6 +201,7 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
             "tokens": sum(r["totals"]["tokens"] for r in everyone),
             "padded_tokens": sum(r["totals"]["padded_tokens"] for r in everyone),
             "empty_documents": len(skipped_rows),
+            "truncated_documents": len(truncated_rows),  # cut to settings.max_tokens
             "ranks": [dict(r["totals"], rank=i) for i, r in enumerate(everyone)],
             "shards": [s for r in everyone for s in r["shards"]],
             "seconds": time.time() - started, "provenance": provenance,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recon_fast.trace.input_limits import check_model_inputs
+
 
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's inputs go: model.device when it has one, else its first parameter's."""
@@ -167,6 +169,7 @@ def _token_ids(model: nn.Module, ids, kwargs: dict, caller: str) -> torch.Tensor
     if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
         raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(ids.shape)}")
     check_token_ids(model, ids)
+    check_model_inputs(model, ids, kwargs)  # position table, token types, empty rows
     return ids
 
 
