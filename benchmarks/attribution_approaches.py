@@ -50,7 +50,7 @@ def token_ids(length: int, seed: int = 0) -> torch.Tensor:
 def cache_components(model, ids: torch.Tensor) -> torch.Tensor:
     """Keep every component's full output, then decompose the last position: [terms] float64."""
     from recon_fast.attribution.anatomy import anatomy
-    from recon_fast.trace.tracer import extract_tensor
+    from recon_fast.trace.session import extract_tensor
 
     parts = anatomy(model)
     cache: dict[str, torch.Tensor] = {}

@@ -15,7 +15,7 @@ from recon_fast.attribution.anatomy import LensParts, lens_parts
 from recon_fast.dispatch import execution_device
 from recon_fast.kernels import ops
 from recon_fast.trace.model_inputs import forward_takes, prepare_inputs, token_texts
-from recon_fast.trace.tracer import extract_tensor
+from recon_fast.trace.session import extract_tensor
 
 LENS_CHUNK = 256  # positions unembedded at once: bounds the transient [chunk, vocab] logits
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recon_fast.trace.tracer import extract_tensor
+from recon_fast.trace.session import extract_tensor
 
 
 class PositionCapture:

@@ -107,9 +107,9 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
         settings["attention"] = attention
     # The logits are not traced unless the unembedding is hooked: computing them at one position
     # instead of every one keeps the [batch, tokens, vocab] product out of the run.
-    from recon_fast.trace.tracer import accepts_kwargs
+    from recon_fast.trace.model_inputs import forward_takes
 
-    extra = ({"logits_to_keep": 1} if accepts_kwargs(model, "logits_to_keep")
+    extra = ({"logits_to_keep": 1} if forward_takes(model, "logits_to_keep", or_kwargs=True)
              and not any(h.endswith("lm_head") for h in hooks) else {})
     config_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     fault = os.environ.get(FAULT_ENV, "")

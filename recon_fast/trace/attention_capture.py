@@ -6,9 +6,12 @@ attention_stats_capture."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import nn
 
 from recon_fast.trace.model_state import returns_attentions
+from recon_fast.trace.session import Layout
 
 MODES = (None, "full", "stats")
 
@@ -42,3 +45,22 @@ def cube_part(model: nn.Module, attentions, first_index: int) -> list[dict]:
     return [{"layer_index": first_index + i, "layer_name": f"attention.{i}",
              "attention_scores": att.detach().float().cpu().numpy()}  # [batch, heads, queries, keys]
             for i, att in enumerate(attentions)]
+
+
+class FullAttentionCapture:
+    """attention="full" as a capture: its buffer is the model's output; its part, the entries."""
+
+    streams = False  # held in the cube's shell; its objects follow the layers in the stream
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def cube_part(self, layout: Layout) -> dict:
+        attentions = getattr(layout.output, "attentions", None)
+        return {"attention": cube_part(self.model, attentions, len(layout.layers))}
+
+    def stream_part(self, layout: Layout, shell, path: str) -> Iterator[dict]:
+        yield from shell.attention
+
+    def warnings(self, layout: Layout) -> list[str]:
+        return []

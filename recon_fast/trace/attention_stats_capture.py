@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from recon_fast.cube import export
 from recon_fast.kernels.attention_stats import ATTENTION_STATS, attention_stats, visible_keys
 from recon_fast.kernels.softcap_attention import softcap_attention
 
@@ -210,6 +211,21 @@ class AttentionStatsCapture:
         self.calls.append(AttentionCall(name, stats))
 
     # ---- its part of the cube ---------------------------------------------------------------------
+    streams = True  # [layers, batch, heads, tokens, 8]: written layer by layer when streaming
+
+    def cube_part(self, layout) -> dict:
+        names, data = self.data(layout.mode, layout.token_length, layout.padding)
+        return {"attention_layers": names, "attention_data": data}
+
+    def stream_part(self, layout, shell, path: str):
+        """After the token statistics' layers: one object per attention layer, off the device in turn."""
+        first = len(layout.layers)
+        for i, (name, stats) in enumerate(self.layers(layout.mode, layout.token_length, layout.padding)):
+            yield export.attention_stats_object(i, first + i, name, stats, ATTENTION_STATS)
+
+    def warnings(self, layout) -> list[str]:
+        return []
+
     def layer_names(self, mode: str) -> list[str]:
         if mode == "forward":
             return [c.name for c in self.calls]

@@ -29,7 +29,8 @@ from recon_fast.cube.provenance import model_provenance
 from recon_fast.kernels.ops import token_stats
 from recon_fast.trace import presets
 from recon_fast.trace.model_state import ModelState, returns_attentions
-from recon_fast.trace.tracer import accepts_kwargs, extract_tensor
+from recon_fast.trace.model_inputs import forward_takes
+from recon_fast.trace.session import extract_tensor
 
 _DEFAULT_KEYS = ("energy", "mean_activation", "std_activation")  # token_stats channels 0, 1, 2
 
@@ -140,7 +141,7 @@ class ReconTracer:
         self._cube["tokens"] = [str(x) for x in input_ids[0].tolist()]
         self._cube["provenance"] = model_provenance(self.model)
         ask = {"output_attentions": True, "return_dict": True}
-        if not accepts_kwargs(self.model, *ask):  # a plain nn.Module: call it as it is
+        if not forward_takes(self.model, *ask, or_kwargs=True):  # a plain nn.Module: call it as it is
             ask = {}
         elif not returns_attentions(self.model):  # sdpa/flash: asking only logs a warning
             ask = {"return_dict": True}

@@ -26,9 +26,13 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def forward_takes(model: nn.Module, name: str) -> bool:
-    """Whether model.forward names the parameter `name` (not merely accepts **kwargs)."""
-    return name in inspect.signature(model.forward).parameters
+def forward_takes(module: nn.Module, *names: str, or_kwargs: bool = False) -> bool:
+    """Whether module.forward names every parameter in `names`; with or_kwargs, also when it
+    takes **kwargs (which a plain call can pass them through)."""
+    params = inspect.signature(module.forward).parameters
+    if or_kwargs and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return all(n in params for n in names)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:

@@ -5,13 +5,16 @@ call), and its part of the cube, `raw` (arrays written to a sidecar file on expo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from recon_fast.trace.session import Layout
+
 if TYPE_CHECKING:
-    from recon_fast.trace.tracer import _Layer
+    from recon_fast.cube.cube import ActivityCube
 
 
 @dataclass(frozen=True)
@@ -35,14 +38,26 @@ def take(spec: RawSlices | None, name: str, x: torch.Tensor) -> torch.Tensor | N
     return x[..., t0:t1, d0:d1].clone()
 
 
-def cube_part(spec: RawSlices | None, layers: list[_Layer]) -> dict[int, dict]:
-    """The cube's `raw`: per layer index, the slices of its calls along the token axis, on the host."""
-    raw = {}
-    if spec is None:
-        return raw
-    for i, layer in enumerate(layers):
-        if layer.calls[0].raw is not None:
-            (t0, t1), (d0, d1) = spec.tokens, spec.dims
-            raw[i] = {"array": torch.cat([c.raw for c in layer.calls], dim=-2).float().cpu().numpy(),
-                      "token_range": [t0, t1], "dim_range": [d0, d1]}
-    return raw
+class RawCapture:
+    """Its buffer: the slices kept on each hook call (Call.raw); its part: the cube's `raw`."""
+
+    streams = False  # small: held in the cube's shell, written to a sidecar beside the stream
+
+    def __init__(self, spec: RawSlices):
+        self.spec = spec
+
+    def cube_part(self, layout: Layout) -> dict:
+        """Per layer index, the slices of its calls along the token axis, on the host."""
+        raw = {}
+        (t0, t1), (d0, d1) = self.spec.tokens, self.spec.dims
+        for i, layer in enumerate(layout.layers):
+            if layer.calls[0].raw is not None:
+                raw[i] = {"array": torch.cat([c.raw for c in layer.calls], dim=-2).float().cpu().numpy(),
+                          "token_range": [t0, t1], "dim_range": [d0, d1]}
+        return {"raw": raw}
+
+    def stream_part(self, layout: Layout, shell: ActivityCube, path: str) -> Iterator[dict]:
+        return iter(())  # the sidecar holds the slices; each layer object points at its own
+
+    def warnings(self, layout: Layout) -> list[str]:
+        return []
