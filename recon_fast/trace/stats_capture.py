@@ -1,42 +1,135 @@
 """Token statistics, the Tracer's main capture: the hooks write each call's rows into a device
-buffer (stats_arena.StatsArena) with token_stats; after the pass, this module reads them back
-into the cube's data [layers, batch, tokens, metrics] (layers whose rows lie back to back in one
-copy) or streams them to disk layer by layer, with padding made NaN and the first non-finite
-value named."""
+buffer (stats_arena.StatsArena) with token_stats, at the hook or grouped per decoder layer
+(record_into); after the pass, this module reads them back into the cube's data
+[layers, batch, tokens, metrics] (layers whose rows lie back to back in one copy) or streams them
+to disk layer by layer, with padding made NaN and the first non-finite value named."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from recon_fast.cube import export
-from recon_fast.cube.cube import ActivityCube
-from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
+from recon_fast.trace.session import Call, Layer, Layout, Session
 from recon_fast.trace.stats_arena import StatsArena, back_to_back
 
 if TYPE_CHECKING:
-    from recon_fast.trace.tracer import _Layer
+    from recon_fast.cube.cube import ActivityCube
 
 
-class StatsCube:
+def fast_recorder(session: Session, general: Callable[[Session, str, object], None], *, grouped: bool,
+                  group_ends: frozenset[str], eager: set[str], on_hook: Callable[[], Callable | None]):
+    """record(name, output) for the hooks of one session. On a host-bound forward (a small model
+    on a GPU) every microsecond here is paid once per hook, hundreds of times a pass, so the usual
+    case is taken with what it needs bound once: a plain floating [B, T, D] tensor, alone or first
+    in a tuple, that needs no grad. Its rows are the tensor as it is and it is recorded exactly as
+    `general` would. Anything else (subclasses, other ranks and dtypes) goes through `general`.
+
+    grouped: the activation is queued (StatsArena.defer) and the queue launched at the hook of a
+    module in `group_ends` (a decoder layer: its sub-modules' hooks fire before its own), or once
+    it holds the arena's group_bytes; modules in `eager` (whose outputs were seen edited in place)
+    are written at their hook."""
+    tensor_type = torch.Tensor
+    arena = session.arena
+    write, defer, launch = arena.write, arena.defer, arena.launch
+    append = session.calls.append
+    steps = session.steps
+
+    def record(name: str, output) -> None:
+        x = output
+        if x.__class__ is not tensor_type:
+            x = output[0] if output.__class__ is tuple and output else None
+            if x.__class__ is not tensor_type:
+                general(session, name, output)
+                return
+        shape = x.shape
+        if len(shape) != 3 or not shape[2] or x.requires_grad or not x.dtype.is_floating_point:
+            general(session, name, output)
+            return
+        if not grouped or name in eager:
+            slot = write(x)
+        else:
+            slot = defer(x, name)
+            if name in group_ends:
+                launch()
+        append(Call(name, (shape[0], shape[1]), slot, None, session.axis, len(steps) - 1, None))
+        callback = on_hook()
+        if callback is not None:
+            callback(name)
+
+    return record
+
+
+def rows_of(x: torch.Tensor, token_ids: bool) -> tuple[torch.Tensor, list[int] | None]:
+    """The activation as [..., positions, features] rows for token_stats, and the shape of
+    the features when several dims were folded into them."""
+    if token_ids:
+        if x.dim() >= 4:  # [B, T, H, d] (per-head norms): one row per token over H * d
+            return x.flatten(2), list(x.shape[2:])
+        return x, None
+    if x.dim() == 2:  # [B, D]: one position per batch item
+        return x.unsqueeze(1), None
+    if x.dim() >= 4:  # [B, ..., T, D]: the token axis is the second-to-last dim
+        features = [*x.shape[1:-2], x.shape[-1]]
+        return x.movedim(-2, 1).flatten(2), features
+    return x, None
+
+
+def untraceable(tensor: torch.Tensor | None, output) -> str | None:
+    """Why a module output cannot be traced (meta["skipped"]'s reason), or None."""
+    if tensor is None:
+        return f"output is {type(output).__name__}, not a tensor"
+    if not tensor.is_floating_point():
+        return f"activation dtype {tensor.dtype} is not floating"
+    if tensor.dim() == 0 or tensor.shape[-1] == 0:
+        return f"activation shape {tuple(tensor.shape)} has no feature dim"
+    return None
+
+
+class TokenStatsCapture:
     """The statistics' part of the cube: the metrics asked for, on [batch, length] (length: the
-    longest token axis; `token_length` that of the input tokens, where `padding` applies)."""
+    longest token axis; the layout's token_length that of the input tokens, where padding applies)."""
 
-    def __init__(self, arena: StatsArena, metrics: tuple[str, ...], batch: int, length: int, token_length: int,
-                 padding: np.ndarray | None):
+    streams = True  # its part is the cube's bulk: written to disk layer by layer when streaming
+
+    def __init__(self, arena: StatsArena, metrics: tuple[str, ...]):
         self.arena = arena
         self.metrics = metrics
-        self.batch, self.length, self.token_length = batch, length, token_length
-        self.padding = padding
         self.columns = [STATS.index(m) for m in metrics]
         contiguous = self.columns == list(range(self.columns[0], self.columns[0] + len(self.columns)))
         self.picked = slice(self.columns[0], self.columns[0] + len(self.columns)) if contiguous else self.columns
         self.nonfinite = NonFinite()
+        self.batch = self.length = self.token_length = 0
+        self.padding = None
 
-    def layer(self, index: int, layer: _Layer, host) -> np.ndarray:
+    def _shape_to(self, layout: Layout) -> None:
+        self.batch, self.length, self.token_length = layout.batch, layout.length, layout.token_length
+        self.padding = layout.padding
+
+    def cube_part(self, layout: Layout) -> dict:
+        self._shape_to(layout)
+        data = self.data(layout.layers)
+        meta = {"nonfinite": self.nonfinite.summary()} if self.nonfinite.first is not None else {}
+        return {"layer_names": [layer.name for layer in layout.layers], "data": data,
+                "layer_extras": layout.extras, "meta": meta}
+
+    def stream_part(self, layout: Layout, shell: ActivityCube, path: str) -> Iterator[dict]:
+        self._shape_to(layout)
+        flat = self.batch == 1
+        for i, layer in enumerate(layout.layers):
+            stats = self.layer(i, layer, self.arena)
+            own = shell.axis_length(layer.axis)
+            extra = {**layout.extras.get(i, {}), **shell.raw_reference(path, i)}
+            yield export.layer_object(i, layer.name, stats[:, :own], self.metrics, flat, extra)
+
+    def warnings(self, layout: Layout) -> list[str]:
+        return [self.nonfinite.message(len(layout.layers))] if self.nonfinite.first is not None else []
+
+    def layer(self, index: int, layer: Layer, host) -> np.ndarray:
         """One layer's statistics [batch, length, metrics], read from `host` (the arena or its host copy)."""
         batch, length, host_cols, padding = self.batch, self.length, len(STATS), self.padding
         stats = np.full((batch, length, host_cols), np.nan, dtype=np.float32)
@@ -50,7 +143,7 @@ class StatsCube:
         self.nonfinite.check(index, layer.name, stats[..., 0], written)
         return stats[..., self.columns]
 
-    def data(self, layers: list[_Layer]) -> np.ndarray:
+    def data(self, layers: list[Layer]) -> np.ndarray:
         """Every layer's statistics [layers, batch, length, metrics], off the device at once."""
         batch, length, host_cols, padding = self.batch, self.length, len(STATS), self.padding
         host = self.arena.to_host()
@@ -81,28 +174,6 @@ class StatsCube:
                 block[:, padding] = np.nan
             i = j
         return data
-
-    def stream(self, path, layers: list[_Layer], shell: dict, extras: dict, attention_layers=()) -> None:
-        """Writes the cube to `path` (JSON), copying one layer at a time off the device; then the
-        attention statistics, (module name, [batch, heads, tokens, 8]) pairs, one at a time."""
-        cube = ActivityCube(layer_names=[], data=np.zeros((0, self.batch, self.length, len(self.metrics)), np.float32),
-                            **shell)
-        path = str(path)
-        flat = self.batch == 1
-
-        def layer_objects() -> Iterator[dict]:
-            for i, layer in enumerate(layers):
-                stats = self.layer(i, layer, self.arena)
-                own = cube.axis_length(layer.axis)
-                extra = {**extras.get(i, {}), **cube.raw_reference(path, i)}
-                yield export.layer_object(i, layer.name, stats[:, :own], self.metrics, flat, extra)
-            yield from cube.attention
-            for i, (name, stats) in enumerate(attention_layers):
-                yield export.attention_stats_object(i, len(layers) + i, name, stats, ATTENTION_STATS)
-
-        cube.write_raw_sidecar(path)
-        export.write_json(path, meta=cube.meta_for_export(), tokens=cube.tokens, layers=layer_objects(),
-                          provenance=cube.provenance, decoder_tokens=cube.decoder_tokens)
 
 
 class NonFinite:
