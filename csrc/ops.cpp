@@ -19,7 +19,7 @@ TORCH_LIBRARY(recon_fast, m) {
   m.def("token_stats(Tensor x, Tensor(a!) out) -> ()");
   // token_stats of x into rows [row0, row0 + rows) of a contiguous float32 [N, 5] buffer: the
   // tracer's hook path, which would otherwise slice and view the buffer in Python per call.
-  m.def("token_stats_rows(Tensor x, Tensor(a!) buffer, int row0) -> ()");
+  m.def("token_stats_rows(Tensor x, Tensor(a!) buffer, SymInt row0) -> ()");
   // Per query of q [batch, heads, q_len, head_dim] against k [batch, kv_heads, k_len, head_dim]
   // (GQA: heads a multiple of kv_heads), the softmax(q k^T * scaling) row summarised as float32
   // [batch, heads, q_len, 8] (entropy, max_weight, argmax, sink_mass, mean_distance, self_weight,

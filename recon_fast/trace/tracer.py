@@ -1,9 +1,11 @@
 """Tracer: forward hooks that reduce every hooked module's output to per-token statistics with
 token_stats, on the device, during one forward pass (or a whole generate()), and assemble an
 ActivityCube afterwards. This module keeps hook registration, the session and running; each capture
-kind owns its device buffer and its part of the cube in a module of its own: stats_capture
-(token statistics, written into stats_arena), raw_capture (raw slices), attention_stats_capture
-(attention statistics, attention="stats") and attention_capture (eager probabilities, "full").
+kind owns its device buffer and its part of the cube in a module of its own (the protocol:
+session.Capture): stats_capture (token statistics, written into stats_arena, grouped per decoder
+layer), raw_capture (raw slices), attention_stats_capture (attention statistics,
+attention="stats") and attention_capture (eager probabilities, "full"); compiled_capture is the
+path of a compiled model.
 
 During the forward pass a hook does no .item(), .cpu(), .tolist() or stream sync: it takes a
 slice of a device buffer (StatsArena) and enqueues token_stats into it. Results reach the host
@@ -20,12 +22,11 @@ one position, and the cube's tokens are positions.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import itertools
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -38,58 +39,16 @@ from recon_fast.cube.cube import ActivityCube
 from recon_fast.cube.provenance import model_provenance
 from recon_fast.kernels import ops
 from recon_fast.kernels.ops import STATS
-from recon_fast.trace import attention_capture, presets, raw_capture
+from recon_fast.trace import attention_capture, compiled_capture, presets, raw_capture
 from recon_fast.trace.attention_stats_capture import AttentionStatsCapture, check_model
 from recon_fast.trace.model_inputs import ModelCall, model_device, model_dtype, prepare_call, token_texts
 from recon_fast.trace.model_state import ModelState
 from recon_fast.trace.raw_capture import RawSlices
-from recon_fast.trace.stats_arena import ArenaSlot, StatsArena
-from recon_fast.trace.stats_capture import NonFinite, StatsCube
+from recon_fast.trace.session import Call, Layer, Layout, Session, extract_tensor
+from recon_fast.trace.stats_arena import GROUP_BYTES, InPlaceEdit, StatsArena
+from recon_fast.trace.stats_capture import TokenStatsCapture, fast_recorder, rows_of, untraceable
 
-
-def extract_tensor(output) -> torch.Tensor | None:
-    """The activation in a module's output: a tensor, the first tensor of a tuple/list, or a
-    ModelOutput's last_hidden_state (the original tool's rule)."""
-    if torch.is_tensor(output):
-        return output
-    if isinstance(output, (list, tuple)):
-        return next((item for item in output if torch.is_tensor(item)), None)
-    hidden = getattr(output, "last_hidden_state", None)
-    return hidden if torch.is_tensor(hidden) else None
-
-
-@dataclass(slots=True)
-class _Call:
-    """One hook call: which module, the activation's [batch, positions] shape, where its stats
-    went, which token axis and (generate) which forward pass it belongs to."""
-
-    name: str
-    lead_shape: tuple[int, ...]
-    slot: ArenaSlot
-    raw: torch.Tensor | None = None
-    axis: str = "tokens"
-    step: int = -1  # index of the model.forward call within generate(); -1 outside one
-    feature_shape: list[int] | None = None
-
-
-@dataclass
-class _Session:
-    arena: StatsArena
-    token_ids: bool  # the input is token ids: dim 1 is the token axis
-    calls: list[_Call] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
-    axis: str = "tokens"  # "decoder_tokens" once an encoder-decoder's decoder starts
-    steps: list[int] = field(default_factory=list)  # positions fed by each model.forward (generate)
-    attention_stats: AttentionStatsCapture | None = None  # attention="stats"
-
-
-@dataclass(slots=True)
-class _Layer:
-    name: str
-    axis: str
-    calls: list[_Call]
-    starts: list[int]  # where each call's rows go on the token axis
-    lengths: list[int]
+_Session = Session  # the name tests and older callers know the session by
 
 
 def _remove_handles(handles: dict) -> None:
@@ -115,12 +74,24 @@ class Tracer:
                With "stats", no hooks are needed (a cube of attention only).
     raw:       RawSlices to keep raw activation slices, written to a sidecar file on export.
     stream_to: a path (.json, .json.gz or .npz); the cube is streamed there layer by layer instead
-               of being kept in memory.
+               of being kept in memory (tracer.streamed_to says where the last run went).
+    grouped:   True (the default): a hook queues its output and one launch computes a decoder
+               layer's outputs (or group_bytes of them; the cap on what grouping adds to peak
+               memory), which takes the per-hook launch off a host-bound forward. An output
+               changed in place before its group's launch stops the run with its name, and that
+               module is computed at its hook from then on. False: every output at its hook.
+    A compiled model (model.compile() or torch.compile(model)) is traced in its graph: the same
+    cube, no graph break, no recompilation from the second run on.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, metrics: Iterable[str] = STATS,
                  layers: str | Iterable[str] | None = None, attention: str | None = None,
-                 raw: RawSlices | None = None, stream_to: str | None = None):
+                 raw: RawSlices | None = None, stream_to: str | None = None, grouped: bool = True,
+                 group_bytes: int = GROUP_BYTES):
+        # torch.compile(model) wraps it: hooks go on the modules (the names of the eager model),
+        # the run calls the wrapper.
+        self._compiled = model if compiled_capture.compiled_wrapper(model) else None
+        model = model._orig_mod if self._compiled is not None else model
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = tuple(metrics)
@@ -138,6 +109,12 @@ class Tracer:
         self.attention = attention
         self.raw = raw
         self.stream_to = stream_to
+        self.streamed_to: str | None = None  # where the last run's cube was written (stream_to)
+        self.grouped = grouped
+        self.group_bytes = group_bytes
+        self._eager: set[str] = set()  # modules whose outputs were edited in place after their hook
+        self._sink = compiled_capture.HookSink()  # what the hooks record into, for the Tracer's life
+        self._compiled_hooks: frozenset[str] | None = None  # the hooks of the last compiled run
         # Called with the module name after each hook call (e.g. a progress bar); keep it cheap.
         self.on_hook: Callable[[str], None] | None = None
         self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
@@ -145,8 +122,8 @@ class Tracer:
         # come off the model with it.
         self._finalizer = weakref.finalize(self, _remove_handles, self.hooks)
         self._detached: list[str] = []  # hooks taken off by a failed run, put back by the next
-        self._session: _Session | None = None
-        self._hook_path: Callable[[str, object], None] | None = None  # set while a run records
+        self._group_ends: frozenset[str] | None = None
+        self._session: Session | None = None
         self._cube: ActivityCube | None = None
         self.skipped: list[dict] = []
         if layers is not None:
@@ -164,6 +141,7 @@ class Tracer:
             return
         module = presets.resolve_module(self.model, name)
         self.hooks[name] = module.register_forward_hook(self._make_hook(name))
+        self._group_ends = None  # worked out again at the next run
 
     def add_hooks_by_type(self, module_type: type) -> None:
         for name, module in self.model.named_modules():
@@ -198,85 +176,62 @@ class Tracer:
 
     # ---- the hook ---------------------------------------------------------------------------
     def _make_hook(self, name: str):
-        tracer = weakref.ref(self)
+        sink = self._sink
+        is_compiling = torch.compiler.is_compiling
 
         def hook(module, inputs, output):
-            owner = tracer()
-            if owner is not None:
-                record = owner._hook_path
-                if record is not None:  # hooks stay silent outside run()/generate()
-                    record(name, output)
+            if is_compiling():  # dynamo traces this branch once, into the graph
+                sink.record_compiled(name, output)
+                return
+            record = sink.record
+            if record is not None:  # hooks stay silent outside run()/generate()
+                record(name, output)
 
         return hook
 
-    def _recorder(self, session: _Session) -> Callable[[str, object], None]:
-        """record(name, output) for the hooks of one session. On a host-bound forward (a small
-        model on a GPU) every microsecond here is paid once per hook, hundreds of times a pass,
-        so the usual case is taken with what it needs bound once: a plain floating [B, T, D]
-        tensor, alone or first in a tuple, that needs no grad. Its rows are the tensor as it is
-        (_rows_of changes nothing for 3 dims) and it is recorded exactly as _record would.
-        Anything else (subclasses, other ranks and dtypes, raw slices) goes through _record."""
+    @property
+    def _hook_path(self) -> Callable[[str, object], None] | None:
+        """The recorder of the run in progress (None outside a run)."""
+        return self._sink.record
+
+    def _recorder(self, session: Session) -> Callable[[str, object], None]:
+        """record(name, output) for the hooks of one session (stats_capture.fast_recorder); with raw
+        slices every call takes the general path, which keeps them."""
         general = self._record
         if self.raw is not None:
             return lambda name, output: general(session, name, output)
-        tensor_type = torch.Tensor
-        write = session.arena.write
-        append = session.calls.append
-        steps = session.steps
+        return fast_recorder(session, general, grouped=self.grouped, group_ends=self._layer_ends(),
+                             eager=self._eager, on_hook=lambda: self.on_hook)
 
-        def record(name: str, output) -> None:
-            x = output
-            if x.__class__ is not tensor_type:
-                x = output[0] if output.__class__ is tuple and output else None
-                if x.__class__ is not tensor_type:
-                    general(session, name, output)
-                    return
-            shape = x.shape
-            if len(shape) != 3 or not shape[2] or x.requires_grad or not x.dtype.is_floating_point:
-                general(session, name, output)
-                return
-            slot = write(x)
-            append(_Call(name, (shape[0], shape[1]), slot, None, session.axis, len(steps) - 1, None))
-            if self.on_hook is not None:
-                self.on_hook(name)
+    def _layer_ends(self) -> frozenset[str]:
+        """Hooked modules that close a group: the blocks of a ModuleList (decoder layers), whose
+        hook fires after those of the modules inside them."""
+        if self._group_ends is None:
+            in_lists = {f"{name}.{child}" if name else child for name, module in self.model.named_modules()
+                        if isinstance(module, nn.ModuleList) for child, _ in module.named_children()}
+            self._group_ends = frozenset(n for n in self.hooks if n in in_lists)
+        return self._group_ends
 
-        return record
-
-    def _record(self, session: _Session, name: str, output) -> None:
+    def _record(self, session: Session, name: str, output) -> None:
         """The general path: any output, traced or listed in session.skipped with the reason."""
         tensor = extract_tensor(output)
-        if tensor is None:
-            session.skipped.append({"layer_name": name, "reason": f"output is {type(output).__name__}, not a tensor"})
-            return
-        if not tensor.is_floating_point():
-            session.skipped.append({"layer_name": name, "reason": f"activation dtype {tensor.dtype} is not floating"})
-            return
-        if tensor.dim() == 0 or tensor.shape[-1] == 0:
-            session.skipped.append({"layer_name": name, "reason": f"activation shape {tuple(tensor.shape)} has no feature dim"})
+        reason = untraceable(tensor, output)
+        if reason is not None:
+            session.skipped.append({"layer_name": name, "reason": reason})
             return
         # Runs are under no_grad; a tensor that still needs grad (a hook outside run()) is detached.
-        x, feature_shape = self._rows_of(tensor.detach() if tensor.requires_grad else tensor, session.token_ids)
-        slot = session.arena.write(x)
+        x, feature_shape = rows_of(tensor.detach() if tensor.requires_grad else tensor, session.token_ids)
+        if self.grouped and name not in self._eager:
+            slot = session.arena.defer(x, name)
+            if name in self._layer_ends():
+                session.arena.launch()
+        else:
+            slot = session.arena.write(x)
         raw = raw_capture.take(self.raw, name, x)
         step = len(session.steps) - 1
-        session.calls.append(_Call(name, tuple(x.shape[:-1]), slot, raw, session.axis, step, feature_shape))
+        session.calls.append(Call(name, tuple(x.shape[:-1]), slot, raw, session.axis, step, feature_shape))
         if self.on_hook is not None:
             self.on_hook(name)
-
-    @staticmethod
-    def _rows_of(x: torch.Tensor, token_ids: bool) -> tuple[torch.Tensor, list[int] | None]:
-        """The activation as [..., positions, features] rows for token_stats, and the shape of
-        the features when several dims were folded into them."""
-        if token_ids:
-            if x.dim() >= 4:  # [B, T, H, d] (per-head norms): one row per token over H * d
-                return x.flatten(2), list(x.shape[2:])
-            return x, None
-        if x.dim() == 2:  # [B, D]: one position per batch item
-            return x.unsqueeze(1), None
-        if x.dim() >= 4:  # [B, ..., T, D]: the token axis is the second-to-last dim
-            features = [*x.shape[1:-2], x.shape[-1]]
-            return x.movedim(-2, 1).flatten(2), features
-        return x, None
 
     # ---- running ----------------------------------------------------------------------------
     def run(self, *inputs, **model_kwargs):
@@ -292,9 +247,9 @@ class Tracer:
             if self.attention == "full":
                 attention_capture.check_returned(self.model)
                 call.kwargs["output_attentions"] = True
-            output, session, seconds = self._traced(lambda: call(self.model), call, mode="forward")
-            attentions = getattr(output, "attentions", None) if self.attention == "full" else None
-            self._finish(session, call, seconds, "forward", attentions=attentions)
+            model = self._compiled if self._compiled is not None else self.model
+            output, session, seconds = self._traced(lambda: call(model), call, mode="forward")
+            self._finish(session, call, seconds, "forward", output=output)
         return output
 
     def generate(self, *inputs, **generate_kwargs):
@@ -306,6 +261,9 @@ class Tracer:
             call = self._prepare(inputs, generate_kwargs)
             if call.ids is None:
                 raise ValueError("generate() needs token ids (or text with a tokenizer)")
+            if self._is_compiled():
+                raise ValueError("generate() of a compiled model is not traced (each step's shape recompiles it): "
+                                 "trace the model before model.compile(), or use run()")
             output, session, seconds = self._traced(lambda: self.model.generate(*call.args, **call.kwargs), call,
                                                     mode="generate")
             sequences = output if torch.is_tensor(output) else output.sequences
@@ -318,7 +276,9 @@ class Tracer:
         model without our hooks; the next run puts them back."""
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, InPlaceEdit):
+                self._eager.update(exc.modules)
             self._detached = list(dict.fromkeys([*self._detached, *self.hooks]))
             _remove_handles(self.hooks)
             raise
@@ -326,7 +286,10 @@ class Tracer:
     @property
     def cube(self) -> ActivityCube:
         if self._cube is None:
-            where = f"; it was streamed to {self.stream_to}: ActivityCube.load() reads it" if self.stream_to else ""
+            if self.streamed_to is not None:
+                raise RuntimeError(f"no cube in memory: the run was streamed to {self.streamed_to} "
+                                   "(tracer.streamed_to); ActivityCube.load(tracer.streamed_to) reads it")
+            where = f"; it will be streamed to {self.stream_to}" if self.stream_to else ""
             raise RuntimeError(f"no cube in memory: call run() or generate() first{where}")
         return self._cube
 
@@ -344,6 +307,9 @@ class Tracer:
     def _prepare(self, inputs: tuple, kwargs: dict) -> ModelCall:
         return prepare_call(self.model, self.tokenizer, inputs, kwargs)
 
+    def _is_compiled(self) -> bool:
+        return self._compiled is not None or compiled_capture.is_compiled(self.model)
+
     def _is_encoder_decoder(self) -> bool:
         return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
 
@@ -354,28 +320,59 @@ class Tracer:
                 self.add_hook(name)
         if not self.hooks and self.attention != "stats":
             raise RuntimeError("no hooks: add some with add_hook, add_preset, add_hooks_all or add_hooks")
-        session = _Session(StatsArena(), token_ids=call.ids is not None)
+        session = Session(StatsArena(group_bytes=self.group_bytes), token_ids=call.ids is not None)
+        if self._is_compiled():
+            return self._traced_compiled(forward, call, session)
         if self.attention == "stats":
             session.attention_stats = AttentionStatsCapture(self.model)
         state = ModelState(self.model) if self.attention is not None else None
         helpers = self._session_hooks(session, mode)
         self._session = session
-        self._hook_path = self._recorder(session)
+        self._sink.record = self._recorder(session)
         start = time.perf_counter()
         try:
             installed = (session.attention_stats.installed() if session.attention_stats is not None
                          else contextlib.nullcontext())
             with torch.no_grad(), installed:
                 output = forward()
+                session.arena.launch()  # the last group, before the run's time is taken
         finally:
-            self._session = self._hook_path = None
+            self._session = self._sink.record = None
             for handle in helpers:
                 handle.remove()
             if state is not None:
                 state.restore()
         return output, session, time.perf_counter() - start
 
-    def _session_hooks(self, session: _Session, mode: str) -> list:
+    def _traced_compiled(self, forward, call: ModelCall, session: Session):
+        """A compiled model's run: the hooks are in its graph and write into the sink's buffer."""
+        if self.attention is not None or self.raw is not None or self._is_encoder_decoder():
+            raise ValueError("a compiled model is traced with token statistics of a decoder-only or encoder model; "
+                             "attention=, raw= and encoder-decoders need the model before model.compile()")
+        hooks = frozenset(self.hooks)
+        if hooks != self._compiled_hooks:
+            compiled_capture.refresh_compiled(self.model)
+            self._compiled_hooks = hooks
+        sink = self._sink
+        # A first guess of the rows (each hook [batch, tokens] once, twice over); a run that
+        # needs more gets a buffer of its size and runs again (a new buffer: one recompile).
+        tokens = call.ids.shape[1] if call.ids is not None else 1
+        rows = max(sink.buffer.shape[0] if sink.buffer is not None else 0, 2 * len(self.hooks) * call.batch * tokens)
+        start = time.perf_counter()
+        for _ in range(2):
+            sink.start(self._model_device(), session.token_ids, rows)
+            try:
+                with torch.no_grad():
+                    output = forward()
+            finally:
+                sink.active = False
+            if not sink.overflowed():
+                break
+            rows = sink.fill
+        sink.into(session)
+        return output, session, time.perf_counter() - start
+
+    def _session_hooks(self, session: Session, mode: str) -> list:
         """Hooks that live for one run: an encoder-decoder's decoder switches the token axis, and
         under generate() each model.forward call starts a pass of known length."""
         handles = []
@@ -397,7 +394,7 @@ class Tracer:
             handles.append(self.model.register_forward_pre_hook(step_starts, with_kwargs=True))
         return handles
 
-    def _axis_lengths(self, session: _Session, call: ModelCall, mode: str, sequences) -> dict[str, int]:
+    def _axis_lengths(self, session: Session, call: ModelCall, mode: str, sequences) -> dict[str, int]:
         """Length of each token axis of the cube."""
         if call.ids is None:  # positions: the longest activation
             counts = [self._tokens_of(c.lead_shape, call.batch) or 0 for c in session.calls]
@@ -415,13 +412,13 @@ class Tracer:
                                             for c in session.calls if c.axis == "decoder_tokens")
         return lengths
 
-    def _layers(self, session: _Session, batch: int, lengths: dict[str, int], mode: str,
-                exact: bool) -> tuple[list[_Layer], list[dict]]:
+    def _layers(self, session: Session, batch: int, lengths: dict[str, int], mode: str,
+                exact: bool) -> tuple[list[Layer], list[dict]]:
         """Groups hook calls into cube layers and places their rows on their token axis."""
         if mode == "forward":
             return self._forward_layers(session.calls, batch, lengths, exact)
         # generate: a module's calls, in order, extend its token axis
-        by_key: dict[tuple[str, str], list[_Call]] = {}
+        by_key: dict[tuple[str, str], list[Call]] = {}
         for call in session.calls:
             by_key.setdefault((call.name, call.axis), []).append(call)
         ends = np.cumsum(session.steps).tolist()  # where each generate() pass ends
@@ -443,11 +440,11 @@ class Tracer:
                 shapes = sorted({c.lead_shape for c in calls})
                 skipped.append(self._shape_skipped(name, shapes[0], batch, axis, length))
                 continue
-            layers.append(_Layer(name, axis, calls, starts, counts))
+            layers.append(Layer(name, axis, calls, starts, counts))
         return layers, skipped
 
-    def _forward_layers(self, calls: list[_Call], batch: int, lengths: dict[str, int],
-                        exact: bool) -> tuple[list[_Layer], list[dict]]:
+    def _forward_layers(self, calls: list[Call], batch: int, lengths: dict[str, int],
+                        exact: bool) -> tuple[list[Layer], list[dict]]:
         """run(): each hook call is a layer, its rows from the start of its token axis. A loop of
         its own, as it runs once per hook call after every run."""
         layers, skipped = [], []
@@ -462,7 +459,7 @@ class Tracer:
             if n is None or n > length or (exact and n != length):
                 skipped.append(self._shape_skipped(call.name, call.lead_shape, batch, axis, length))
                 continue
-            layers.append(_Layer(call.name, axis, [call], [0], [n]))
+            layers.append(Layer(call.name, axis, [call], [0], [n]))
         return layers, skipped
 
     @staticmethod
@@ -479,16 +476,14 @@ class Tracer:
             return lead[0]
         return None
 
-    def _finish(self, session: _Session, call: ModelCall, seconds: float, mode: str,
-                attentions=None, sequences=None) -> None:
+    def _finish(self, session: Session, call: ModelCall, seconds: float, mode: str, output=None,
+                sequences=None) -> None:
         batch = call.batch
         lengths = self._axis_lengths(session, call, mode, sequences)
         layers, shape_skipped = self._layers(session, batch, lengths, mode, exact=call.ids is not None)
-        length = max(lengths.values())
         token_length = lengths["tokens"]
         attention_mask = call.kwargs.get("attention_mask")
         padding = self._padding(attention_mask, batch, token_length) if call.ids is not None else None
-        stats = StatsCube(session.arena, self.metrics, batch, length, token_length, padding)
         device = self._model_device()
         meta = {
             "model_name": type(self.model).__name__,
@@ -508,49 +503,69 @@ class Tracer:
         self.skipped = self._dedupe(session.skipped + shape_skipped)
         if self.skipped:
             meta["skipped"] = self.skipped
-        attention_entries = (attention_capture.cube_part(self.model, attentions, len(layers))
-                             if self.attention == "full" else [])
-        capture = session.attention_stats
-        provenance = model_provenance(self.model)
         two_axes = decoder_tokens is not None
         extras = {i: self._layer_extra(layer, two_axes) for i, layer in enumerate(layers)
                   if two_axes or layer.calls[0].feature_shape is not None}  # the others have none
-        raw = raw_capture.cube_part(self.raw, layers)
-        shell = dict(tokens=tokens, metrics=self.metrics, padding_mask=padding, meta=meta, provenance=provenance,
-                     attention=attention_entries, raw=raw, decoder_tokens=decoder_tokens)
+        layout = Layout(mode, batch, lengths, padding, layers, extras, output)
+        captures = self._captures(session)
+        shell = dict(tokens=tokens, metrics=self.metrics, padding_mask=padding, meta=meta,
+                     provenance=model_provenance(self.model), decoder_tokens=decoder_tokens)
+        self._cube = self.streamed_to = None
         # The binary form needs the whole array anyway: it is built as in memory, then written.
-        if self.stream_to is not None and export.cube_format(self.stream_to) == "json":
-            self._cube = None
-            stats.stream(self.stream_to, layers, shell, extras,
-                         capture.layers(mode, token_length, padding) if capture is not None else ())
-            self._warn(stats.nonfinite, len(layers))
-            return
-        data = stats.data(layers)
-        nonfinite = stats.nonfinite
-        if nonfinite.first is not None:
-            meta["nonfinite"] = nonfinite.summary()
-        attention_layers, attention_data = (capture.data(mode, token_length, padding) if capture is not None
-                                            else ([], None))
-        self._cube = ActivityCube(layer_names=[layer.name for layer in layers], data=data, layer_extras=extras,
-                                  attention_layers=attention_layers, attention_data=attention_data, **shell)
-        self._warn(nonfinite, len(layers))
+        streamed = self.stream_to is not None and export.cube_format(self.stream_to) == "json"
+        for capture in captures:
+            if not (streamed and capture.streams):
+                part = capture.cube_part(layout)
+                meta.update(part.pop("meta", {}))
+                shell.update(part)
+        if streamed:
+            self._stream(layout, captures, shell)
+        else:
+            cube = ActivityCube(**{"layer_names": [], "data": np.zeros((0, batch, layout.length, len(self.metrics)),
+                                                                       np.float32), **shell})
+            if self.stream_to is not None:
+                cube.export_npz(self.stream_to)
+            else:
+                self._cube = cube
         if self.stream_to is not None:
-            self._cube.export_npz(self.stream_to)
-            self._cube = None
+            self.streamed_to = str(self.stream_to)
+        self._warn([message for capture in captures for message in capture.warnings(layout)])
 
-    def _warn(self, nonfinite: NonFinite, layers: int) -> None:
-        """One warning per run for what was left out, one for non-finite values."""
+    def _captures(self, session: Session) -> list:
+        """The run's captures (session.Capture), in the order of their parts in the cube."""
+        captures = [TokenStatsCapture(session.arena, self.metrics)]
+        if self.attention == "full":
+            captures.append(attention_capture.FullAttentionCapture(self.model))
+        if session.attention_stats is not None:
+            captures.append(session.attention_stats)
+        if self.raw is not None:
+            captures.append(raw_capture.RawCapture(self.raw))
+        return captures
+
+    def _stream(self, layout: Layout, captures: list, shell: dict) -> None:
+        """Writes the cube to stream_to (JSON), each capture's objects in turn, one at a time off
+        the device; `shell` holds the parts kept in memory (raw slices, attention entries)."""
+        path = str(self.stream_to)
+        cube = ActivityCube(layer_names=[], data=np.zeros((0, layout.batch, layout.length, len(self.metrics)),
+                                                          np.float32), **shell)
+        cube.write_raw_sidecar(path)
+        objects = itertools.chain.from_iterable(c.stream_part(layout, cube, path) for c in captures)
+        export.write_json(path, meta=cube.meta_for_export(), tokens=cube.tokens, layers=objects,
+                          provenance=cube.provenance, decoder_tokens=cube.decoder_tokens)
+
+    def _warn(self, messages: list[str]) -> None:
+        """One warning per run for what was left out, one for each capture's (non-finite values)."""
         if self.skipped:
             names = list(dict.fromkeys(s["layer_name"] for s in self.skipped))
             shown = ", ".join(names[:3]) + (f", ... +{len(names) - 3}" if len(names) > 3 else "")
             plural = "s" if len(names) != 1 else ""
             warnings.warn(f"{len(names)} module output{plural} not traced ({shown}): "
                           f"meta['skipped'] says why", UserWarning, stacklevel=4)
-        if nonfinite.first is not None:
-            warnings.warn(nonfinite.message(layers), UserWarning, stacklevel=4)
+        for message in messages:
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     @staticmethod
-    def _layer_extra(layer: _Layer, two_axes: bool) -> dict:
+    def _layer_extra(layer: Layer, two_axes: bool) -> dict:
         extra = {}
         if two_axes:
             extra["token_axis"] = layer.axis
@@ -592,9 +607,3 @@ class Tracer:
                 seen.add(key)
                 unique.append(item)
         return unique
-
-
-def accepts_kwargs(module: nn.Module, *names: str) -> bool:
-    """Whether module.forward takes these keyword arguments (or **kwargs)."""
-    params = inspect.signature(module.forward).parameters
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or all(n in params for n in names)

@@ -1,0 +1,114 @@
+"""Tracing a compiled model (`model.compile()` or `torch.compile(model)`): the object every hook
+of a Tracer records into (HookSink), and its compiled path. Dynamo inlines the hooks into the
+graph once; nothing a hook touches may change from run to run, or every run would recompile. So
+the sink is made once per Tracer and reused: one float32 [capacity, 5] buffer (a static address,
+so that mode="reduce-overhead" captures it in its CUDA graph), a row counter reset before each
+run, and lists of what was recorded that dynamo replays after the graph (its side effects).
+In eager, the hooks call the session's recorder (stats_capture.fast_recorder) instead.
+
+Dynamo does not guard on hooks (pytorch issue 117758): a graph compiled before a hook was added
+runs without it. `refresh_compiled` drops the model's compiled code when the Tracer's hooks are not
+the ones of its last compiled run, so that they all take effect (one recompile).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from recon_fast.kernels.ops import NUM_STATS, token_stats
+from recon_fast.trace.session import Call, Session, extract_tensor
+from recon_fast.trace.stats_arena import ArenaSlot, StatsArena, _rows_op_for
+from recon_fast.trace.stats_capture import rows_of, untraceable
+
+
+def compiled_wrapper(model: nn.Module) -> bool:
+    """Whether model is torch.compile(module)'s wrapper (its modules live under `_orig_mod`)."""
+    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """model.compile() was called on it, or it is torch.compile's wrapper."""
+    return compiled_wrapper(model) or getattr(model, "_compiled_call_impl", None) is not None
+
+
+class HookSink:
+    """What the hooks of one Tracer record into, for its whole life (never the Tracer itself: the
+    hooks hold the sink, so a Tracer nobody holds is still collected with its hooks)."""
+
+    def __init__(self):
+        self.record: Callable[[str, object], None] | None = None  # eager: set while a run records
+        self.active = False  # compiled: a run records (guarded on: one graph each way)
+        self.token_ids = True
+        self.buffer: torch.Tensor | None = None  # compiled: float32 [capacity, 5], reused
+        self.rows_op = None
+        self.fill = 0  # rows the run has asked for (more than the capacity: grow and run again)
+        self.calls: list[tuple] = []  # (name, lead shape, row0, rows, feature shape)
+        self.skipped: list[dict] = []
+
+    def record_compiled(self, name: str, output) -> None:
+        """The hook's body as dynamo traces it: the general rules, each taken once at compile time."""
+        if not self.active:
+            return
+        tensor = extract_tensor(output)
+        reason = untraceable(tensor, output)
+        if reason is not None:
+            self.skipped.append({"layer_name": name, "reason": reason})
+            return
+        x, feature_shape = rows_of(tensor.detach(), self.token_ids)
+        rows = x.numel() // x.shape[-1]
+        row0 = self.fill
+        self.fill = row0 + rows
+        if row0 + rows > self.buffer.shape[0]:
+            return  # the tracer grows the buffer and runs again
+        if self.rows_op is not None:  # the registered op, on the current stream
+            self.rows_op(x, self.buffer, row0)
+        else:
+            token_stats(x, out=self.buffer[row0:row0 + rows].view(*x.shape[:-1], NUM_STATS))
+        self.calls.append((name, tuple(x.shape[:-1]), row0, rows, feature_shape))
+
+    # ---- run by the Tracer, outside the graph ---------------------------------------------------
+    def start(self, device: torch.device, token_ids: bool, rows: int) -> None:
+        """Before a compiled run: empty records, a buffer of at least `rows` on `device`."""
+        self.fill = 0
+        self.calls.clear()
+        self.skipped.clear()
+        self.token_ids = token_ids
+        buffer = self.buffer
+        if buffer is None or buffer.device != device or buffer.shape[0] < rows:
+            # A new buffer is a new graph input: one recompile, on growth only.
+            self.buffer = torch.zeros(max(rows, 1), NUM_STATS, dtype=torch.float32, device=device)
+            torch._dynamo.mark_static_address(self.buffer)
+            self.rows_op = _rows_op_for(device.type)
+        self.active = True
+
+    def overflowed(self) -> bool:
+        return self.fill > self.buffer.shape[0]
+
+    def into(self, session: Session) -> None:
+        """The run's records as an eager session's: calls with slots in an arena holding a copy of
+        the used rows (the next run reuses the buffer)."""
+        rows = self.buffer[: self.fill].clone()
+        session.arena = StatsArena.holding(rows)
+        session.skipped.extend(self.skipped)
+        device = rows.device
+        session.calls.extend(Call(name, lead, ArenaSlot(device, 0, row0, n), None, "tokens", -1, feature)
+                             for name, lead, row0, n, feature in self.calls)
+
+
+def refresh_compiled(model: nn.Module) -> None:
+    """Drops the compiled code that serves `model` (nn.Module's _call_impl, shared by every
+    compiled module, and the model's forward): graphs made before the Tracer's hooks were there
+    would run without them. Said once, as other compiled modules recompile too."""
+    codes = [nn.Module._call_impl.__code__, type(model).forward.__code__]
+    cached = sum(len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(c)) for c in codes)
+    if not cached:
+        return
+    for code in codes:
+        torch._dynamo.reset_code(code)
+    warnings.warn("Tracer: the model was compiled before its hooks were set; its compiled code was dropped so that "
+                  "they take effect (dynamo does not guard on hooks, pytorch issue 117758): one recompile",
+                  UserWarning, stacklevel=4)
