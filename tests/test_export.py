@@ -86,9 +86,10 @@ def test_streaming_tracer_writes_what_the_in_memory_cube_would(tmp_path):
     tracer, tokens = traced_cube(batch=2)
     streamed = Tracer(tracer.model, layers="blocks+components", stream_to=str(tmp_path / "s.json"))
     streamed.run(tokens)
-    with pytest.raises(RuntimeError, match="streamed to"):
+    assert streamed.streamed_to == str(tmp_path / "s.json")
+    with pytest.raises(RuntimeError, match="streamed to .*tracer.streamed_to"):
         streamed.cube
-    back = ActivityCube.load(tmp_path / "s.json")
+    back = ActivityCube.load(streamed.streamed_to)
     np.testing.assert_array_equal(back.data, tracer.cube.data)
     assert back.layer_names == tracer.cube.layer_names
     npz = Tracer(tracer.model, layers="blocks+components", stream_to=str(tmp_path / "s.npz"))
