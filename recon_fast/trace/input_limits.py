@@ -13,32 +13,45 @@ Which families have a length limit, decided by what the model holds, not by its 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 # Module names of position tables across Hugging Face families (the last part of the name).
 _POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions", "pos_embed", "position_embedding")
+_TOKEN_TYPE_TABLES = ("token_type_embeddings",)
+# model -> {table names: the embedding found, or None}. Walking every module on each run cost a
+# host-bound forward ~10% (365 modules); a model's embeddings do not move between runs.
+_found: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _embedding(model: nn.Module, names: tuple[str, ...]) -> nn.Embedding | None:
+    """The first nn.Embedding of model whose last name part is one of `names` (remembered)."""
+    found = _found.setdefault(model, {})
+    if names not in found:
+        found[names] = next((module for name, module in model.named_modules()
+                             if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in names), None)
+    return found[names]
 
 
 def position_limit(model: nn.Module) -> int | None:
     """The longest sequence the model's position table can index, or None when it has none.
     RoBERTa-style tables start at padding_idx + 1, OPT's at an `offset` of 2: those rows are not
     usable positions."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
-            rows = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
-            if module.padding_idx is not None:
-                rows -= module.padding_idx + 1
-            return rows
-    return None
+    module = _embedding(model, _POSITION_TABLES)
+    if module is None:
+        return None
+    rows = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+    if module.padding_idx is not None:
+        rows -= module.padding_idx + 1
+    return rows
 
 
 def token_type_limit(model: nn.Module) -> int | None:
     """How many token types the model's token type table has (BERT-likes), else None."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] == "token_type_embeddings":
-            return module.num_embeddings
-    return None
+    module = _embedding(model, _TOKEN_TYPE_TABLES)
+    return module.num_embeddings if module is not None else None
 
 
 def check_model_inputs(model: nn.Module, ids: torch.Tensor, kwargs: dict) -> None:
