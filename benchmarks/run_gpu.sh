@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
+# The next GPU session's one call (device tool `run`, timeout_s 600; carry [".whl"], the wheels of
+# orjson/pyarrow/nnsight put there beforehand with the pip download line below):
+#   command: set -o pipefail; LOGS=$OUT bash benchmarks/run_gpu.sh 2>&1 | tee $OUT/run_gpu.txt
+#   carry:   [".whl"]
+# Open (not done by h18 this session): per-step time budgets under `timeout` for every step, the
+# torchrun/nccl dataset step, both attention routes' benchmark switch, benchmarks/gpu_wheels.sh.
 # Everything recon-fast checks on a CUDA machine, in one go: build the extension with its CUDA
 # kernels against the machine's torch, run the tests (CUDA cases included), the GPU benchmarks and
 # an ncu look at the token_stats kernel. Logs go to $LOGS (default ./gpu-logs).
 #   bash benchmarks/run_gpu.sh [build] [tests] [bench-ops] [bench-tracer] [bench-attention] [bench-dataset] [ncu] [diagnose]
-# With no argument it does all of them but diagnose (the argument-error SIGSEGV kit,
-# benchmarks/gpu_diagnostics/README.md). Wheels of packages the machine lacks (orjson) may wait in
+# With no argument it does all of them; diagnose (benchmarks/gpu_diagnostics/README.md) confirms the
+# no-streamed-numbers fix (main b81312f): every case raises, none crashes. dispatch and
+# bench-activation-cache skip with one line where their file is absent. Wheels of packages the machine lacks (orjson) may wait in
 # ./.whl; they are installed into a private target first. bench-dataset needs pyarrow there:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl orjson pyarrow
@@ -12,13 +19,32 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${LOGS:-gpu-logs}
 mkdir -p "$LOGS"
-steps=${*:-build tests bench-ops bench-tracer bench-attention bench-dataset ncu}
+steps=${*:-build diagnose tests dispatch bench-ops bench-tracer bench-attention bench-dataset bench-activation-cache ncu}
 want() { [[ " $steps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/recon-site .whl/*.whl && export PYTHONPATH=/tmp/recon-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# Fail fast and say why where this is not a CUDA machine. REHEARSE=1 (the CPU machine's rehearsal,
+# tests/test_run_gpu_rehearsal.py) instead runs only the steps that need no GPU (diagnose and the
+# argument-error test, on CPU) and names each GPU step it skips.
+gpu_missing=""
+command -v nvidia-smi >/dev/null || gpu_missing="no nvidia-smi on PATH"
+[ -z "$gpu_missing" ] && ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+  && gpu_missing="python3's torch sees no CUDA device"
+if [ -n "$gpu_missing" ]; then
+  if [ "${REHEARSE:-0}" != 1 ]; then echo "run_gpu.sh: not a GPU machine ($gpu_missing); stopping" >&2; exit 2; fi
+  echo "rehearsal: $gpu_missing; GPU steps skipped"
+  if want diagnose; then
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 120 python3 benchmarks/gpu_diagnostics/diagnose_check_crash.py \
+      >"$LOGS/diagnose.log" 2>&1 && echo "rehearsal: diagnose ok (every case raised)" || { echo "rehearsal: diagnose FAILED"; exit 1; }
+    PYTHONPATH=$PWD timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_argument_errors.py >"$LOGS/argument_errors.log" 2>&1 \
+      && echo "rehearsal: argument-error test ok" || { echo "rehearsal: argument-error test FAILED"; exit 1; }
+  fi
+  for s in $steps; do [ "$s" = diagnose ] || echo "rehearsal: $s needs a GPU: skipped"; done
+  exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
@@ -47,6 +73,16 @@ fi
 if want diagnose; then
   PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 480 python3 benchmarks/gpu_diagnostics/diagnose_check_crash.py \
     --probe --bindings --gdb >"$LOGS/diagnose.log" 2>&1; head -60 "$LOGS/diagnose.log"
+fi
+if want dispatch; then  # helper h20's device_map split
+  if [ -f tests/test_dispatch.py ]; then
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dispatch.py -m cuda 2>&1 | tee "$LOGS/dispatch.log" | tail -5
+  else echo "dispatch: skipped (tests/test_dispatch.py absent)"; fi
+fi
+if want bench-activation-cache; then  # helper h19's activation cache
+  if [ -f benchmarks/bench_activation_cache.py ]; then
+    timeout 120 $BENCH benchmarks/bench_activation_cache.py -k gpu 2>&1 | tee "$LOGS/bench_activation_cache.log" | tail -20
+  else echo "bench-activation-cache: skipped (benchmarks/bench_activation_cache.py absent)"; fi
 fi
 if want bench-dataset; then
   $BENCH benchmarks/bench_dataset.py -k gpu 2>&1 | tee "$LOGS/bench_dataset.log" | grep -E '^\[|^  |passed|failed|skipped|Error' | tail -20

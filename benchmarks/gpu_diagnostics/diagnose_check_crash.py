@@ -120,6 +120,7 @@ def main():
     print("crashing:", crashing or "none")
     with tempfile.TemporaryDirectory(prefix="recon_diagnose_") as scratch:  # the probe, logs, gdb script
         _deeper(py, crashing, scratch)
+    return 1 if crashing else 0  # run_gpu.sh's diagnose step fails while any case crashes
 
 
 def _deeper(py: str, crashing: list[str], scratch: str) -> None:
@@ -174,4 +175,4 @@ def _deeper(py: str, crashing: list[str], scratch: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
