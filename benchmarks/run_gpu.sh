@@ -38,9 +38,9 @@ if [ -n "$gpu_missing" ]; then
   if [ "${REHEARSE:-0}" != 1 ]; then echo "run_gpu.sh: not a GPU machine ($gpu_missing); stopping" >&2; exit 2; fi
   echo "rehearsal: $gpu_missing; GPU steps skipped"
   if want diagnose; then
-    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 120 python3 benchmarks/gpu_diagnostics/diagnose_check_crash.py \
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 300 python3 benchmarks/gpu_diagnostics/diagnose_check_crash.py \
       >"$LOGS/diagnose.log" 2>&1 && echo "rehearsal: diagnose ok (every case raised)" || { echo "rehearsal: diagnose FAILED"; exit 1; }
-    PYTHONPATH=$PWD timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_argument_errors.py >"$LOGS/argument_errors.log" 2>&1 \
+    PYTHONPATH=$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_argument_errors.py >"$LOGS/argument_errors.log" 2>&1 \
       && echo "rehearsal: argument-error test ok" || { echo "rehearsal: argument-error test FAILED"; exit 1; }
   fi
   for s in $steps; do [ "$s" = diagnose ] || echo "rehearsal: $s needs a GPU: skipped"; done

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available() and shutil.which("nvid
 def _run(tmp_path, **env):
     full = {**os.environ, "LOGS": str(tmp_path), "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=full,
-                          timeout=300, cwd=ROOT)
+                          timeout=700, cwd=ROOT)
 
 
 def test_plain_run_fails_fast_and_says_why(tmp_path):
