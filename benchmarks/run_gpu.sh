@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${LOGS:-gpu-logs}
 mkdir -p "$LOGS"
-steps=${*:-build diagnose tests dispatch bench-ops bench-tracer bench-attention bench-dataset bench-activation-cache ncu}
+steps=${*:-build diagnose tests dispatch bench-ops bench-tracer bench-compiled bench-attention bench-dataset bench-activation-cache ncu}
 want() { [[ " $steps " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 
@@ -66,6 +66,9 @@ if want bench-ops; then
 fi
 if want bench-tracer; then
   $BENCH benchmarks/bench_tracer_gpu.py 2>&1 | tee "$LOGS/bench_tracer_gpu.log" | grep -E '^\[|^  |passed|failed|Error' | tail -60
+fi
+if want bench-compiled; then  # issue 17: compiled models, traced/untraced (eager vs reduce-overhead in the tests step)
+  timeout 240 $BENCH benchmarks/bench_compiled.py 2>&1 | tee "$LOGS/bench_compiled.log" | grep -E '^\[|^  |passed|failed|Error' | tail -30
 fi
 if want bench-attention && [ -f benchmarks/bench_attention_stats.py ]; then
   $BENCH benchmarks/bench_attention_stats.py -k cuda 2>&1 | tee "$LOGS/bench_attention.log" | sed -n '/ratios within each group/,$p'
