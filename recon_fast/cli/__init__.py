@@ -4,15 +4,17 @@ of a file), scored against a dataset's profile with --baseline (recon_fast.cli.b
 (recon_fast.cli.heads) names each layer's sharp, diffuse, sink, previous-token and self heads;
 `attribute`, `cot` and `residual` (recon_fast.cli.attribution) explain a prediction; `view`
 (recon_fast.cli.view) writes a self-contained HTML page of a cube or an attribution.
-Every failure is one line on stderr and a non-zero exit; arguments are checked before any model
-is loaded (recon_fast.cli.checks); warnings (skipped layers, NaN) are one line each on stderr."""
+The prompt, model and output options are the same in every command (recon_fast.cli.options); a
+load prints one line on stderr (recon_fast.cli.loading). Every failure is one line on stderr and a
+non-zero exit; arguments are checked before any model is loaded (recon_fast.cli.checks); warnings
+(skipped layers, NaN) are one line each on stderr."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,45 +25,30 @@ from recon_fast.cli import baseline as baseline_cli
 from recon_fast.cli import checks as cli_checks
 from recon_fast.cli import dataset as dataset_cli
 from recon_fast.cli import heads as heads_cli
+from recon_fast.cli import loading, options
 from recon_fast.cli import view as view_cli
+from recon_fast.cli.options import OneLineParser
 from recon_fast.cube import export
 from recon_fast.dataset.profile import compare
-from recon_fast.models import DEFAULT_MODEL, ModelNotFound, load_model
+from recon_fast.models import ModelNotFound
 
 PROGRESS_MIN_TOKENS = 256  # below this a forward pass is too quick for a progress bar to help
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # recon_fast/: warnings from any of its modules are ours
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (argparse prints the usage block first)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="local HF folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the model's)")
+_add_model_args = options.add_model_options  # what a command without a prompt registers with
 
 
 def _trace_parser(sub) -> None:
     p = sub.add_parser("trace", help="trace a prompt and write its ActivityCube")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt")
-    source.add_argument("--prompt-file", metavar="FILE",
-                        help="one prompt per line (one model load for all; --out cube.json writes cube-1.json, ...)")
-    p.add_argument("--whole-file", action="store_true", help="with --prompt-file: the whole file is one prompt")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template "
-                   "(a user turn, then the assistant's turn begins), for instruct models")
-    _add_model_args(p)
-    p.add_argument("--out", default="cube.json", help="output file: .json, .json.gz or .npz (default: cube.json)")
+    options.add_shared_options(p, "the cube: .json, .json.gz or .npz (default: cube.json); --json prints "
+                                  "the summary as JSON", out_default="cube.json")
     p.add_argument("--layers", default=None, help="a preset (all, residual, attn, mlp, components, "
                    "blocks+components) or a regex over module names (default: all; with --baseline, its layers)")
     p.add_argument("--format", choices=("json", "npz"), default=None,
                    help="must agree with --out's suffix, which decides (default: from the suffix)")
-    p.add_argument("--rows", type=int, default=12, help="rows of the summary table (default: 12)")
+    options.add_count(p, "--top-k", default=12, minimum=0, aliases=("--rows",),
+                      help="layers in the summary table, and values in the --baseline tables")
     p.add_argument("--attention", choices=("stats",), default=None,
                    help="also per attention layer, head and query: entropy, max weight, argmax, sink mass, "
                         "mean distance, self and previous-token weight, lse (any attention implementation)")
@@ -100,27 +87,20 @@ def cmd_trace(args) -> int:
     from recon_fast.trace.tracer import Tracer
 
     # Everything that can be checked without the model, before the slow load.
-    if args.prompt_file is not None:
-        prompts = cli_checks.read_prompts(args.prompt_file, args.whole_file)
-    else:
-        if args.whole_file:
-            raise ValueError("--whole-file goes with --prompt-file")
-        prompts = [cli_checks.check_prompt(args.prompt)]
+    prompts = cli_checks.prompts(args)
     fmt = cli_checks.check_output(args.out, args.format)
     outs = output_paths(args.out, len(prompts))
-    if args.rows < 0:
-        raise ValueError(f"--rows must be 0 or more, got {args.rows}")
+    options.check_counts(args)
     profile = baseline_cli.load_profile(args.baseline) if args.baseline is not None else None
     if args.layers is None:
         args.layers = baseline_cli.layers_pattern(profile) if profile is not None else "all"
-    cli_checks.check_layers(args.layers)
     cli_checks.check_model(args)
+    cli_checks.check_layers(args.layers, args.model)
 
-    started = time.perf_counter()
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=False)
-    loaded = time.perf_counter()
+    model, tokenizer = loading.load(args)
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--chat: the tokenizer of {args.model!r} has no chat template")
+    results = []
     with Tracer(model, tokenizer, layers=args.layers, attention=args.attention) as tracer:
         for n, (prompt, out) in enumerate(zip(prompts, outs), start=1):
             inputs = encode(tokenizer, prompt, args.chat)
@@ -136,9 +116,12 @@ def cmd_trace(args) -> int:
             comparison = compare(profile, cube) if profile is not None else None
             cube.export(out, fmt)
             size = Path(out).stat().st_size
+            if args.json:
+                results.append(_trace_result(cube, tokens, out, fmt, size, args.top_k, comparison))
+                continue
             if n == 1:
                 print(f"model   {cube.meta['model_name']} ({args.model}), {cube.meta['dtype']} on "
-                      f"{cube.meta['device']}, backend {cube.meta['backend']}   load {loaded - started:.1f} s")
+                      f"{cube.meta['device']}, backend {cube.meta['backend']}   load {args.load_seconds:.1f} s")
             if len(prompts) > 1:
                 print(f"prompt {n}/{len(prompts)}: {tokens} tokens, {cube.num_layers} layers, forward "
                       f"{cube.meta['seconds'] * 1e3:.1f} ms; wrote {out} ({fmt}, {size / 1e6:.2f} MB)")
@@ -147,18 +130,34 @@ def cmd_trace(args) -> int:
                 continue
             attention = f"   attention layers {len(cube.attention_layers)}" if cube.attention_layers else ""
             print(f"tokens  {tokens}   layers {cube.num_layers}{attention}   forward {cube.meta['seconds'] * 1e3:.1f} ms")
-            print(summary_table(cube, args.rows))
+            print(summary_table(cube, args.top_k))
             if comparison is not None:
-                print(baseline_cli.report(comparison, cube, profile, args.baseline, args.rows))
+                print(baseline_cli.report(comparison, cube, profile, args.baseline, args.top_k))
             print(f"wrote   {out} ({fmt}, {size / 1e6:.2f} MB)")
+    if args.json:
+        document = {"model": args.model, "model_name": cube.meta["model_name"], "dtype": cube.meta["dtype"],
+                    "device": cube.meta["device"], "backend": cube.meta["backend"],
+                    "load_seconds": args.load_seconds, "prompts": results}
+        print(json.dumps(document, indent=2))
     return 0
 
 
-def summary_table(cube, rows: int) -> str:
-    """The layers of batch item 0 whose energy (L2 norm of a token's activation) peaks highest:
-    the peak, the token where it peaks, and the mean of the per-token std. Layers with NaN or Inf
-    come first, showing the first token where one appears."""
-    lines = [f"{'layer':<{_name_width(cube)}}  {'peak energy':>11}  {'at token':<16}  {'mean std':>9}"]
+def _trace_result(cube, tokens: int, out: str, fmt: str, size: int, rows: int, comparison) -> dict:
+    """One prompt's line of `trace --json`: what the text output shows, as numbers."""
+    result = {"tokens": tokens, "layers": cube.num_layers, "attention_layers": len(cube.attention_layers),
+              "forward_ms": cube.meta["seconds"] * 1e3, "out": out, "format": fmt, "bytes": size,
+              "peak_energy": [{"layer": name, "peak_energy": peak, "at_token": t, "token": token, "mean_std": std}
+                              for name, peak, t, token, std in summary_rows(cube, rows)]}
+    if comparison is not None:
+        result["baseline"] = [{"layer": layer, "batch": b, "token": t, "metric": metric, "z": z, "percentile": pct}
+                              for layer, b, t, metric, z, pct in comparison.top(rows)]
+    return result
+
+
+def summary_rows(cube, rows: int) -> list[tuple[str, float, int, str, float]]:
+    """The `rows` layers of batch item 0 whose energy (L2 norm of a token's activation) peaks
+    highest: (layer, peak, token index, token text, mean of the per-token std). Layers with NaN or
+    Inf come first, with the first token where one appears."""
     entries = []
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: handled below
@@ -172,16 +171,26 @@ def summary_table(cube, rows: int) -> str:
             finite = np.isfinite(energy)
             if bad.any():
                 t = int(np.argmax(bad))
-                entries.append((0, -np.inf, name, f"{energy[t]!s:>11}", t, i, std))
+                entries.append((0, -np.inf, name, t, i, std, float(energy[t])))
             elif finite.any():
                 t = int(np.argmax(np.where(finite, energy, -np.inf)))
-                entries.append((1, -float(energy[t]), name, f"{energy[t]:11.3f}", t, i, std))
+                entries.append((1, -float(energy[t]), name, t, i, std, float(energy[t])))
         entries.sort(key=lambda e: (e[0], e[1]))
-        for _, _, name, peak, t, i, std in entries[:rows]:
+        picked = []
+        for _, _, name, t, i, std, peak in entries[:rows]:
             axis = cube.tokens if cube.token_axis(i) == "tokens" else cube.decoder_tokens
-            token = repr(axis[0][t])[:16]
-            mean_std = f"{np.nanmean(std):9.4f}" if std is not None and np.isfinite(std).any() else f"{'nan':>9}"
-            lines.append(f"{name:<{_name_width(cube)}}  {peak}  {token:<16}  {mean_std}")
+            mean_std = float(np.nanmean(std)) if std is not None and np.isfinite(std).any() else float("nan")
+            picked.append((name, peak, t, axis[0][t], mean_std))
+    return picked
+
+
+def summary_table(cube, rows: int) -> str:
+    """summary_rows as the table `trace` prints."""
+    width = _name_width(cube)
+    lines = [f"{'layer':<{width}}  {'peak energy':>11}  {'at token':<16}  {'mean std':>9}"]
+    for name, peak, _, token, mean_std in summary_rows(cube, rows):
+        shown = f"{peak:11.3f}" if np.isfinite(peak) else f"{peak!s:>11}"
+        lines.append(f"{name:<{width}}  {shown}  {repr(token)[:16]:<16}  {mean_std:9.4f}")
     return "\n".join(lines)
 
 
@@ -193,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="recon-fast", description="Fast activation tracing for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _trace_parser(sub)
-    heads_cli.add_parser(sub, _add_model_args)
-    attribution_cli.add_parsers(sub, _add_model_args)
+    heads_cli.add_parser(sub)
+    attribution_cli.add_parsers(sub)
     view_cli.add_parser(sub)
     dataset_cli.add_parser(sub, _add_model_args)
     return parser

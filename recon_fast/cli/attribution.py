@@ -8,17 +8,14 @@ import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 from recon_fast.attribution.direct import layer_term
 from recon_fast.cli import checks as cli_checks
-from recon_fast.cli import report
+from recon_fast.cli import loading, options, report
 from recon_fast.cube import export
-from recon_fast.models import load_model
 from recon_fast.trace.model_inputs import token_texts
 
 BAR_WIDTH = 25  # blocks of the longest bar (HexRay's)
@@ -29,22 +26,23 @@ _ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')
 _PLAIN_NAMES = {"embed": "Embed", "pos_embed": "PosEmbed", "norm_bias": "NormBias", "unembed_bias": "UnembedBias"}
 
 
-def add_parsers(sub, add_model_args) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("attribute", help="direct logit attribution of the predicted token")
-    _common(p, add_model_args)
+    _common(p, "attribution")
     p.add_argument("--token-index", "--position", dest="position", type=int, default=-1,
                    help="position to attribute (default: -1, the last token)")
     p.add_argument("--target", default=None, help="token to attribute: its text or id (default: the prediction)")
     p.add_argument("--versus", default=None,
-                   help="a second token (text or id): attribute logit(target) - logit(versus), 'why A rather than B'")
-    p.add_argument("--neurons", type=int, default=0, metavar="K",
-                   help="split every MLP into its neurons; print the top K neurons overall and per layer")
-    p.add_argument("--sources", type=int, default=0, metavar="K",
-                   help="split every head over the source tokens it read from; print the top K for the top heads "
-                        "(each head keeps its max(K, --top-k) largest sources, enough for what is printed, and "
-                        "one remainder L{i}.H{h}.S_rest, in --json and --report too)")
+                   help="a second token (text or id): attribute logit(target) - logit(versus), 'why A rather than B' "
+                        "(default: none)")
+    options.add_count(p, "--top-k-neurons", default=0, minimum=0, aliases=("--neurons",),
+                      help="split every MLP into its neurons; print the top K neurons overall and per layer (0: no split)")
+    options.add_count(p, "--top-k-sources", default=0, minimum=0, aliases=("--sources",),
+                      help="split every head over the source tokens it read from; print the top K for the top heads "
+                           "(each head keeps its max(K, --top-k) largest sources, enough for what is printed, and "
+                           "one remainder L{i}.H{h}.S_rest, in --json and --report too; 0: no split)")
     p.add_argument("--all-sources", action="store_true",
-                   help="with --sources: keep every source term of every head (layers x heads x tokens terms) "
+                   help="with --top-k-sources: keep every source term of every head (layers x heads x tokens terms) "
                         "in --json and --report")
     p.add_argument("--share", choices=("top", "total"), default="top",
                    help="percent of the listed terms' magnitude (HexRay's, default) or of all terms")
@@ -53,16 +51,13 @@ def add_parsers(sub, add_model_args) -> None:
     p.set_defaults(run=cmd_attribute)
 
     p = sub.add_parser("cot", help="attribution of every chain-of-thought step, one forward pass")
-    _common(p, add_model_args)
+    _common(p, "cot")
     p.set_defaults(run=cmd_cot)
 
     p = sub.add_parser("residual", help="residual stream per layer: norms and the logit lens")
-    p.add_argument("--prompt", required=True)
-    add_model_args(p)
-    p.add_argument("--lens-k", type=int, default=1, help="logit-lens tokens per position (default: 1)")
-    p.add_argument("--max-positions", type=int, default=10,
-                   help="last positions shown and unembedded (default: 10)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON instead")
+    options.add_shared_options(p, "also write the JSON document to FILE (several prompts: FILE-1.json, ...)")
+    options.add_count(p, "--top-k", default=1, aliases=("--lens-k",), help="logit-lens tokens per position")
+    options.add_count(p, "--max-positions", default=10, metavar="N", help="last positions shown and unembedded")
     p.add_argument("--report", metavar="DIR", default=None, help="write residual.json and residual.png there")
     p.add_argument("--scale", choices=("log", "linear"), default="log",
                    help="colour scale of residual.png's norms (default: log; the norm of an attention-sink "
@@ -70,14 +65,13 @@ def add_parsers(sub, add_model_args) -> None:
     p.set_defaults(run=cmd_residual)
 
 
-def _common(p: argparse.ArgumentParser, add_model_args) -> None:
-    p.add_argument("--prompt", required=True)
-    add_model_args(p)
-    p.add_argument("--top-k", "--top-k-attribution", dest="top_k", type=int, default=10,
-                   help="contributors listed (default: 10)")
+def _common(p: argparse.ArgumentParser, report_name: str) -> None:
+    options.add_shared_options(p, "also write the JSON document to FILE, which `recon-fast view` reads "
+                                  "(several prompts: FILE-1.json, ...)")
+    options.add_count(p, "--top-k", default=10, aliases=("--top-k-attribution",), help="contributors listed")
     p.add_argument("--per-head", action="store_true", help="split attention into heads")
-    p.add_argument("--json", action="store_true", help="print the result as JSON instead")
-    p.add_argument("--report", metavar="DIR", default=None, help="write JSON and a PNG heatmap there")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help=f"write {report_name}.json and a PNG heatmap there")
 
 
 # ---- formatting ---------------------------------------------------------------------------------
@@ -159,16 +153,50 @@ def _token_argument(text: str | None):
 
 
 # ---- commands -----------------------------------------------------------------------------------
-def _load(args):
-    return load_model(args.model, device=args.device, dtype=args.dtype, progress=False)
-
-
-def _check(args, report: str) -> None:
-    """What can be checked before the model loads: prompt, model, device, dtype, --report."""
-    cli_checks.check_prompt(args.prompt)
+def _check(args, report_name: str) -> list[str]:
+    """What can be checked before the model loads: the prompts, model, device, dtype, counts,
+    --report and -o. The prompts to run."""
+    prompts = cli_checks.prompts(args)
     cli_checks.check_model(args)
     if args.report:
-        export.check_writable(Path(args.report) / f"{report}.json")
+        export.check_writable(Path(args.report) / f"{report_name}.json")
+    args.outs = report.json_outputs(args.out, len(prompts))
+    return prompts
+
+
+def _inputs(tokenizer, prompt: str, chat: bool):
+    from recon_fast.cli import encode
+
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat: the tokenizer has no chat template")
+    return encode(tokenizer, prompt, chat)
+
+
+def _run_each(args, prompts: list[str], report_name: str, one) -> int:
+    """one(prompt, report name) -> (document, written files) for each prompt, then --json's
+    document(s) on stdout, -o's files, the written files' lines."""
+    documents, written = [], []
+    for n, (prompt, out) in enumerate(zip(prompts, args.outs), start=1):
+        if len(prompts) > 1 and not args.json:
+            print(f"{'' if n == 1 else chr(10)}prompt {n}/{len(prompts)}")
+        document, files = one(prompt, report_name if len(prompts) == 1 else f"{report_name}-{n}")
+        documents.append(document)
+        if out is not None:
+            files.append(report.write_json_file(out, document))
+        if not args.json:
+            report.print_written(files)
+        written += files
+    if args.json:
+        print(report.json_text(documents[0] if len(documents) == 1 else documents))
+        report.print_written(written, to_stderr=True)
+    return 0
+
+
+def check_target_versus(target: str | None, versus: str | None) -> None:
+    """--target and --versus naming the same token (same text or same id): a difference of zero."""
+    if versus is not None and target is not None and _token_argument(target) == _token_argument(versus):
+        raise ValueError(f"--target and --versus are the same token ({target!r}): logit(A) - logit(A) is 0; "
+                         "give two different tokens")
 
 
 def cmd_attribute(args) -> int:
@@ -176,39 +204,45 @@ def cmd_attribute(args) -> int:
         return cmd_cot(args)
     from recon_fast.attribution.direct import direct_logit_attribution
 
-    _check_top_k(args.top_k)
-    if args.neurons < 0 or args.sources < 0:
-        raise ValueError("--neurons and --sources must be at least 0")
-    if args.all_sources and not args.sources:
-        raise ValueError("--all-sources keeps every source term of --sources K: give --sources too")
-    _check(args, "attribution")
-    model, tokenizer = _load(args)
+    if args.all_sources and not args.top_k_sources:
+        raise ValueError("--all-sources keeps every source term of --top-k-sources K: give --top-k-sources too")
+    check_target_versus(args.target, args.versus)
+    prompts = _check(args, "attribution")
+    model, tokenizer = loading.load(args)
     target = _token_argument(args.target)
     if args.versus is not None:
         target = (target, _token_argument(args.versus))
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+    sources = args.top_k_sources
     # The top --top-k terms overall and the top K sources of a head are each among that head's
     # max(K, --top-k) largest, so this many per head prints what the full split would print.
-    source_top_k = None if args.all_sources or not args.sources else max(args.sources, args.top_k)
-    attribution = direct_logit_attribution(model, inputs, position=args.position, target=target,
-                                           per_head=args.per_head, per_neuron=args.neurons > 0,
-                                           by_source=args.sources > 0, source_top_k=source_top_k,
-                                           tokenizer=tokenizer)
-    # The prompt's tokens as text: the viewer names a source term by its token ("<- token ' Paris' (5)").
-    tokens = token_texts(tokenizer, inputs["input_ids"].tolist())[0]
-    document = {"prompt": args.prompt, "model": args.model, "tokens": tokens, **attribution.to_dict()}
-    written = _attribution_report(args.report, "attribution", document, attribution, args.model) if args.report else []
-    if args.json:
-        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-        report.print_written(written, to_stderr=True)
-        return 0
+    source_top_k = None if args.all_sources or not sources else max(sources, args.top_k)
+
+    def one(prompt: str, report_name: str):
+        inputs = _inputs(tokenizer, prompt, args.chat)
+        attribution = direct_logit_attribution(model, inputs, position=args.position, target=target,
+                                               per_head=args.per_head, per_neuron=args.top_k_neurons > 0,
+                                               by_source=sources > 0, source_top_k=source_top_k,
+                                               tokenizer=tokenizer)
+        # The prompt's tokens as text: the viewer names a source term by its token ("<- token ' Paris' (5)").
+        tokens = token_texts(tokenizer, inputs["input_ids"].tolist())[0]
+        document = {"prompt": prompt, "model": args.model, "tokens": tokens, **attribution.to_dict()}
+        written = (_attribution_report(args.report, report_name, document, attribution, args.model)
+                   if args.report else [])
+        if not args.json:
+            _print_attribution(args, attribution, tokens)
+        return document, written
+
+    return _run_each(args, prompts, "attribution", one)
+
+
+def _print_attribution(args, attribution, tokens: list[str]) -> None:
     print(token_header(attribution))
     print("Top Contributors to Final Logit" + (" Difference:" if attribution.versus_text else ":"))
     print("\n".join(contributor_lines(attribution.top(args.top_k, share=args.share))))
-    if args.neurons:
-        print("\n".join(neuron_lines(attribution, args.neurons)))
-    if args.sources:
-        print("\n".join(source_lines(attribution, args.sources, args.top_k, tokens)))
+    if args.top_k_neurons:
+        print("\n".join(neuron_lines(attribution, args.top_k_neurons)))
+    if args.top_k_sources:
+        print("\n".join(source_lines(attribution, args.top_k_sources, args.top_k, tokens)))
     if attribution.note:
         print(f"Note: {attribution.note}")
     if args.logit_debug:
@@ -216,55 +250,54 @@ def cmd_attribute(args) -> int:
         what = "logit difference " if attribution.versus_text else ""
         print(f"Logit check: model {what}{logit:+.4f}, sum of {len(attribution.labels)} terms {total:+.4f} "
               f"(difference {total - logit:+.2e})")
-    report.print_written(written)
-    return 0
 
 
 def cmd_cot(args) -> int:
     from recon_fast.attribution.chain_of_thought import chain_of_thought, steps_to_dict
 
-    _check_top_k(args.top_k)
-    _check(args, "cot")
-    model, tokenizer = _load(args)
-    steps = chain_of_thought(model, tokenizer, args.prompt, per_head=args.per_head)
-    document = {"prompt": args.prompt, "model": args.model, "steps": steps_to_dict(steps)}
-    written = _cot_report(args.report, document, steps, args.model) if args.report else []
-    if args.json:
-        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-        report.print_written(written, to_stderr=True)
-        return 0
-    print("Chain of Thought Attribution Trace (Console):")
-    for step in steps:
-        print()
-        print(f"Step {step.number}: {step.text}")
-        print(token_header(step.attribution, where=f"token {step.token_index}"))
-        print("\n".join(bar_lines(step.attribution.top(args.top_k))))
-    if written:
-        print()
-    report.print_written(written)
-    return 0
+    if args.chat:
+        raise ValueError("--chat: cot splits the prompt's own text into steps; a chat template's markup would "
+                         "become steps too (run `attribute --chat` per step instead)")
+    prompts = _check(args, "cot")
+    model, tokenizer = loading.load(args)
+
+    def one(prompt: str, report_name: str):
+        steps = chain_of_thought(model, tokenizer, prompt, per_head=args.per_head)
+        document = {"prompt": prompt, "model": args.model, "steps": steps_to_dict(steps)}
+        written = _cot_report(args.report, document, steps, args.model, report_name) if args.report else []
+        if not args.json:
+            print("Chain of Thought Attribution Trace (Console):")
+            for step in steps:
+                print()
+                print(f"Step {step.number}: {step.text}")
+                print(token_header(step.attribution, where=f"token {step.token_index}"))
+                print("\n".join(bar_lines(step.attribution.top(args.top_k))))
+            if written:
+                print()
+        return document, written
+
+    return _run_each(args, prompts, "cot", one)
 
 
 def cmd_residual(args) -> int:
     from recon_fast.attribution.logit_lens import logit_lens
 
-    if args.lens_k < 1 or args.max_positions < 1:
-        raise ValueError("--lens-k and --max-positions must be at least 1")
-    _check(args, "residual")
-    model, tokenizer = _load(args)
-    inputs = tokenizer(args.prompt, return_tensors="pt")  # once: its length picks the positions shown
-    length = inputs["input_ids"].shape[1]
-    shown = list(range(max(0, length - args.max_positions), length))
-    lens = logit_lens(model, inputs, k=args.lens_k, positions=shown, tokenizer=tokenizer)
-    document = {"prompt": args.prompt, "model": args.model, **lens.to_dict()}
-    written = _residual_report(args.report, document, lens, args.model, args.scale) if args.report else []
-    if args.json:
-        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-        report.print_written(written, to_stderr=True)
-        return 0
-    print("\n".join(residual_table(lens)))
-    report.print_written(written)
-    return 0
+    prompts = _check(args, "residual")
+    model, tokenizer = loading.load(args)
+
+    def one(prompt: str, report_name: str):
+        inputs = _inputs(tokenizer, prompt, args.chat)  # once: its length picks the positions shown
+        length = inputs["input_ids"].shape[1]
+        shown = list(range(max(0, length - args.max_positions), length))
+        lens = logit_lens(model, inputs, k=args.top_k, positions=shown, tokenizer=tokenizer)
+        document = {"prompt": prompt, "model": args.model, **lens.to_dict()}
+        written = (_residual_report(args.report, document, lens, args.model, args.scale, report_name)
+                   if args.report else [])
+        if not args.json:
+            print("\n".join(residual_table(lens)))
+        return document, written
+
+    return _run_each(args, prompts, "residual", one)
 
 
 def residual_table(lens) -> list[str]:
@@ -290,11 +323,6 @@ def residual_table(lens) -> list[str]:
                for j in range(len(shown))]
         lines.append(f"{'':<6} {'':<{len(shape)}} {'lens':<5}" + "".join(f"{fit(t):>{cell + 1}}" for t in top))
     return lines
-
-
-def _check_top_k(k: int) -> None:
-    if k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {k}")
 
 
 def attribution_grid(attribution, row: int = 0) -> tuple[list[str], list[str], np.ndarray]:
@@ -363,10 +391,10 @@ def cot_figure(steps, model_name: str | None = None):
                                  caption="each step attributes the token its last token predicts")
 
 
-def _cot_report(folder: str, document: dict, steps, model_name=None) -> list[Path]:
+def _cot_report(folder: str, document: dict, steps, model_name=None, name: str = "cot") -> list[Path]:
 
-    json_path = report.write_json(folder, "cot", document)
-    return [json_path, report.save_png(cot_figure(steps, model_name), folder, "cot")]
+    json_path = report.write_json(folder, name, document)
+    return [json_path, report.save_png(cot_figure(steps, model_name), folder, name)]
 
 
 def residual_figure(lens, model_name: str | None = None, scale: str = "log"):
@@ -378,10 +406,11 @@ def residual_figure(lens, model_name: str | None = None, scale: str = "log"):
                                  scale=scale, xlabel="token", ylabel="layer")
 
 
-def _residual_report(folder: str, document: dict, lens, model_name=None, scale: str = "log") -> list[Path]:
+def _residual_report(folder: str, document: dict, lens, model_name=None, scale: str = "log",
+                     name: str = "residual") -> list[Path]:
 
-    json_path = report.write_json(folder, "residual", document)
-    return [json_path, report.save_png(residual_figure(lens, model_name, scale), folder, "residual")]
+    json_path = report.write_json(folder, name, document)
+    return [json_path, report.save_png(residual_figure(lens, model_name, scale), folder, name)]
 
 
 def hexray_argv(argv: list[str]) -> list[str]:

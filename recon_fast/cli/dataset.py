@@ -16,7 +16,7 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--data", required=True, metavar="PATH",
                    help=".jsonl, .txt (one document per line), .parquet, or a folder of .txt files (one each)")
     p.add_argument("--text-field", default="text", help="the text's key (JSONL) or column (Parquet) (default: text)")
-    p.add_argument("--out", required=True, metavar="DIR", help="the output folder: activations/, documents/, "
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="the output folder: activations/, documents/, "
                    "attention/ (--attention stats), profile.json, manifest.json")
     add_model_args(p)
     p.add_argument("--layers", default="residual", help="a preset (all, residual, attn, mlp, components, "
@@ -36,20 +36,20 @@ def add_parser(sub, add_model_args) -> None:
 
 
 def run(args) -> int:
+    from recon_fast.cli import loading
     from recon_fast.dataset import distributed, sources, trace_dataset
-    from recon_fast.models import load_model
 
     for name in ("max_tokens", "batch_tokens", "docs_per_shard"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(args, name)}")
     sources.check_source(args.data, args.text_field)
-    cli_checks.check_layers(args.layers)
     cli_checks.check_model(args)
+    cli_checks.check_layers(args.layers, args.model)
     ranks = distributed.from_environment()
     device = args.device
     if device is None and ranks.distributed:
         device = str(distributed.device_for(ranks))  # each rank its own GPU
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, progress=False)
+    model, tokenizer = loading.load(args, device=device)
     manifest = trace_dataset(model, tokenizer, args.data, args.out, layers=args.layers, max_tokens=args.max_tokens,
                              batch_tokens=args.batch_tokens, text_field=args.text_field,
                              docs_per_shard=args.docs_per_shard, resume=args.resume, attention=args.attention,

@@ -30,10 +30,35 @@ _LABEL_ROOM = 10.0  # points a row (or a vertical column label) needs; with less
 
 
 def write_json(folder: str | Path, name: str, document: dict) -> Path:
-    path = Path(folder) / f"{name}.json"
+    return write_json_file(Path(folder) / f"{name}.json", document)
+
+
+def write_json_file(path: str | Path, document) -> Path:
+    """`document` as indented JSON at `path`, written atomically (-o FILE, --report DIR)."""
+    path = Path(path)
     with atomic_write(path) as f:
         f.write(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     return path
+
+
+def json_text(document) -> str:
+    """What --json prints: the document as indented JSON."""
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def json_outputs(out: str | None, count: int) -> list[Path | None]:
+    """-o FILE of a command that writes JSON: FILE for one prompt, FILE-1.json, FILE-2.json ...
+    for several, each checked to be writable (before the model loads); [None] * count without -o."""
+    from recon_fast.cube import export
+
+    if out is None:
+        return [None] * count
+    if not out.lower().endswith(".json"):
+        raise ValueError(f"-o {out!r}: this command writes JSON; name the file .json")
+    paths = [Path(out)] if count == 1 else [Path(f"{out[:-5]}-{n}.json") for n in range(1, count + 1)]
+    for path in paths:
+        export.check_writable(path)
+    return paths
 
 
 def _matplotlib():
