@@ -104,7 +104,8 @@ def select_regex(model: nn.Module, pattern: str) -> list[str]:
     compiled = compile_pattern(pattern)
     names = [name for name, _ in model.named_modules() if name and compiled.fullmatch(name)]
     if not names:
-        raise ValueError(f"no module name matches {pattern!r} in full (e.g. 'model\\.layers\\.\\d+')")
+        raise ValueError(f"no module name matches '{pattern}' (a pattern must match a whole name, "
+                         "e.g. 'model\\.layers\\.\\d+')")
     return names
 
 
