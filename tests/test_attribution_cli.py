@@ -15,6 +15,7 @@ import pytest
 from recon_fast import cli
 from recon_fast.attribution import direct_logit_attribution
 from recon_fast.cli import attribution as attribution_cli
+from recon_fast.cli import loading
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ BAR = re.compile(r"^(MLP |Attn) L\d+ * █+ *[ -]*\d+\.\d%$")
 
 @pytest.fixture
 def run_cli(smollm2, monkeypatch, capsys):
-    monkeypatch.setattr(attribution_cli, "load_model", lambda *a, **k: smollm2)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: smollm2)
 
     def run(*argv):
         code = cli.main(list(argv))
@@ -202,7 +203,7 @@ def test_sources_print_what_the_full_split_prints_from_the_top_sources_only(run_
 
 def test_all_sources_needs_sources(run_cli, capsys):
     assert cli.main(["attribute", "--prompt", "hi", "--all-sources"]) == 2
-    assert "--all-sources keeps every source term of --sources K" in capsys.readouterr().err
+    assert "--all-sources keeps every source term of --top-k-sources K" in capsys.readouterr().err
 
 # ---- issue 12: --report pictures on the real model ---------------------------------------------------
 def test_reports_show_mlp_terms_log_norms_and_step_text(run_cli, smollm2, tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from recon_fast import cli  # noqa: E402
+from recon_fast.cli import loading  # noqa: E402
 
 from tiny_models import make_model, save_model_folder  # noqa: E402
 
@@ -80,8 +81,8 @@ def test_a_format_that_contradicts_the_file_name_is_refused(trace, tmp_path):
 
 def test_prompt_file_one_prompt_per_line_and_whole_file(trace, tmp_path, monkeypatch):
     loads = []
-    real = cli.load_model
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("t5 t9\n\nt2 t3 t4\nt7\n")
     out = trace("--prompt-file", str(prompts), "--out", str(tmp_path / "cube.json"), "--layers", "residual").out
@@ -112,7 +113,7 @@ def test_skipped_layers_and_non_finite_values_get_a_line_each_on_stderr(tmp_path
     model.probe = torch.nn.Linear(48, 2)
     model.probe.register_forward_hook(lambda m, i, o: o.long())
     model.model.embed_tokens.register_forward_hook(lambda m, i, o: [model.probe(o), None][1])
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (model, word_tokenizer()))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, word_tokenizer()))
     out = tmp_path / "cube.json"
     import warnings
 

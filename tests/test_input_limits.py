@@ -147,5 +147,7 @@ def test_cli_refuses_too_long_in_one_line(tmp_path, capsys):
     capsys.readouterr()  # saving the model printed its own progress
     assert main(["trace", "--prompt", prompt, "--model", str(folder), "--out", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "129 tokens long" in err and "128 positions" in err, err
+    loaded, error = err.splitlines()  # the load's own line, then the one-line error
+    assert loaded.startswith("model ") and " loaded in " in loaded, err
+    assert "129 tokens long" in error and "128 positions" in error, err
     assert not (tmp_path / "c.json").exists()
