@@ -142,14 +142,16 @@ def _untrack(tmp: str) -> None:
 
 def process_start_time() -> float:
     """When this process started (epoch seconds): from /proc where there is one, else when this
-    module was imported."""
+    module was imported. Measured back from now by the uptime, not from /proc/stat's btime: btime
+    is whole seconds, so a temporary written by a run killed less than a second before this one
+    started would count as this run's and be kept (the dataset chaos tests found it)."""
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return _IMPORTED
 
 

@@ -10,7 +10,8 @@ statistics per head); reading them back; scoring a new cube against the profile.
 
 Modules: sources.py (JSONL, text, Parquet, HF datasets, iterables), batching.py (length-bucketed
 batches and their ranks), shards.py (the Parquet files, resume checks), profile.py (the profile
-and compare), distributed.py (torchrun's environment), tracing.py (trace_dataset), reader.py."""
+and compare), distributed.py (torchrun's environment), writing.py (every file's atomic write, naming
+the file it cannot write; test-only kills), tracing.py (trace_dataset), reader.py."""
 
 from recon_fast.dataset.profile import Comparison, Profile, compare
 from recon_fast.dataset.reader import DatasetReader, open

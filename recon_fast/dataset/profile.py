@@ -178,7 +178,7 @@ class Profile:
                    histogram=d["histogram"], documents=d["documents"], tokens=d["tokens"], meta=d.get("meta", {}))
 
     def save(self, path: str | os.PathLike) -> None:
-        from recon_fast.cube.export import atomic_write
+        from recon_fast.dataset.writing import atomic_write  # a failed write names the file
 
         with atomic_write(path) as f:
             f.write(json.dumps(self.to_dict()).encode())

@@ -1,8 +1,9 @@
 """The Parquet files of a traced dataset, one shard at a time, and checking them on resume.
 
-A shard k of rank r is two or three files, each written atomically (temporary + rename,
-cube.export's atomic_write): `documents/rank{r}/part-{k:05d}.parquet` (one row per document:
-doc_id, source_row, tokens, token_ids, text_sha256); with attention statistics,
+A shard k of rank r is two or three files, each written atomically (temporary + rename;
+dataset.writing's atomic_write, which names a file it cannot write):
+`documents/rank{r}/part-{k:05d}.parquet` (one row per document: doc_id, source_row, tokens,
+token_ids, text_sha256); with attention statistics,
 `attention/rank{r}/part-{k:05d}.parquet` (one row per attention layer, document and head: doc_id,
 layer, layer_name, head, tokens, and a list<float32> column per statistic of ATTENTION_STATS);
 then `activations/rank{r}/part-{k:05d}.parquet` (one row per layer and document: doc_id, layer,
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_fast.cube.export import atomic_write
 from recon_fast.dataset.batching import Document
 from recon_fast.dataset.profile import Profile
+from recon_fast.dataset.writing import atomic_write
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
 
 META_KEY = b"recon_fast"

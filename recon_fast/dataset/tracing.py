@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
+import shutil
 import time
 import uuid
 from collections.abc import Iterable
@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon_fast.cube.export import atomic_write
 from recon_fast.cube.provenance import model_provenance
-from recon_fast.dataset import batching, distributed, progress as progress_bars, shards, sources
+from recon_fast.dataset import batching, distributed, progress as progress_bars, shards, sources, writing
 from recon_fast.dataset.profile import Profile
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
@@ -33,9 +32,7 @@ from recon_fast.trace.model_inputs import model_device
 MANIFEST = "manifest.json"
 PROFILE = "profile.json"
 FORMAT = "recon-fast dataset 1"
-# Test-only fault injection: "kill:RANK:SHARD" SIGKILLs that rank right after it commits that
-# shard, as a crash or a preempted node would (tests/test_dataset.py's resume test).
-FAULT_ENV = "RECON_FAST_DATASET_FAULT"
+FAULT_ENV = writing.FAULT_ENV  # test-only fault injection (kills at chosen moments): see dataset.writing
 
 
 def trace_dataset(model: torch.nn.Module, tokenizer, source: "str | os.PathLike | Iterable", out_dir: str | os.PathLike,
@@ -88,6 +85,14 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     if not resume and ((out_dir / MANIFEST).exists() or any(_rank_shards(out_dir, ranks.rank))):
         raise ValueError(f"{out_dir} already holds a traced dataset; pass --resume (resume=True) to continue "
                          "it, or choose a new folder")
+    # A killed run's debris: this run has written nothing yet, so any temporary is a dead run's
+    # (rank 0 owns the top-level files, each rank its own folders), and so are progress files,
+    # which a run without bars would never remove (no rank touches them before the gather below).
+    writing.remove_temporaries([out_dir / table / f"rank{ranks.rank}" for table in
+                                (shards.ACTIVATIONS, shards.ATTENTION, shards.DOCUMENTS)])
+    if ranks.rank == 0:
+        writing.remove_temporaries([out_dir], names=(PROFILE, MANIFEST))
+        shutil.rmtree(out_dir / progress_bars.FOLDER, ignore_errors=True)
     provenance = model_provenance(model)
     limit = position_limit(model)
     if limit is not None and (max_tokens is None or max_tokens > limit):
@@ -112,7 +117,6 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
     extra = ({"logits_to_keep": 1} if forward_takes(model, "logits_to_keep", or_kwargs=True)
              and not any(h.endswith("lm_head") for h in hooks) else {})
     config_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    fault = os.environ.get(FAULT_ENV, "")
 
     skipped_rows: list[int] = []
     truncated_rows: list[int] = []
@@ -162,8 +166,7 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
                         bar.advance(len(batch.docs), batch.tokens)
                     info = buffer.write(out_dir, ranks.rank, k, config_sha256)
                     part = buffer.profile
-                    if fault == f"kill:{ranks.rank}:{k}":
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    writing.after_commit(ranks.rank, k)
                 profile = part if profile is None else profile.merge(part)
                 heads = heads or info.get("heads")
                 files = {"activations": shards.ACTIVATIONS, "documents_file": shards.DOCUMENTS}
@@ -210,7 +213,7 @@ def _trace(model, tokenizer, source, out_dir: Path, ranks: distributed.Ranks, *,
             merged.meta = {"model": manifest["model"], "config_sha256": config_sha256,
                            "model_config_sha256": provenance.get("model_config_sha256")}
             merged.save(out_dir / PROFILE)
-            with atomic_write(out_dir / MANIFEST) as f:  # last: its presence says the run is complete
+            with writing.atomic_write(out_dir / MANIFEST) as f:  # last: its presence says the run is complete
                 f.write(json.dumps(manifest, indent=1).encode())
         ranks.barrier()
         return manifest
