@@ -151,6 +151,9 @@ def assert_same_profile(got: Profile, want: Profile, rtol: float) -> None:
     np.testing.assert_array_equal(got.max, want.max)
     np.testing.assert_allclose(got.mean, want.mean, rtol=rtol, atol=0)
     np.testing.assert_allclose(got.std, want.std, rtol=rtol, atol=0)
+    assert got.positions == want.positions  # and the position buckets alike
+    for got_bucket, want_bucket in zip(got.by_position or (), want.by_position or ()):
+        assert_same_profile(got_bucket, want_bucket, rtol)
 
 
 def test_single_process_output_and_reader(assets, single, one_thread):

@@ -7,7 +7,16 @@ Moments are merged with Chan's parallel formula in float64 (as ATen's WelfordOps
 batch into a shard's profile, then shard by shard and rank by rank, so the merge order changes the
 result only by float64 rounding; counts and histograms are integers and merge exactly. The
 histogram's edges are fixed (symmetric log, 10 bins a decade from 1e-6 to 1e6, one bin around 0,
-one below and one above the range), so histograms of any runs add up bin by bin."""
+one below and one above the range), so histograms of any runs add up bin by bin.
+
+Position buckets: a causal model's first token is in a class of its own (SmolLM2's residual norm
+there is ~23,770, the rest ~10-100; the attention sink, where a BOS goes when the tokenizer adds
+one), so pooled statistics flag token 0 of every prompt. The profile therefore also keeps one
+sub-profile per bucket of positions within the document (POSITION_BUCKETS: position 0 and the
+rest), and compare() scores each token against its own bucket. The pooled arrays stay at the top
+level (they are the buckets merged), so readers of the old format keep working. A profile whose
+values came without positions (or a file from before buckets, format 1) is pooled only: it still
+loads and compares, with a warning naming the file."""
 
 from __future__ import annotations
 
@@ -19,7 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "recon-fast profile 1"
+FORMAT = "recon-fast profile 2"
+POOLED_FORMAT = "recon-fast profile 1"  # before position buckets: still read, pooled only
+# Starts of the position buckets: [0, 1) and [1, inf). Position = index among a document's real
+# tokens (the model's own position in the forward: documents are never split into windows).
+POSITION_BUCKETS = (0, 1)
 _MAGNITUDES = np.array([10.0 ** (k / 10) for k in range(-60, 61)])  # 1e-6 .. 1e6, 10 a decade
 # Ascending edges: -1e6 ... -1e-6, 1e-6 ... 1e6; bin b holds edges[b-1] <= v < edges[b]
 # (np.searchsorted(edges, v, "right")), bin 0 everything below -1e6 and the last above 1e6.
@@ -42,6 +55,10 @@ class Profile:
     documents: int = 0
     tokens: int = 0
     meta: dict = field(default_factory=dict)
+    # Bucket starts (ascending, from 0), None for a pooled-only profile; by_position holds one
+    # pooled-only Profile per bucket, the same layers and metrics.
+    positions: tuple[int, ...] | None = POSITION_BUCKETS
+    by_position: list["Profile"] | None = None
 
     def __post_init__(self):
         shape = (len(self.layers), len(self.metrics))
@@ -53,14 +70,61 @@ class Profile:
             setattr(self, name, np.full(shape, fill, dtype) if value is None else np.asarray(value, dtype))
         self.histogram = (np.zeros((*shape, BINS), np.int64) if self.histogram is None
                           else np.asarray(self.histogram, np.int64))
+        if self.positions is None:
+            self.by_position = None
+            return
+        self.positions = tuple(int(p) for p in self.positions)
+        starts = self.positions
+        if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"position buckets must start at 0 and increase, got {list(self.positions)}")
+        if self.by_position is None:
+            self.by_position = [Profile(self.layers, self.metrics, positions=None) for _ in self.positions]
+        if len(self.by_position) != len(self.positions):
+            raise ValueError(f"{len(self.by_position)} position buckets for {len(self.positions)} starts")
+
+    @property
+    def pooled(self) -> bool:
+        """True when every position is in one distribution (no position buckets)."""
+        return self.positions is None
+
+    def bucket_of(self, positions: np.ndarray) -> np.ndarray:
+        """The bucket index of each position (same shape); positions below 0 (padding) get -1."""
+        positions = np.asarray(positions)
+        return np.where(positions >= 0, np.searchsorted(self.positions, positions, side="right") - 1, -1)
+
+    def bucket_name(self, b: int) -> str:
+        start = self.positions[b]
+        end = self.positions[b + 1] if b + 1 < len(self.positions) else None
+        if end == start + 1:
+            return f"position {start}"
+        return f"positions {start}+" if end is None else f"positions {start}-{end - 1}"
 
     # ---- accumulating ---------------------------------------------------------------------
-    def add(self, values: np.ndarray, documents: int = 0) -> None:
-        """values: [layers, tokens, metrics] (real tokens only: padding never comes here)."""
+    def add(self, values: np.ndarray, documents: int = 0, positions: np.ndarray | None = None) -> None:
+        """values: [layers, tokens, metrics] (real tokens only: padding never comes here);
+        positions: [tokens] int, each token's position in its document. Without positions the
+        values cannot go to a bucket, and the profile becomes pooled only (its buckets dropped)."""
         values = np.asarray(values)
+        self.documents += documents
+        if positions is None or self.pooled:
+            self.positions = self.by_position = None
+            self._add_values(values)
+            return
+        positions = np.asarray(positions)
+        if positions.shape != values.shape[1:2]:
+            raise ValueError(f"positions is {list(positions.shape)}, expected one per token ({values.shape[1]})")
+        if positions.size and positions.min() < 0:
+            raise ValueError("positions must be 0 or more (padding never comes here)")
+        bucket = self.bucket_of(positions)
+        for b, sub in enumerate(self.by_position):
+            part = Profile(self.layers, self.metrics, positions=None)
+            part._add_values(values[:, bucket == b])
+            sub._merge_stats(part)
+            self._merge_stats(part)  # the pooled arrays: the buckets merged
+
+    def _add_values(self, values: np.ndarray) -> None:
         layers, n, metrics = values.shape
         finite = np.isfinite(values)
-        self.documents += documents
         self.tokens += n
         if n == 0:
             return
@@ -89,10 +153,24 @@ class Profile:
         """Adds `other` (same layers and metrics) into this profile; returns self."""
         if list(other.layers) != list(self.layers) or tuple(other.metrics) != self.metrics:
             raise ValueError("profiles of different layers or metrics cannot be merged")
+        empty = self.tokens == 0 and self.documents == 0
+        if not self.pooled and not other.pooled and self.positions == other.positions:
+            for mine, theirs in zip(self.by_position, other.by_position):
+                mine._merge_stats(theirs)
+        elif empty and not self.pooled and not other.pooled:  # an empty profile takes the other's
+            self.positions = other.positions
+            self.by_position = [Profile(self.layers, self.metrics, positions=None)._merge_stats(b)
+                                for b in other.by_position]
+        else:  # buckets that differ or are missing on one side: pooled only
+            self.positions = self.by_position = None
+        self._merge_stats(other)
+        self.documents += other.documents
+        return self
+
+    def _merge_stats(self, other: "Profile") -> "Profile":
         self._merge_moments(other.count, other.mean, other.m2, other.min, other.max)
         self.histogram += other.histogram
         self.nonfinite += other.nonfinite
-        self.documents += other.documents
         self.tokens += other.tokens
         return self
 
@@ -149,33 +227,71 @@ class Profile:
 
     # ---- files ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        return {"format": FORMAT, "layers": list(self.layers), "metrics": list(self.metrics),
+                "documents": self.documents, "tokens": self.tokens, "meta": self.meta,
+                "histogram_edges": EDGES.tolist(), **self._cells(),
+                # null: pooled only. Each bucket holds the same per-cell lists as the top level.
+                "position_buckets": None if self.pooled else [
+                    {"start": start, "name": self.bucket_name(b), "tokens": sub.tokens, **sub._cells()}
+                    for b, (start, sub) in enumerate(zip(self.positions, self.by_position))]}
+
+    def _cells(self) -> dict:
         def floats(a):  # JSON has no inf: an empty cell's min/max are null
             return [[None if not np.isfinite(x) else float(x) for x in row] for row in a]
 
         quantiles = {name: floats(self.quantile(q)) for name, q in QUANTILES.items()}
-        return {
-            "format": FORMAT, "layers": list(self.layers), "metrics": list(self.metrics),
-            "documents": self.documents, "tokens": self.tokens, "meta": self.meta,
-            "histogram_edges": EDGES.tolist(),
-            # every per-cell list is [layers][metrics]; histogram [layers][metrics][bins]
-            "count": self.count.tolist(), "mean": floats(self.mean), "std": floats(self.std),
-            "min": floats(self.min), "max": floats(self.max), "m2": floats(self.m2),
-            "nonfinite": self.nonfinite.tolist(), "histogram": self.histogram.tolist(), **quantiles,
-        }
+        # every per-cell list is [layers][metrics]; histogram [layers][metrics][bins]
+        return {"count": self.count.tolist(), "mean": floats(self.mean), "std": floats(self.std),
+                "min": floats(self.min), "max": floats(self.max), "m2": floats(self.m2),
+                "nonfinite": self.nonfinite.tolist(), "histogram": self.histogram.tolist(), **quantiles}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
-        if d.get("format") != FORMAT:
+        if d.get("format") not in (FORMAT, POOLED_FORMAT):
             raise ValueError(f"not a recon-fast profile (format {d.get('format')!r}, expected {FORMAT!r})")
         if d["histogram_edges"] != EDGES.tolist():
             raise ValueError("the profile's histogram edges differ from this version's")
 
-        def arr(key, fill):
-            return np.array([[fill if x is None else x for x in row] for row in d[key]], np.float64)
+        def cells(c: dict) -> dict:
+            def arr(key, fill):
+                return np.array([[fill if x is None else x for x in row] for row in c[key]], np.float64)
 
-        return cls(d["layers"], tuple(d["metrics"]), count=d["count"], mean=arr("mean", 0.0), m2=arr("m2", 0.0),
-                   min=arr("min", np.inf), max=arr("max", -np.inf), nonfinite=d["nonfinite"],
-                   histogram=d["histogram"], documents=d["documents"], tokens=d["tokens"], meta=d.get("meta", {}))
+            return {"count": c["count"], "mean": arr("mean", 0.0), "m2": arr("m2", 0.0), "min": arr("min", np.inf),
+                    "max": arr("max", -np.inf), "nonfinite": c["nonfinite"], "histogram": c["histogram"]}
+
+        buckets = d.get("position_buckets")
+        by_position = None if buckets is None else [
+            cls(d["layers"], tuple(d["metrics"]), **cells(c), tokens=c["tokens"], positions=None) for c in buckets]
+        return cls(d["layers"], tuple(d["metrics"]), **cells(d), documents=d["documents"], tokens=d["tokens"],
+                   meta=d.get("meta", {}), positions=None if buckets is None else [c["start"] for c in buckets],
+                   by_position=by_position)
+
+    def to_state(self) -> dict:
+        """A compact JSON form of a partial profile (sparse histograms), for a shard's metadata."""
+        def cells(p: "Profile") -> dict:
+            flat = p.histogram.ravel()
+            nonzero = np.flatnonzero(flat)
+            return {"count": p.count.tolist(), "mean": p.mean.tolist(), "m2": p.m2.tolist(), "min": p.min.tolist(),
+                    "max": p.max.tolist(), "nonfinite": p.nonfinite.tolist(),
+                    "histogram": [nonzero.tolist(), flat[nonzero].tolist()], "tokens": p.tokens}
+
+        return {**cells(self), "documents": self.documents,
+                "positions": None if self.pooled else list(self.positions),
+                "by_position": None if self.pooled else [cells(sub) for sub in self.by_position]}
+
+    @classmethod
+    def from_state(cls, layers: list[str], metrics: tuple[str, ...], state: dict) -> "Profile":
+        """to_state()'s inverse; a state from before position buckets gives a pooled profile."""
+        def build(c: dict, **extra) -> "Profile":
+            profile = cls(list(layers), metrics, count=c["count"], mean=c["mean"], m2=c["m2"], min=c["min"],
+                          max=c["max"], nonfinite=c["nonfinite"], tokens=c["tokens"], **extra)
+            index, counts = c["histogram"]
+            profile.histogram.ravel()[np.asarray(index, np.int64)] = counts
+            return profile
+
+        buckets = state.get("by_position")
+        return build(state, documents=state["documents"], positions=state.get("positions") if buckets else None,
+                     by_position=[build(c, positions=None) for c in buckets] if buckets else None)
 
     def save(self, path: str | os.PathLike) -> None:
         from recon_fast.dataset.writing import atomic_write  # a failed write names the file
@@ -192,6 +308,11 @@ class Profile:
         with reading(path, "recon-fast profile (profile.json)"):
             profile = cls.from_dict(json.loads(Path(path).read_bytes()))
             profile.check_shapes()
+        if profile.pooled:
+            warnings.warn(f"{os.fspath(path)} pools every token position into one distribution (written before "
+                          "position buckets, or from values without positions): a prompt's first token, in a class "
+                          "of its own in many models, is scored against all positions; run trace-dataset again to "
+                          "keep position 0 apart", UserWarning, stacklevel=2)
         return profile
 
     def check_shapes(self) -> None:
@@ -203,6 +324,11 @@ class Profile:
                 raise ValueError(f"{name} is {list(getattr(self, name).shape)}, expected layers x metrics = {list(shape)}")
         if self.histogram.shape != (*shape, BINS):
             raise ValueError(f"histogram is {list(self.histogram.shape)}, expected {[*shape, BINS]}")
+        for b, sub in enumerate(self.by_position or ()):
+            try:
+                sub.check_shapes()
+            except ValueError as exc:
+                raise ValueError(f"position bucket {b}: {exc}") from None
 
 
 @dataclass
@@ -213,6 +339,8 @@ class Comparison:
     metrics: tuple[str, ...]
     z: np.ndarray  # [layers, batch, tokens, metrics]
     percentile: np.ndarray  # [layers, batch, tokens, metrics], 0-100
+    # The profile's bucket starts each token was scored within (None: against every position pooled)
+    position_buckets: tuple[int, ...] | None = None
 
     def top(self, k: int = 10, metric: str | None = None) -> list[tuple[str, int, int, str, float, float]]:
         """The k values farthest from the profile's mean: (layer, batch, token, metric, z, percentile)."""
@@ -236,8 +364,10 @@ class Comparison:
 
 def compare(profile: "Profile | str | os.PathLike", cube) -> Comparison:
     """Scores `cube` (an ActivityCube) against a dataset profile (a Profile or a profile.json):
-    per layer, token and metric, z = (value - mean) / std and the percentile. Layers are matched
-    by name (the k-th entry of a name with the k-th in the profile)."""
+    per layer, token and metric, z = (value - mean) / std and the percentile, against the
+    statistics of the token's position bucket (its position: its index among the row's real
+    tokens, as in the dataset). Layers are matched by name (the k-th entry of a name with the k-th
+    in the profile)."""
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
     traced = profile.meta.get("model_config_sha256")
@@ -258,7 +388,13 @@ def compare(profile: "Profile | str | os.PathLike", cube) -> Comparison:
     shape = (cube.num_layers, *cube.data.shape[1:3], len(metrics))
     z = np.full(shape, np.nan)
     percentile = np.full(shape, np.nan)
-    std = profile.std
+    # Per bucket: the statistics to score against and where its tokens are ([batch, tokens] bool).
+    if profile.pooled:
+        groups = [(profile, np.ones(cube.data.shape[1:3], bool))]
+    else:
+        bucket = profile.bucket_of(token_positions(cube))
+        groups = [(sub, bucket == b) for b, sub in enumerate(profile.by_position)]
+    stds = [group.std for group, _ in groups]
     seen = {}
     for i, name in enumerate(cube.layer_names):
         p = index.get((name, seen.get(name, 0)))
@@ -267,10 +403,21 @@ def compare(profile: "Profile | str | os.PathLike", cube) -> Comparison:
             continue
         for j, metric in enumerate(metrics):
             pm = profile.metrics.index(metric)
-            values = cube.data[i, ..., cube.metrics.index(metric)].astype(np.float64)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                z[i, ..., j] = (values - profile.mean[p, pm]) / std[p, pm]
-            percentile[i, ..., j] = profile.percentile(p, pm, values)
+            values = cube.data[i, ..., cube.metrics.index(metric)].astype(np.float64)  # [batch, tokens]
+            for (group, where), std in zip(groups, stds):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    z[i, ..., j][where] = (values[where] - group.mean[p, pm]) / std[p, pm]
+                percentile[i, ..., j][where] = group.percentile(p, pm, values[where])
     if not np.isfinite(z).any() and not any((n, 0) in index for n in cube.layer_names):
         raise ValueError("no layer of the cube is in the profile (were they traced with the same --layers?)")
-    return Comparison(list(cube.layer_names), tuple(metrics), z, percentile)
+    return Comparison(list(cube.layer_names), tuple(metrics), z, percentile, profile.positions)
+
+
+def token_positions(cube) -> np.ndarray:
+    """[batch, tokens] int: each token's index among its row's real tokens, as the dataset's
+    profile counts positions (left or right padding alike); -1 at padding."""
+    batch, tokens = cube.data.shape[1:3]
+    if cube.padding_mask is None:
+        return np.broadcast_to(np.arange(tokens), (batch, tokens))
+    real = ~np.asarray(cube.padding_mask, bool)
+    return np.where(real, np.cumsum(real, axis=1) - 1, -1)

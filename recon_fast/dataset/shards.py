@@ -65,7 +65,8 @@ class ShardBuffer:
         self.docs.extend(docs)
         for layer in range(len(self.layer_names)):
             self.values[layer].append(data[layer][mask])
-        self.profile.add(data[:, mask], documents=len(docs))
+        positions = np.broadcast_to(np.arange(mask.shape[1]), mask.shape)[mask]  # right-padded: index = position
+        self.profile.add(data[:, mask], documents=len(docs), positions=positions)
         if self.attention_layers is not None:
             if attention is None or not self.attention_layers:
                 raise RuntimeError("attention='stats' recorded no attention layer in this model's forward")
@@ -207,18 +208,8 @@ def _intact_rows(path: Path, full_read: bool) -> int | None:
 
 def profile_state(profile: Profile) -> dict:
     """A compact JSON form of a partial profile (sparse histogram) for a shard's metadata."""
-    flat = profile.histogram.ravel()
-    nonzero = np.flatnonzero(flat)
-    return {"count": profile.count.tolist(), "mean": profile.mean.tolist(), "m2": profile.m2.tolist(),
-            "min": profile.min.tolist(), "max": profile.max.tolist(), "nonfinite": profile.nonfinite.tolist(),
-            "histogram": [nonzero.tolist(), flat[nonzero].tolist()], "documents": profile.documents,
-            "tokens": profile.tokens}
+    return profile.to_state()
 
 
 def profile_from_state(layers: list[str], metrics: tuple[str, ...], state: dict) -> Profile:
-    profile = Profile(list(layers), metrics, count=state["count"], mean=state["mean"], m2=state["m2"],
-                      min=state["min"], max=state["max"], nonfinite=state["nonfinite"],
-                      documents=state["documents"], tokens=state["tokens"])
-    index, counts = state["histogram"]
-    profile.histogram.ravel()[np.asarray(index, np.int64)] = counts
-    return profile
+    return Profile.from_state(layers, metrics, state)
