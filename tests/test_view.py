@@ -231,8 +231,8 @@ class Page:
     """A page of the viewer opened from disk, with everything that would fail it recorded: console
     errors and warnings, uncaught exceptions, and every request the page makes."""
 
-    def __init__(self, browser, path: Path | None = None, content: str | None = None):
-        self.page = browser.new_page(viewport={"width": 1200, "height": 900})
+    def __init__(self, browser, path: Path | None = None, content: str | None = None, width: int = 1200):
+        self.page = browser.new_page(viewport={"width": width, "height": 900})
         self.problems, self.requests = [], []
         self.page.on("console", lambda m: m.type in ("error", "warning") and self.problems.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.problems.append(f"exception: {e}"))
@@ -293,13 +293,15 @@ def test_metric_scale_and_normalisation_change_the_picture(cube_page):
     seen = [page.pixels()]
     heading = page.js("() => document.querySelector('.rfv-section .rfv-subtitle').textContent")
     assert "sequential" in heading
-    for name, value in [("scale", "log"), ("norm", "layer"), ("metric", "mean")]:
+    opening = page.js("() => document.querySelector('select[name=scale]').value")  # see test_opening_scale_*
+    other = {"log": "linear", "linear": "log"}[opening]
+    for name, value in [("scale", other), ("norm", "layer"), ("metric", "mean")]:
         page.page.select_option(f"select[name={name}]", value)
         seen.append(page.pixels())
     heading = page.js("() => document.querySelector('.rfv-section .rfv-subtitle').textContent")
     assert "diverging" in heading and "each layer on its own range" in heading
     assert len(set(seen)) == len(seen), "every switch must change the heatmap"
-    for name, value in [("scale", "linear"), ("norm", "global"), ("metric", "energy")]:
+    for name, value in [("scale", opening), ("norm", "global"), ("metric", "energy")]:
         page.page.select_option(f"select[name={name}]", value)
     assert page.pixels() == seen[0]
     page.check_clean()
@@ -467,3 +469,89 @@ def test_a_real_top_k_source_attribution_renders(browser, tmp_path):
     assert "each head's 2 largest sources kept" in page.js("() => document.querySelector('.rfv-note').textContent")
     page.check_clean()
     page.close()
+
+
+# ---- the opening scale, the width, the --versus label -----------------------------------------------
+def first_token_cube(tokens=24, first=23770.0, seed=4) -> ActivityCube:
+    """A SmolLM2-like residual stream: energies ~10-60 everywhere but token 0, ~23,770 (the model's
+    first-token activations, a class of their own)."""
+    rng = np.random.default_rng(seed)
+    data = rng.uniform(10, 60, size=(8, 1, tokens, len(METRICS))).astype(np.float32)
+    data[..., 1] -= 35  # the mean: signed
+    data[:, 0, 0, 0] = first
+    return ActivityCube(tokens=[[f" t{i}" for i in range(tokens)]], layer_names=[f"model.layers.{i}" for i in range(8)],
+                        metrics=METRICS, data=data, meta={"model_name": "synthetic"})
+
+
+def scale_and_heading(page: Page) -> tuple[str, str]:
+    return (page.js("() => document.querySelector('select[name=scale]').value"),
+            page.js("() => document.querySelector('.rfv-section .rfv-subtitle').textContent"))
+
+
+def test_opening_scale_is_log_when_values_span_more_than_100x(browser, tmp_path):
+    first_token_cube().to_html(tmp_path / "wide.html")
+    page = Page(browser, tmp_path / "wide.html")
+    scale, heading = scale_and_heading(page)
+    assert scale == "log" and "energy" in heading and ", log (the largest |value| is" in heading, heading
+    # on log the other tokens are not one colour: the cells of token 1.. use many colour indices
+    idx = np.array(page.js("() => Array.from(document.querySelector('.rfv').rfv.heatmaps.A.map.idx)")).reshape(8, 24)
+    assert len(np.unique(idx[:, 1:])) > 20, np.unique(idx[:, 1:])
+    page.page.select_option("select[name=scale]", "linear")  # the user's choice then holds for every metric
+    page.page.select_option("select[name=metric]", "std")
+    assert scale_and_heading(page)[0] == "linear"
+    page.check_clean()
+    page.close()
+
+    first_token_cube(first=500.0).to_html(tmp_path / "narrow.html")  # 500 / ~35: under 100x
+    page = Page(browser, tmp_path / "narrow.html")
+    scale, heading = scale_and_heading(page)
+    assert scale == "linear" and "linear (the largest |value| is" in heading, heading
+    page.check_clean()
+    page.close()
+
+
+def test_pages_fit_1280_px_without_sideways_scrolling(browser, tmp_path):
+    """The document and every element in it: a 300-token prompt's token strip used to be one line
+    that scrolled sideways. A hover at the right edge must not widen the page either."""
+    long = synthetic_cube(layers=30, tokens=300)
+    long.tokens[0][7] = "a_token_longer_than_any_strip_could_hold" * 40
+    long.to_html(tmp_path / "long.html")
+    synthetic_cube().to_html(tmp_path / "compare.html", compare=synthetic_cube(seed=3))
+    view.attribution_html(versus_document(), tmp_path / "versus.html")
+    for name in ("long", "compare", "versus"):
+        page = Page(browser, tmp_path / f"{name}.html", width=1280)
+        if name == "long":
+            page.hover_cell("heatmaps.A.map", 29, 299)
+        widths = page.js("""() => ({document: document.documentElement.scrollWidth,
+            scrolling: [...document.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX !== 'visible'
+                         && getComputedStyle(e).overflowX !== 'hidden')
+            .map(e => e.className + ' ' + e.scrollWidth + '/' + e.clientWidth)})""")
+        assert widths["document"] <= 1280 and widths["scrolling"] == [], (name, widths)
+        page.check_clean()
+        page.close()
+
+
+def versus_document() -> dict:
+    document = attribution_document()
+    document["sequences"][0].update(target_text=" Paris", versus_id=4528, versus_text=" London")
+    return document
+
+
+def test_a_versus_page_says_logit_difference(browser, tmp_path):
+    view.attribution_html(versus_document(), tmp_path / "versus.html")
+    view.attribution_html(attribution_document(), tmp_path / "plain.html")
+    texts = {}
+    for name in ("versus", "plain"):
+        page = Page(browser, tmp_path / f"{name}.html")
+        texts[name] = page.js("() => [document.querySelector('.rfv-target').textContent, "
+                              "...[...document.querySelectorAll('.rfv-subtitle')].map(e => e.textContent)]")
+        page.check_clean()
+        page.close()
+    header = texts["versus"][0]
+    bars = [t for t in texts["versus"][1:] if t.startswith("Top contributors")]
+    assert 'Token " Paris"' in header and 'logit difference vs " London"' in header, header
+    assert bars and bars[0].startswith('Top contributors to the logit difference vs " London"'), bars
+    assert any('rather than " London"' in t for t in texts["versus"][2:]), texts["versus"]
+    assert not any("difference" in t for t in texts["plain"]), texts["plain"]
+    title = view.attribution_payload(versus_document())["title"]
+    assert 'direct logit attribution (logit difference vs " London")' in title, title

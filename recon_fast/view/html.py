@@ -195,6 +195,9 @@ def attribution_payload(document: dict, title: str | None = None) -> dict:
         raise ValueError("not an attribution document: expected `labels` and `sequences` "
                          "(recon-fast attribute --json) or `steps` (recon-fast cot --json)")
     what = "chain of thought" if "steps" in document else "direct logit attribution"
+    versus = [s["versus_text"] for s in document.get("sequences", ()) if s.get("versus_text") is not None]
+    if versus:  # a --versus run: its logit is a difference (viewer.js says so on every label too)
+        what += f" (logit difference vs {orjson.dumps(versus[0]).decode()})"
     return {"kind": "attribution", "title": title or f"{what} \u2014 {document.get('model') or 'recon-fast'}",
             "attribution": document}
 

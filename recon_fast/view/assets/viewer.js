@@ -95,6 +95,28 @@
     return { lo: lo, hi: hi, pos: pos, perRow: perRow, signed: neg };
   }
 
+  // How far the largest magnitude is above the typical one: max |v| over the median |v| of the
+  // finite non-zero values (the median from at most ~100k of them, evenly strided). A cube whose
+  // first token is ~1000x the rest (SmolLM2's residual stream) is one bright column on a linear
+  // scale; past LOG_SPREAD the view opens on log, where the other tokens show.
+  var LOG_SPREAD = 100;
+  function spread(list) {
+    var total = 0, max = 0, sample = [];
+    list.forEach(function (a) { total += a.values.length; });
+    var stride = Math.max(1, Math.ceil(total / 100000));
+    list.forEach(function (a) {
+      for (var i = 0; i < a.values.length; i++) {
+        var v = Math.abs(a.values[i]);
+        if (!(v > 0) || v === Infinity) continue;
+        if (v > max) max = v;
+        if (i % stride === 0) sample.push(v);
+      }
+    });
+    if (!sample.length) return 1;
+    sample.sort(function (x, y) { return x - y; });
+    return max / sample[sample.length >> 1];
+  }
+
   function params(scale, st, g) {
     var lo = st.lo[g], hi = st.hi[g];
     if (!(hi >= lo)) return null;  // no finite value in the group
@@ -468,7 +490,9 @@
     var cubes = meta.cubes.map(function (c) { return Object.assign({ data: data.subarray(c.offset, c.offset + c.size) }, c); });
     var A = cubes[0], B = cubes[1] || null;
     var metrics = A.metrics.filter(function (m) { return !B || B.metrics.indexOf(m) >= 0; });
-    var S = { metric: metrics[0], scale: 'linear', norm: 'global', batch: 0, mode: B ? 'side' : 'A',
+    // scaleChosen: false until the user picks a scale; until then each metric opens on its own
+    // best (log past LOG_SPREAD, else linear).
+    var S = { metric: metrics[0], scale: 'linear', scaleChosen: false, norm: 'global', batch: 0, mode: B ? 'side' : 'A',
       token: -1, layer: A.layers.length - 1, stat: null, head: null };
     var app = { state: S, heatmaps: {}, charts: {} };
     root.rfv = app;
@@ -483,7 +507,8 @@
     var bar = el('div', 'rfv-controls', root);
     if (B) select(bar, 'show', 'mode', [['side', 'A and B'], ['diff', 'A \u2212 B'], ['A', 'A'], ['B', 'B']], S.mode, function (v) { S.mode = v; render(); });
     select(bar, 'metric', 'metric', metrics, S.metric, function (v) { S.metric = v; render(); });
-    select(bar, 'scale', 'scale', [['linear', 'linear'], ['log', 'log']], S.scale, function (v) { S.scale = v; render(); });
+    var scaleSelect = select(bar, 'scale', 'scale', [['linear', 'linear'], ['log', 'log']], S.scale,
+      function (v) { S.scale = v; S.scaleChosen = true; render(); });
     select(bar, 'normalise', 'norm', [['global', 'global'], ['layer', 'per layer']], S.norm, function (v) { S.norm = v; render(); });
     var batches = Math.min(A.batch, B ? B.batch : A.batch);
     if (batches > 1) {
@@ -579,14 +604,22 @@
       return [{ which: 'A', values: slice(c, S.metric), cols: c.T, name: B ? S.mode : '' }];
     }
 
+    var spreads = {};  // spread() of what is shown, per metric, mode and sequence: clicks redraw often
     function render(selectionOnly) {
       var items = shown();
-      var stats = groupStats(items, L, S.norm === 'layer');
+      var stats = groupStats(items, L, S.norm === 'layer'), why = '';
+      if (!S.scaleChosen) {
+        var key = S.metric + '|' + S.mode + '|' + S.batch;
+        var ratio = key in spreads ? spreads[key] : (spreads[key] = spread(items));
+        S.scale = scaleSelect.value = ratio > LOG_SPREAD ? 'log' : 'linear';
+        why = ' (the largest |value| is ' + (ratio < 1e4 ? ratio.toPrecision(3) : ratio.toExponential(1)) + '\u00d7 the median' +
+          (S.scale === 'log' ? '' : ': linear up to ' + LOG_SPREAD + '\u00d7') + ')';
+      }
       var scale = { kind: stats.signed ? 'div' : 'seq', log: S.scale === 'log', perRow: S.norm === 'layer' };
       app.scale = scale;
       heading.textContent = 'layers \u00d7 tokens \u2014 ' + S.metric + (S.mode === 'diff' ? ' (A \u2212 B, tokens aligned by index)' : '') +
         ' \u00b7 ' + (scale.kind === 'div' ? 'diverging (signed values)' : 'sequential (non-negative values)') +
-        (scale.log ? (scale.kind === 'div' ? ', symmetric log' : ', log') : ', linear') + (scale.perRow ? ', each layer on its own range' : '');
+        (scale.log ? (scale.kind === 'div' ? ', symmetric log' : ', log') : ', linear') + why + (scale.perRow ? ', each layer on its own range' : '');
       var T = Math.max.apply(null, items.map(function (i) { return i.cols; }));
       if (S.token >= T) S.token = T - 1;
       Object.keys(app.heatmaps).forEach(function (k) {
@@ -816,8 +849,11 @@
       if (steps) Array.prototype.forEach.call(steps.children, function (b, i) { b.classList.toggle('rfv-sel', i === S.entry); });
       var values = seq.values, labels = a.labels, terms = labels.map(layerTerm), tokens = tokensOf(doc, a, seq, si);
       var mag = magnitudes(terms, values, seq);
+      // A --versus run attributes logit(target) - logit(versus): every label says it is a difference.
+      var versus = seq.versus_text != null ? shownToken(seq.versus_text) : null;
+      var logitName = versus ? 'logit difference vs ' + versus : 'logit';
       header.textContent = (e.title ? e.title + ': ' + shownToken(e.text) + ' \u2014 ' : '') + 'Token ' + shownToken(seq.target_text) +
-        ' (' + e.where + ') \u00b7 logit ' + seq.logit.toFixed(4) + ' \u00b7 sum of ' + labels.length + ' terms ' + seq.total.toFixed(4);
+        ' (' + e.where + ') \u00b7 ' + logitName + ' ' + seq.logit.toFixed(4) + ' \u00b7 sum of ' + labels.length + ' terms ' + seq.total.toFixed(4);
       var said = [];
       if (a.source_top_k != null) {
         said.push('Sources: each head\'s ' + a.source_top_k + ' largest sources kept' +
@@ -834,7 +870,7 @@
       var of = S.share === 'top' ? topSum : mag.total;
       var longest = order.length ? Math.abs(values[order[0]]) : 1;
       bars.textContent = '';
-      el('div', 'rfv-subtitle', bars, 'Top contributors to the logit (percent of ' + (S.share === 'top'
+      el('div', 'rfv-subtitle', bars, 'Top contributors to the ' + logitName + ' (percent of ' + (S.share === 'top'
         ? 'the ' + order.length + ' listed, as HexRay)' : 'all terms\u2019 magnitude' +
           (mag.single.length < labels.length ? ', the sources in S_rest counted one by one)' : ')')));
       var names = order.map(function (i) { return hexName(labels[i], tokens); });
@@ -882,7 +918,8 @@
         ' per layer, the MLP term beside them' + (has.mlp_bias ? ' (and its output bias)' : '') +
         (has.sources ? '; a head\u2019s cell sums its source terms' + (has.rest ? ' and S_rest' : '') : '') +
         (has.neurons ? '; an MLP\u2019s cell sums its neurons' : '') +
-        ' \u2014 logit contribution (red: toward the token, blue: against)';
+        ' \u2014 ' + (versus ? 'contribution to the ' + logitName + ' (red: toward the token rather than ' + versus + ', blue: against)'
+          : 'logit contribution (red: toward the token, blue: against)');
       if (!grid) {
         grid = new Heatmap(gridSec, {
           height: Math.min(Math.max(nl * 18 + 44, 180), 760), maxCellW: 44, maxCellH: 20, zoom: false, left: 48,
