@@ -109,7 +109,7 @@ def test_a_load_through_a_pipe_is_one_line_without_carriage_returns(model_folder
     assert run.returncode == 0, run.stderr
     assert "\r" not in run.stderr and "\r" not in run.stdout
     lines = run.stderr.strip().splitlines()
-    assert any(line.startswith(f"model {model_folder} loaded in ") and line.endswith(" s") for line in lines), lines
+    assert any(line.startswith(f"model {model_folder} loaded in ") and line.endswith(" s since start") for line in lines), lines
 
 
 @pytest.mark.parametrize("command", ["heads", "residual", "attribute", "cot"])
@@ -135,8 +135,19 @@ def test_progress_bars_are_off_inside_the_load_unless_verbose():
 def test_device_map_reaches_load_model(model_folder, loads, tmp_path, capsys):
     code = cli.main(["trace", "--model", model_folder, "--prompt", "t5 t9", "--device-map", '{"": "cpu"}',
                      "--out", str(tmp_path / "c.json"), "--layers", "residual"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
     assert loads[0]["device_map"] == {"": "cpu"} and loads[0]["device"] is None
+    # the split in one line, after the load's own line (which also counts the imports before it)
+    lines = err.strip().splitlines()
+    loaded = next(i for i, line in enumerate(lines) if line.startswith(f"model {model_folder} loaded in "))
+    assert lines[loaded].endswith(" s since start") and lines[loaded + 1] == "device map: all on cpu", lines
+
+
+def test_no_device_map_no_split_line(model_folder, loads, tmp_path, capsys):
+    assert cli.main(["trace", "--model", model_folder, "--prompt", "t5 t9", "--out", str(tmp_path / "c.json"),
+                     "--layers", "residual"]) == 0
+    assert "device map:" not in capsys.readouterr().err
 
 
 # ---- checked before the load ---------------------------------------------------------------------
@@ -211,3 +222,18 @@ def test_trace_json_summarises_what_the_table_shows(model_folder, tmp_path, caps
     peaks = sorted(((float(energy[i].max()), name) for i, name in enumerate(cube.layer_names)), reverse=True)[:2]
     assert [(r["layer"], round(r["peak_energy"], 4)) for r in result["peak_energy"]] == \
         [(name, round(peak, 4)) for peak, name in peaks]
+
+
+def test_the_forward_bar_is_drawn_only_on_a_terminal(monkeypatch):
+    import recon_fast.cli as cli_package
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log
+    assert cli_package._progress(10, True, "forward") is None
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = cli_package._progress(10, True, "forward")
+    assert bar is not None
+    bar.close()

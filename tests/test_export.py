@@ -51,6 +51,21 @@ def test_schema_key_by_key(tmp_path):
     assert len(prov["model_config_sha256"]) == 64
 
 
+def test_the_config_fingerprint_does_not_depend_on_where_the_model_was_loaded_from(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from recon_fast.cube.provenance import model_provenance
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "a")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert loaded.config._name_or_path != model.config._name_or_path
+    fingerprint = model_provenance(model)["model_config_sha256"]
+    assert model_provenance(loaded)["model_config_sha256"] == fingerprint
+    loaded.config.num_attention_heads *= 2  # a real change of the architecture still shows
+    assert model_provenance(loaded)["model_config_sha256"] != fingerprint
+
+
 def test_batch_lists_are_per_sequence(tmp_path):
     tracer, _ = traced_cube(batch=3)
     doc = tracer.cube.to_dict()

@@ -238,3 +238,21 @@ def test_the_cached_smollm2_equals_the_gguf_weights_and_tokenizer(smollm2_cache)
     assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
     assert tokenizer.chat_template == reference.chat_template
     assert (tokenizer.eos_token, tokenizer.bos_token) == (reference.eos_token, reference.bos_token)
+
+
+def test_a_checked_folder_is_not_read_again_until_a_file_changes(tmp_path, source, monkeypatch):
+    # A command checks the cache before the load and in it: the CRC-32s are read once per process.
+    folder, _ = model_cache.cached_folder("tiny", source, tiny_build(), root=tmp_path / "cache")
+    sha = model_cache.source_sha256(source, tmp_path / "cache")
+    reads = []
+    crc32 = model_cache._crc32
+    monkeypatch.setattr(model_cache, "_crc32", lambda path: reads.append(path.name) or crc32(path))
+    model_cache._checked.clear()
+    assert model_cache.is_complete(folder, sha) and reads
+    first = len(reads)
+    assert model_cache.is_complete(folder, sha) and len(reads) == first
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size, a new mtime: checked again, and found damaged
+    assert not model_cache.is_complete(folder, sha) and len(reads) > first

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def _trace_parser(sub) -> None:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # a pipe or a log gets no bar (and no \r)
         return None
     from tqdm.auto import tqdm
 
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 2
+        args.started = time.perf_counter()  # the load's line says how long since, imports included
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         try:

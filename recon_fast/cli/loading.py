@@ -1,4 +1,6 @@
-"""The model load of every command: one line `model NAME loaded in N s` on stderr, and the
+"""The model load of every command: one line `model NAME loaded in N s, M s since start` on
+stderr (N: the load itself; M: from the command's start, so the imports and checks before the load
+are not hidden), with a second line naming the split when --device-map is given, and the
 libraries' own progress bars (transformers' weights bar, its GGUF de-quantising bar, which is a
 bare tqdm and ignores transformers' switch) off unless --verbose, so that pipes and logs get no
 carriage returns."""
@@ -10,6 +12,7 @@ import sys
 import time
 
 from recon_fast.cli import options
+from recon_fast.dispatch import device_split
 from recon_fast.models import load_model
 
 
@@ -41,6 +44,11 @@ def load(args, device: str | None = None, **kwargs):
         model, tokenizer = load_model(args.model, device=device if device is not None else args.device,
                                       dtype=args.dtype, device_map=options.device_map(args.device_map),
                                       progress=args.verbose, **kwargs)
-    args.load_seconds = time.perf_counter() - started
-    print(f"model {args.model} loaded in {args.load_seconds:.1f} s", file=sys.stderr, flush=True)
+    now = time.perf_counter()
+    args.load_seconds = now - started
+    since_start = now - getattr(args, "started", started)
+    print(f"model {args.model} loaded in {args.load_seconds:.1f} s, {since_start:.1f} s since start",
+          file=sys.stderr, flush=True)
+    if args.device_map is not None:
+        print(f"device map: {device_split(model)}", file=sys.stderr, flush=True)
     return model, tokenizer

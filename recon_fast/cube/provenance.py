@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import platform
 from importlib import metadata
 
@@ -43,7 +44,11 @@ def model_provenance(model: nn.Module) -> dict:
     commit = getattr(config, "_commit_hash", None) if config is not None else None
     provenance = {"commit_hash": commit, "package_versions": package_versions()}
     if config is not None and hasattr(config, "to_json_string"):
-        text = config.to_json_string(use_diff=False)
+        # Where the model was loaded from is not its configuration: the same model saved and read
+        # back, or moved, must keep its fingerprint (a profile compared with it would warn).
+        fields = json.loads(config.to_json_string(use_diff=False))
+        fields.pop("_name_or_path", None)
+        text = json.dumps(fields, sort_keys=True)
         provenance["model_config_sha256"] = hashlib.sha256(text.encode()).hexdigest()
         provenance["model_name_or_path"] = getattr(config, "_name_or_path", None) or None
     return provenance
