@@ -23,7 +23,7 @@ from tiny_models import VOCAB, make_model, save_model_folder
 
 from recon_fast import ActivityCube, Tracer
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
-from recon_fast.trace import attention_stats_capture
+from recon_fast.trace import attention_intercept, attention_stats_capture
 
 SINKS = attention_stats_capture.SINK_TOKENS
 QK_NAMES = ("q_proj", "k_proj", "q_norm", "k_norm", "c_attn", "query_key_value", ".query.", ".key.")
@@ -171,10 +171,10 @@ def test_soft_cap_under_sdpa_runs_what_the_model_runs():
     model = build("gemma2")
     eager_logits = model(**left_padded()).logits.detach()
     model.config._attn_implementation_internal = "sdpa"
-    if attention_stats_capture.sdpa_drops_softcap():
+    if attention_intercept.sdpa_drops_softcap():
         untraced = model(**left_padded()).logits.detach()
         assert not torch.allclose(untraced, eager_logits)  # the soft-cap bites; sdpa dropped it
-        attention_stats_capture._warned.clear()  # warned once per process: maybe already
+        attention_intercept._warned.clear()  # warned once per process: maybe already
         with pytest.warns(UserWarning, match="ignores the attention soft-cap"):
             traced = Tracer(model, attention="stats").run(left_padded()).logits
         assert torch.equal(traced, untraced)
@@ -211,7 +211,7 @@ def test_implementation_restored_when_the_forward_raises():
         Tracer(model, attention="stats").run(left_padded())
     handle.remove()
     assert model.config._attn_implementation == "sdpa"
-    assert not attention_stats_capture._active
+    assert not attention_intercept._active
     model(**left_padded())  # runs untraced again
 
 
@@ -267,8 +267,8 @@ def test_compact_mask_never_builds_a_square_mask_where_the_model_would_not():
     with is_causal, the op with causal). With a window sdpa needs the mask the untraced model
     builds too, but the op still gets the compact form (causal + window), never a general mask."""
     built, for_stats = [], []
-    original_built, original_stats = (attention_stats_capture.CompactMask.built_for,
-                                      attention_stats_capture.CompactMask.for_stats)
+    original_built, original_stats = (attention_intercept.CompactMask.built_for,
+                                      attention_intercept.CompactMask.for_stats)
 
     def spy_built(self, implementation):
         built.append(original_built(self, implementation))
@@ -278,8 +278,8 @@ def test_compact_mask_never_builds_a_square_mask_where_the_model_would_not():
         for_stats.append(original_stats(self, key_length))
         return for_stats[-1]
 
-    attention_stats_capture.CompactMask.built_for = spy_built
-    attention_stats_capture.CompactMask.for_stats = spy_stats
+    attention_intercept.CompactMask.built_for = spy_built
+    attention_intercept.CompactMask.for_stats = spy_stats
     try:
         Tracer(build("llama"), attention="stats").run(torch.randint(1, VOCAB, (1, 12)))
         assert built and all(mask is None for mask in built)
@@ -288,8 +288,8 @@ def test_compact_mask_never_builds_a_square_mask_where_the_model_would_not():
         Tracer(build("mistral"), attention="stats").run(torch.randint(1, VOCAB, (1, 12)))
         assert for_stats and all(s == (True, 4, None, None) for s in for_stats)
     finally:
-        attention_stats_capture.CompactMask.built_for = original_built
-        attention_stats_capture.CompactMask.for_stats = original_stats
+        attention_intercept.CompactMask.built_for = original_built
+        attention_intercept.CompactMask.for_stats = original_stats
 
 
 def test_heads_command_prints_roles_and_writes_a_report(tmp_path):

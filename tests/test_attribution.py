@@ -675,7 +675,7 @@ def test_top_k_sources_of_every_key_are_the_full_split(k):
 
 
 def test_top_k_sources_serialise_name_and_refuse_what_they_lack():
-    from recon_fast.attribution.direct import layer_term
+    from recon_fast.attribution_labels import layer_term
     from recon_fast.cli.attribution import display_names
 
     model = causal_model("neox", seed=127)

@@ -14,7 +14,7 @@ import pytest
 from recon_fast.cube.cube import ActivityCube
 from recon_fast.dataset.profile import Profile
 from recon_fast.file_errors import FileFormatError
-from recon_fast.view.html import read_source
+from recon_fast.cli.view import read_source
 
 SUFFIXES = [".json", ".json.gz", ".npz"]
 

@@ -26,7 +26,7 @@ from recon_fast.dataset.profile import Profile
 from recon_fast.file_errors import FileFormatError
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
-from recon_fast.view.html import read_source
+from recon_fast.cli.view import read_source
 
 LONG = os.environ.get("RECON_FAST_FUZZ") == "long"
 PROFILE = settings(max_examples=1500 if LONG else 25, deadline=None, derandomize=not LONG, database=None,

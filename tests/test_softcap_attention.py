@@ -16,7 +16,7 @@ from tiny_models import VOCAB
 from recon_fast import Tracer
 from recon_fast.kernels import softcap_attention as softcap_module
 from recon_fast.kernels.softcap_attention import query_block, softcap_attention
-from recon_fast.trace import attention_stats_capture
+from recon_fast.trace import attention_intercept
 
 SOFTCAP = 2.0  # low enough to bite: the raw scores below reach several times the cap
 
@@ -139,7 +139,7 @@ def test_bad_arguments_name_what_failed():
 
 # ---- through the Tracer: a Gemma2 set to sdpa -----------------------------------------------------------
 needs_refusing_sdpa = pytest.mark.skipif(
-    attention_stats_capture.sdpa_drops_softcap(),
+    attention_intercept.sdpa_drops_softcap(),
     reason="this transformers' sdpa drops the soft-cap (< 5.21): the traced run follows the model's sdpa")
 
 
@@ -160,7 +160,7 @@ def test_gemma2_under_sdpa_equals_eager_in_logits_and_statistics(monkeypatch):
         calls.append(kwargs["window"])
         return softcap_attention(*args, **kwargs)
 
-    monkeypatch.setattr(attention_stats_capture, "softcap_attention", counted)
+    monkeypatch.setattr(attention_intercept, "softcap_attention", counted)
     with torch.no_grad():
         eager = eager_twin(model)(**inputs, output_attentions=True)
     tracer = Tracer(model, attention="stats")
@@ -194,7 +194,7 @@ def test_a_mask_beyond_causal_window_padding_gets_the_family_eager_function(monk
     """Where the compact form does not describe the mask (static caches, packed sequences), the
     eager function runs on the eager mask: eager's output to the bit."""
     model = gemma2_under_sdpa()
-    monkeypatch.setattr(attention_stats_capture.CompactMask, "_compact", lambda self, key_length: None)
+    monkeypatch.setattr(attention_intercept.CompactMask, "_compact", lambda self, key_length: None)
     with torch.no_grad():
         eager = eager_twin(model)(**left_padded()).logits
     with warnings.catch_warnings():
@@ -254,8 +254,8 @@ def test_before_transformers_5_21_the_traced_run_drops_the_cap_as_sdpa_did(monke
         return sdpa(module, query, key, value, attention_mask, **{**kwargs, "softcap": None})
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa_dropping_the_cap)
-    monkeypatch.setattr(attention_stats_capture, "sdpa_drops_softcap", lambda: True)
-    monkeypatch.setattr(attention_stats_capture, "_warned", set())
+    monkeypatch.setattr(attention_intercept, "sdpa_drops_softcap", lambda: True)
+    monkeypatch.setattr(attention_intercept, "_warned", set())
     model = gemma2_under_sdpa()
     inputs = left_padded()
     with torch.no_grad():

@@ -3,7 +3,7 @@ each block's attention (its output projection, for per-head terms) and MLP (its 
 for per-neuron terms), norms that sit between a component and the residual stream, multipliers
 on what is written, the final norm, the unembedding and what is done to the logits after it. One
 small adapter per architecture family says where; the attribution math in
-recon_fast.attribution.direct is written once against this description."""
+recon_fast.attribution.decomposition is written once against this description."""
 
 from __future__ import annotations
 

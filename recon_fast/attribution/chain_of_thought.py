@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recon_fast.attribution.direct import Attribution, attribute_positions
+from recon_fast.attribution.direct import attribute_positions
+from recon_fast.attribution.result import Attribution
 
 # Explicit step markers: "Step 3:" anywhere, or "1." / "2)" opening a line.
 STEP_MARKER = re.compile(r"\bstep\s*\d+\s*[:.)]|^[ \t]*\d+[.)][ \t]", re.IGNORECASE | re.MULTILINE)

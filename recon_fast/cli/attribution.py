@@ -12,18 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_fast.attribution.direct import layer_term
+from recon_fast.atomic_files import check_writable
+from recon_fast.attribution_labels import parse_label
 from recon_fast.cli import checks as cli_checks
 from recon_fast.cli import loading, options, report
-from recon_fast.cube import export
 from recon_fast.trace.model_inputs import token_texts
 
 BAR_WIDTH = 25  # blocks of the longest bar (HexRay's)
-_KIND = {"attn": "Attn", "mlp": "MLP", "attn_bias": "Attn", "mlp_bias": "MLP", "attn_norm_bias": "Attn",
-         "mlp_norm_bias": "MLP"}
-_SUFFIX = {"attn_bias": ".b", "mlp_bias": ".b", "attn_norm_bias": ".nb", "mlp_norm_bias": ".nb"}
 _ESCAPED = re.compile(r'[\x00-\x1f\x7f"\\]')
-_PLAIN_NAMES = {"embed": "Embed", "pos_embed": "PosEmbed", "norm_bias": "NormBias", "unembed_bias": "UnembedBias"}
 
 
 def add_parsers(sub) -> None:
@@ -77,19 +73,12 @@ def _common(p: argparse.ArgumentParser, report_name: str) -> None:
 # ---- formatting ---------------------------------------------------------------------------------
 def display_names(labels: list[str]) -> dict[str, str]:
     """HexRay's names: "MLP  L9 ", "Attn L11", "Head L3.H7"; a neuron "MLP  L3.N12", a head's share
-    from source position 4 "Head L3.H7<-4"; other terms by name. Layer fields are padded to a
-    common width so the colons line up."""
+    from source position 4 "Head L3.H7<-4"; other terms by name (recon_fast.attribution_labels'
+    word and place of each kind). Layer fields are padded to a common width so the colons line up."""
     parts = {}
     for label in labels:
-        term = layer_term(label)
-        if term is None:
-            parts[label] = (_PLAIN_NAMES.get(label, label), None)
-        elif term[1].startswith("H"):
-            parts[label] = ("Head", f"L{term[0]}.{term[1].replace('.S_rest', '<-rest').replace('.S', '<-')}")
-        elif term[1].startswith("N"):
-            parts[label] = ("MLP", f"L{term[0]}.{term[1]}")
-        else:
-            parts[label] = (_KIND[term[1]], f"L{term[0]}{_SUFFIX.get(term[1], '')}")
+        term = parse_label(label)
+        parts[label] = (label, None) if term is None else (term.kind.word, term.where)
     where_width = max([len(w) for _, w in parts.values() if w] or [0])
     names = {label: f"{kind:<4} {where:<{where_width}}" if where else kind for label, (kind, where) in parts.items()}
     width = max(len(n) for n in names.values())
@@ -131,7 +120,7 @@ def neuron_lines(attribution, k: int) -> list[str]:
     lines.append(f"Top {k} Neurons per Layer:")
     for layer in range(attribution.n_layers):
         top = attribution.top_neurons(k, layer=layer)
-        lines.append(f"- L{layer}: " + ", ".join(f"{label.split('.')[1]} {value:+.3f}" for label, value in top))
+        lines.append(f"- L{layer}: " + ", ".join(f"N{parse_label(label).neuron} {value:+.3f}" for label, value in top))
     return lines
 
 
@@ -140,9 +129,9 @@ def source_lines(attribution, k: int, heads: int, tokens: list[str]) -> list[str
     totals = sorted(attribution.head_totals().items(), key=lambda item: -abs(item[1]))[:heads]
     lines = [f"Top {len(totals)} Heads by Source Token:"]
     for label, total in totals:
-        layer, head = (int(part[1:]) for part in label.split("."))
+        head = parse_label(label)
         shown = ", ".join(f'"{shown_token(tokens[j])}"@{j} {value:+.3f}'
-                          for j, value in attribution.top_sources(layer, head, k))
+                          for j, value in attribution.top_sources(head.layer, head.head, k))
         lines.append(f"- Head {label} ({total:+.3f}): {shown}")
     return lines
 
@@ -159,7 +148,7 @@ def _check(args, report_name: str) -> list[str]:
     prompts = cli_checks.prompts(args)
     cli_checks.check_model(args)
     if args.report:
-        export.check_writable(Path(args.report) / f"{report_name}.json")
+        check_writable(Path(args.report) / f"{report_name}.json")
     args.outs = report.json_outputs(args.out, len(prompts))
     return prompts
 
@@ -326,19 +315,10 @@ def residual_table(lens) -> list[str]:
 
 
 def attribution_grid(attribution, row: int = 0) -> tuple[list[str], list[str], np.ndarray]:
-    """(row labels, column labels, [layers, columns]) for the picture: Attribution.grid(), and with
-    per_head an "MLP" column beside the heads (the MLPs are often the largest terms; a per-head
-    picture without them hides the top contributor)."""
-    rows, columns, grid = attribution.grid(row)
-    grid = grid.double().numpy()
-    if not attribution.per_head:
-        return rows, [{"attn": "Attn", "mlp": "MLP"}.get(c, c) for c in columns], grid
-    mlp = np.zeros((grid.shape[0], 1))
-    for label, value in zip(attribution.labels, attribution.values[row].tolist()):
-        term = layer_term(label)
-        if term is not None and (term[1] == "mlp" or term[1].startswith("N")):  # neurons add up to their MLP
-            mlp[term[0], 0] += value
-    return rows, columns + ["MLP"], np.concatenate([grid, mlp], axis=1)
+    """(row labels, column labels, [layers, columns]) for the picture: Attribution.grid_with_mlp(),
+    its columns named as the figure shows them."""
+    rows, columns, grid = attribution.grid_with_mlp(row)
+    return rows, [{"attn": "Attn", "mlp": "MLP"}.get(c, c) for c in columns], grid.double().numpy()
 
 
 def _target_words(attribution, row: int = 0) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from recon_fast import model_cache
+from recon_fast.atomic_files import check_writable
 from recon_fast.cli import options
 from recon_fast.cube import export
 from recon_fast.models import DEFAULT_MODEL, auto_class, check_model_spec, smollm2_location, torch_dtype
@@ -141,7 +142,7 @@ def _quiet_transformers():
 
 def check_output(path: str, format: str | None = None) -> str:
     """The cube format of `path` (from its suffix), and that it can be written."""
-    export.check_writable(path)
+    check_writable(path)
     return export.cube_format(path, format)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from recon_fast.cube.export import atomic_write
+from recon_fast.atomic_files import atomic_write, check_writable
 
 SCALES = ("log", "linear")  # for non-negative values; signed values always get "signed"
 _TITLE_SIZE = 10
@@ -49,15 +49,13 @@ def json_text(document) -> str:
 def json_outputs(out: str | None, count: int) -> list[Path | None]:
     """-o FILE of a command that writes JSON: FILE for one prompt, FILE-1.json, FILE-2.json ...
     for several, each checked to be writable (before the model loads); [None] * count without -o."""
-    from recon_fast.cube import export
-
     if out is None:
         return [None] * count
     if not out.lower().endswith(".json"):
         raise ValueError(f"-o {out!r}: this command writes JSON; name the file .json")
     paths = [Path(out)] if count == 1 else [Path(f"{out[:-5]}-{n}.json") for n in range(1, count + 1)]
     for path in paths:
-        export.check_writable(path)
+        check_writable(path)
     return paths
 
 

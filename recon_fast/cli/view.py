@@ -5,9 +5,16 @@ page is built."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import orjson
+
+from recon_fast.atomic_files import check_writable
 from recon_fast.cube import export
+from recon_fast.cube.cube import ActivityCube
+from recon_fast.file_errors import FileFormatError, reading
+from recon_fast.view import html as view
 
 HTML_SUFFIXES = (".html", ".htm")
 
@@ -31,16 +38,40 @@ def default_output(path: str) -> str:
     return str(Path(path).with_name(f"{stem or name}.html"))
 
 
-def run(args) -> int:
-    from recon_fast.view import html as view
+def read_source(path: str | os.PathLike) -> ActivityCube | dict:
+    """What `recon-fast view` was given: a cube (.npz, or JSON with `layers`) or an attribution
+    document (JSON). One-line errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file {str(path)!r}" if not path.exists() else f"{str(path)!r} is not a file")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK":  # npz (a zip): ActivityCube.load names the file and its problem
+        return ActivityCube.load(path)
+    expected = "cube (.json, .json.gz, .npz) or attribution JSON"
+    with reading(path, expected):
+        try:
+            document = export.read_json(path)
+        except orjson.JSONDecodeError as exc:
+            raise FileFormatError(path, expected, f"it does not parse as JSON ({str(exc).splitlines()[0]})") from None
+    if isinstance(document, dict) and isinstance(document.get("layers"), list):
+        del document
+        return ActivityCube.load(path)
+    if view.is_attribution(document):
+        return document
+    raise FileFormatError(path, expected, "it parses as JSON but is neither a cube (no `layers`) nor an "
+                          "attribution JSON (no `labels` and `sequences`, or `steps`), as `recon-fast trace` / "
+                          "`attribute --json` write them")
 
+
+def run(args) -> int:
     out = args.out if args.out is not None else default_output(args.path)
     if not out.lower().endswith(HTML_SUFFIXES):
         raise ValueError(f"-o {out!r}: the viewer is an HTML page; name it .html")
-    export.check_writable(out)
+    check_writable(out)
     if args.compare is not None and Path(args.compare).resolve() == Path(out).resolve():
         raise ValueError(f"-o {out!r} would overwrite --compare's input")
-    source = view.read_source(args.path)
+    source = read_source(args.path)
     if isinstance(source, dict):
         if args.compare is not None:
             raise ValueError("--compare goes with two cubes; the first input is an attribution JSON")
@@ -49,7 +80,7 @@ def run(args) -> int:
     else:
         other = None
         if args.compare is not None:
-            other = view.read_source(args.compare)
+            other = read_source(args.compare)
             if isinstance(other, dict):
                 raise ValueError(f"--compare {args.compare!r} is an attribution JSON; it must be a cube")
             view.check_comparable(source, other)

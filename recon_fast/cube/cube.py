@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recon_fast.atomic_files import check_writable
 from recon_fast.cube import export
 from recon_fast.file_errors import reading
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
 from recon_fast.kernels.ops import STATS
+from recon_fast.view import html as view_html
 
 
 @dataclass(repr=False)
@@ -202,7 +204,7 @@ class ActivityCube:
     def export(self, path: str | os.PathLike, format: str | None = None) -> None:
         """JSON or npz, by the file's suffix (.json, .json.gz, .npz); `format`, if given, must agree."""
         format = export.cube_format(path, format)
-        export.check_writable(path)
+        check_writable(path)
         if format == "npz":
             self.export_npz(path)
         else:
@@ -337,12 +339,8 @@ class ActivityCube:
     def to_html(self, path: str | os.PathLike, compare: "ActivityCube | None" = None) -> int:
         """A self-contained HTML viewer of the cube (heatmaps, profiles, token strip; with `compare`,
         a second cube beside it and their difference), written to `path`; returns its size in bytes."""
-        from recon_fast.view.html import cube_html  # the viewer sits above the cube: imported when asked for
-
-        return cube_html(self, path, compare=compare)
+        return view_html.cube_html(self, path, compare=compare)
 
     def _repr_html_(self) -> str:
         """The viewer inline in a notebook (Jupyter's rich display)."""
-        from recon_fast.view.html import cube_fragment
-
-        return cube_fragment(self)
+        return view_html.cube_fragment(self)

@@ -1,4 +1,4 @@
-"""Every file a dataset run writes goes through `atomic_write` here: cube.export's (temporary +
+"""Every file a dataset run writes goes through `atomic_write` here: atomic_files' (temporary +
 rename, so a killed run never leaves half a file under a real name), plus two things a run over
 hours needs.
 
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from recon_fast.cube.export import atomic_write as _atomic_write
+from recon_fast.atomic_files import atomic_write as _atomic_write
 
 FAULT_ENV = "RECON_FAST_DATASET_FAULT"
 _TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp's, as atomic_write names them
@@ -50,7 +50,7 @@ class WriteFailed(OSError):
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """cube.export.atomic_write for a dataset file: any OSError becomes WriteFailed naming `path`."""
+    """atomic_files.atomic_write for a dataset file: any OSError becomes WriteFailed naming `path`."""
     try:
         with _atomic_write(path) as f:
             yield f if _fault() is None else _Counted(f)
@@ -63,7 +63,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
 def remove_temporaries(folders: list[Path], names: tuple[str, ...] | None = None) -> None:
     """Removes the temporaries (".NAME.XXXXXXXX.tmp", atomic_write's) a killed run left in
     `folders` (only those of `names`, when given). Called before a run writes anything, so
-    whatever temporary is there is a dead run's: cube.export's own clean-up keeps one written less
+    whatever temporary is there is a dead run's: atomic_files' own clean-up keeps one written less
     than a second before the process started (its start time is from the boot time, in whole
     seconds), and a run restarted right after a kill (torchrun's restarts, a job loop) is exactly that."""
     for folder in folders:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from recon_fast._version import __version__
+from recon_fast.atomic_files import check_writable
 from recon_fast.cube import export
 from recon_fast.cube.cube import ActivityCube
 from recon_fast.cube.provenance import model_provenance
@@ -104,7 +105,7 @@ class Tracer:
         if raw is not None:
             presets.compile_pattern(raw.layers)
         if stream_to is not None:
-            export.check_writable(stream_to)
+            check_writable(stream_to)
             export.cube_format(stream_to)
         self.attention = attention
         self.raw = raw

@@ -1,6 +1,11 @@
 """The HTML viewer's page: one self-contained file (CSS and JS from assets/ inlined, data embedded)
 that needs no network to open. Numbers travel as one base64 block of little-endian float32 (exact
-cube values at 4/3 of their binary size); names, tokens and layout as a small JSON header."""
+cube values at 4/3 of their binary size); names, tokens and layout as a small JSON header.
+
+The viewer takes plain data and imports no layer above it: a cube is read through its fields (Cube
+below; ActivityCube.to_html calls in here), an attribution document is JSON, and the attribution
+labels' grammar comes from recon_fast.attribution_labels into the page's JSON, from which
+viewer.js reads every label."""
 
 from __future__ import annotations
 
@@ -10,14 +15,35 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import orjson
 
-from recon_fast.cube.cube import ActivityCube
-from recon_fast.cube import export
-from recon_fast.cube.export import atomic_write
-from recon_fast.file_errors import FileFormatError, reading
+from recon_fast.atomic_files import atomic_write
+from recon_fast.attribution_labels import page_table
+
+
+class Cube(Protocol):
+    """What the page reads of an ActivityCube (recon_fast.cube.cube, which imports this module to
+    draw itself: the viewer names the fields instead of importing the class)."""
+
+    tokens: list[list[str]]  # [batch][tokens]
+    decoder_tokens: list[list[str]] | None
+    layer_names: list[str]
+    metrics: tuple[str, ...]
+    data: np.ndarray  # [layers, batch, tokens, metrics] float32
+    meta: dict
+    attention: list[dict]  # attention="full" entries
+    attention_layers: list[str]
+    attention_data: np.ndarray | None  # [attention layers, batch, heads, tokens, statistics]
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def token_axis(self, index: int) -> str: ...
+
+    def axis_length(self, axis: str) -> int: ...
 
 ASSETS = Path(__file__).with_name("assets")
 
@@ -51,7 +77,7 @@ class _Blob:
             yield base64.b64encode(pending)
 
 
-def _cube_entry(cube: ActivityCube, name: str, blob: _Blob) -> dict:
+def _cube_entry(cube: Cube, name: str, blob: _Blob) -> dict:
     # [layers, batch, tokens, metrics] -> [metrics, batch, layers, tokens]: a metric of one
     # sequence is then one contiguous layers x tokens block, the heatmap's own layout.
     placed = blob.add(cube.data.transpose(3, 1, 0, 2))
@@ -64,7 +90,7 @@ def _cube_entry(cube: ActivityCube, name: str, blob: _Blob) -> dict:
     return entry
 
 
-def attention_statistics(cube: ActivityCube) -> tuple[list[str], dict[str, np.ndarray]]:
+def attention_statistics(cube: Cube) -> tuple[list[str], dict[str, np.ndarray]]:
     """The cube's attention statistics as (layer names, {statistic: [batch, layers, heads,
     queries] float32}), whatever form they take: the statistics array of Tracer(attention="stats")
     (`attention_data` [layers, batch, heads, tokens, stats], when the cube has one), or the
@@ -120,7 +146,7 @@ def attention_statistics(cube: ActivityCube) -> tuple[list[str], dict[str, np.nd
     return names, out
 
 
-def cube_payload(cube: ActivityCube, blob: _Blob, *, compare: ActivityCube | None = None,
+def cube_payload(cube: Cube, blob: _Blob, *, compare: Cube | None = None,
                  title: str | None = None, names: tuple[str, str] = ("A", "B")) -> dict:
     if compare is not None:
         check_comparable(cube, compare)
@@ -138,7 +164,7 @@ def cube_payload(cube: ActivityCube, blob: _Blob, *, compare: ActivityCube | Non
     return payload
 
 
-def check_comparable(a: ActivityCube, b: ActivityCube) -> None:
+def check_comparable(a: Cube, b: Cube) -> None:
     """Two cubes are drawn against each other layer by layer: they need the same layer names and
     a metric in common (prompts may differ; tokens are aligned by index)."""
     if a.layer_names != b.layer_names:
@@ -164,32 +190,6 @@ def is_attribution(document: dict) -> bool:
                 for s in document["sequences"]) and bool(document["sequences"])
 
 
-def read_source(path: str | os.PathLike) -> ActivityCube | dict:
-    """What `recon-fast view` was given: a cube (.npz, or JSON with `layers`) or an attribution
-    document (JSON). One-line errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file {str(path)!r}" if not path.exists() else f"{str(path)!r} is not a file")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head == b"PK":  # npz (a zip): ActivityCube.load names the file and its problem
-        return ActivityCube.load(path)
-    expected = "cube (.json, .json.gz, .npz) or attribution JSON"
-    with reading(path, expected):
-        try:
-            document = export.read_json(path)
-        except orjson.JSONDecodeError as exc:
-            raise FileFormatError(path, expected, f"it does not parse as JSON ({str(exc).splitlines()[0]})") from None
-    if isinstance(document, dict) and isinstance(document.get("layers"), list):
-        del document
-        return ActivityCube.load(path)
-    if is_attribution(document):
-        return document
-    raise FileFormatError(path, expected, "it parses as JSON but is neither a cube (no `layers`) nor an "
-                          "attribution JSON (no `labels` and `sequences`, or `steps`), as `recon-fast trace` / "
-                          "`attribute --json` write them")
-
-
 def attribution_payload(document: dict, title: str | None = None) -> dict:
     if not is_attribution(document):
         raise ValueError("not an attribution document: expected `labels` and `sequences` "
@@ -199,7 +199,7 @@ def attribution_payload(document: dict, title: str | None = None) -> dict:
     if versus:  # a --versus run: its logit is a difference (viewer.js says so on every label too)
         what += f" (logit difference vs {orjson.dumps(versus[0]).decode()})"
     return {"kind": "attribution", "title": title or f"{what} \u2014 {document.get('model') or 'recon-fast'}",
-            "attribution": document}
+            "attribution": document, "term_kinds": page_table()}
 
 
 def _json_for_script(payload: dict) -> bytes:
@@ -247,7 +247,7 @@ def write_page(path: str | os.PathLike, chunks: Iterator[bytes]) -> int:
     return written
 
 
-def cube_html(cube: ActivityCube, path: str | os.PathLike | None = None, *, compare: ActivityCube | None = None,
+def cube_html(cube: Cube, path: str | os.PathLike | None = None, *, compare: Cube | None = None,
               title: str | None = None, names: tuple[str, str] = ("A", "B")) -> str | int:
     """The page for a cube (and, with `compare`, a second cube beside it and their difference):
     written to `path` (returns its size in bytes), or returned as text when `path` is None."""
@@ -264,7 +264,7 @@ def cube_html(cube: ActivityCube, path: str | os.PathLike | None = None, *, comp
 INLINE_LIMIT_BYTES = 32 * 2**20
 
 
-def cube_fragment(cube: ActivityCube, limit_bytes: int | None = None) -> str:
+def cube_fragment(cube: Cube, limit_bytes: int | None = None) -> str:
     """The cube's view as an HTML fragment, for a notebook's rich display; a short summary that
     says how to see it where its arrays exceed limit_bytes (default INLINE_LIMIT_BYTES)."""
     limit = INLINE_LIMIT_BYTES if limit_bytes is None else limit_bytes
@@ -275,7 +275,7 @@ def cube_fragment(cube: ActivityCube, limit_bytes: int | None = None) -> str:
     return b"".join(fragment_chunks(cube_payload(cube, blob), blob)).decode()
 
 
-def _summary_fragment(cube: ActivityCube, size: int, limit: int) -> str:
+def _summary_fragment(cube: Cube, size: int, limit: int) -> str:
     # size counts data and attention_data only: full attention entries reach the page as their
     # entropy and max weight (attention_statistics), never as [T, T] maps.
     tokens = cube.axis_length("tokens")

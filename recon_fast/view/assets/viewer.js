@@ -723,44 +723,48 @@
   }
 
   // ---- the attribution view --------------------------------------------------------------------
-  // Term labels as recon_fast.attribution.direct writes them (its _LAYER_LABEL): per layer
-  // "L{i}.attn", "L{i}.mlp" and their biases; a head "L{i}.H{h}"; a head's share read from source
-  // position j "L{i}.H{h}.S{j}"; with source_top_k one "L{i}.H{h}.S_rest" per head, the sum of the
-  // sources it did not keep (a sum, not a term of its own); an MLP hidden neuron "L{i}.N{n}".
-  // Groups: 1 layer, 2 part, 3 head, 4 source position or "_rest", 5 neuron.
-  var TERM = /^L(\d+)\.(attn|mlp|attn_bias|mlp_bias|attn_norm_bias|mlp_norm_bias|H(\d+)(?:\.S(\d+|_rest))?|N(\d+))$/;
-  var PLAIN = { embed: 'Embed', pos_embed: 'PosEmbed', norm_bias: 'NormBias', unembed_bias: 'UnembedBias' };
-  var KIND = { attn: 'Attn', mlp: 'MLP', attn_bias: 'Attn', mlp_bias: 'MLP', attn_norm_bias: 'Attn', mlp_norm_bias: 'MLP' };
-  var SUFFIX = { attn_bias: '.b', mlp_bias: '.b', attn_norm_bias: '.nb', mlp_norm_bias: '.nb' };
-
-  // layer_term's parse of a label (null for embed, norm_bias, ...), with the grid cell it adds to
-  // as Attribution.grid/head_totals add them: a source (and S_rest) to its head, a neuron to "mlp".
-  function layerTerm(label) {
-    var m = TERM.exec(label);
-    if (!m) return null;
-    var t = { layer: +m[1], head: m[3] === undefined ? -1 : +m[3], rest: m[4] === '_rest',
-      source: m[4] === undefined || m[4] === '_rest' ? -1 : +m[4], neuron: m[5] === undefined ? -1 : +m[5], part: m[2] };
-    t.cell = t.head >= 0 ? 'H' + t.head : t.neuron >= 0 ? 'mlp' : t.part;
-    return t;
+  // Term labels are read with the grammar the page carries (meta.term_kinds, written from
+  // recon_fast.attribution_labels, which also writes and reads them in Python): per kind a regular
+  // expression, the fields its groups hold, the grid cell the term adds to (a head's sources and
+  // its S_rest to the head, a neuron to "mlp", as Attribution.grid/head_totals add them) and
+  // HexRay's word and place. A term: {kind, layer, head, source, neuron (-1 where the kind has
+  // none), rest, cell}; rest marks "L{i}.H{h}.S_rest", with source_top_k the sum of the sources a
+  // head did not keep (a sum, not a term of its own).
+  function labelGrammar(kinds) {
+    var parsers = kinds.map(function (k) { return { kind: k, re: new RegExp('^(?:' + k.pattern + ')$') }; });
+    var head = kinds.filter(function (k) { return k.name === 'head'; })[0];
+    function fill(template, t) { return template.replace(/\{(\w+)\}/g, function (_, f) { return t[f]; }); }
+    function parse(label) {
+      for (var i = 0; i < parsers.length; i++) {
+        var m = parsers[i].re.exec(label), k = parsers[i].kind;
+        if (!m) continue;
+        var t = { kind: k.name, layer: -1, head: -1, source: -1, neuron: -1, rest: k.name === 'source_rest' };
+        k.fields.forEach(function (f, g) { t[f] = +m[g + 1]; });
+        t.cell = k.cell === null ? null : fill(k.cell, t);
+        t.word = k.word;
+        t.where = k.where === null ? null : fill(k.where, t);
+        return t;
+      }
+      return null;
+    }
+    return {
+      // a per-layer term (null for embed, norm_bias, ..., and for a label of no kind)
+      layerTerm: function (label) { var t = parse(label); return t && t.layer >= 0 ? t : null; },
+      // HexRay's names ("MLP L9", "Attn L11", "Head L3.H7") as `attribute` prints them, and, spelled
+      // out for a page where a line has room (the command prints "Head L3.H7<-5"), a head's share
+      // from a source 'Head L3.H7 <- token "Paris" (5)', its remainder "Head L3.H7 <- rest".
+      hexName: function (label, tokens) {
+        var t = parse(label);
+        if (!t) return label;
+        if (t.where === null) return t.word;
+        if (t.source >= 0 || t.rest) return t.word + ' ' + fill(head.where, t) + ' <- ' + (t.rest ? 'rest' : sourceName(t.source, tokens));
+        return t.word + ' ' + t.where;
+      }
+    };
   }
 
   function sourceName(j, tokens) {  // 'token "Paris" (5)', or 'token 5' where the document has no tokens
     return tokens && j < tokens.length ? 'token ' + shownToken(tokens[j]) + ' (' + j + ')' : 'token ' + j;
-  }
-
-  // HexRay's names ("MLP L9", "Attn L11", "Head L3.H7") as `attribute` prints them, and, spelled
-  // out for a page where a line has room (the command prints "Head L3.H7<-5"), a neuron
-  // "MLP L3.N12", a head's share from a source 'Head L3.H7 <- token "Paris" (5)', its remainder
-  // "Head L3.H7 <- rest".
-  function hexName(label, tokens) {
-    var t = layerTerm(label);
-    if (!t) return PLAIN[label] || label;
-    if (t.head >= 0) {
-      var head = 'Head L' + t.layer + '.H' + t.head;
-      return t.rest ? head + ' <- rest' : t.source >= 0 ? head + ' <- ' + sourceName(t.source, tokens) : head;
-    }
-    if (t.neuron >= 0) return 'MLP L' + t.layer + '.N' + t.neuron;
-    return KIND[t.part] + ' L' + t.layer + (SUFFIX[t.part] || '');
   }
 
   // The prompt's tokens, to name source positions: per sequence or shared, where the document has them.
@@ -793,6 +797,7 @@
 
   function mountAttribution(root, meta) {
     var doc = meta.attribution;
+    var grammar = labelGrammar(meta.term_kinds), layerTerm = grammar.layerTerm, hexName = grammar.hexName;
     var entries = doc.steps ? doc.steps.map(function (s) {
       return { title: 'Step ' + s.step, text: s.text, where: 'token ' + s.token_index, a: s.attribution };
     }) : [{ title: null, text: null, where: 'index ' + doc.position, a: doc }];
