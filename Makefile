@@ -9,7 +9,7 @@ CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup build demo test cuda-check bench clean
+.PHONY: setup build demo test cuda-check second-torch-check bench clean
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -51,3 +51,31 @@ bench: setup
 
 clean:
 	rm -rf build recon_fast/*.so *.egg-info .pytest_cache .benchmarks
+# The whole extension, CUDA kernels included, built against a second torch (issue 17): the CUDA 13
+# build of torch 2.14.1 and its nvidia-* wheels, unpacked under /tmp (never pip-installed), the
+# result in /tmp (never the repo's recon_fast/_C), then loaded with that torch: its ops must be
+# registered for CPU and CUDA and its CPU direct launcher must agree with the op. Takes minutes;
+# not part of `make test` or CI.
+SECOND_TORCH_WHEEL ?= /opt/pypi-more/files/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl
+SECOND_TORCH_DIR ?= /tmp/torch2141
+SECOND_TORCH_OUT ?= /tmp/recon_fast-torch2141
+SECOND_CUDA_HOME ?= /usr/local/cuda-13.0
+second-torch-check:
+	@test -d $(SECOND_TORCH_DIR)/torch || unzip -q -o $(SECOND_TORCH_WHEEL) -d $(SECOND_TORCH_DIR)
+	@test -d $(SECOND_TORCH_DIR)/nvidia/cudnn || for w in $(dir $(SECOND_TORCH_WHEEL))nvidia_*.whl; do \
+		unzip -q -o $$w -d $(SECOND_TORCH_DIR) || exit 1; done
+	@# CPATH: torch's CUDA headers include cuSPARSE's and cuBLAS's, which come with the wheels.
+	PYTHONPATH=$(SECOND_TORCH_DIR) RECON_FAST_CUDA=1 CUDA_HOME=$(SECOND_CUDA_HOME) TORCH_CUDA_ARCH_LIST=9.0 \
+		CPATH=$(SECOND_TORCH_DIR)/nvidia/cu13/include $(PY) setup.py -q build_ext --build-lib $(SECOND_TORCH_OUT)/lib --build-temp $(SECOND_TORCH_OUT)/temp
+	PYTHONPATH=$(SECOND_TORCH_DIR) $(PY) -c "import glob, importlib.util, torch; \
+		path = glob.glob('$(SECOND_TORCH_OUT)/lib/recon_fast/_C*.so')[0]; \
+		spec = importlib.util.spec_from_file_location('recon_fast._C', path); C = importlib.util.module_from_spec(spec); \
+		spec.loader.exec_module(C); \
+		has = lambda op, key: torch._C._dispatch_has_kernel_for_dispatch_key('recon_fast::' + op, key); \
+		assert C.with_cuda and all(has(op, key) for op in ('token_stats', 'token_stats_rows', \
+			'token_stats_rows_grouped', 'attention_stats') for key in ('CPU', 'CUDA')), 'kernels missing'; \
+		xs = [torch.randn(3, 64), torch.randn(2, 5, 33).double()]; a, b = torch.zeros(13, 5), torch.zeros(13, 5); \
+		C.token_stats_rows_grouped_into(xs, a, [0, 3]); torch.ops.recon_fast.token_stats_rows_grouped(xs, b, [0, 3]); \
+		assert torch.equal(a, b), 'direct launcher != op'; \
+		print(f'second-torch-check: built against torch {torch.__version__} (CUDA {torch.version.cuda}), linked and loaded {path}')"
+

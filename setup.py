@@ -33,11 +33,15 @@ def _extensions():
     sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
     # -fopenmp: at::parallel_for is a header template; without it the loop runs on one thread.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fdiagnostics-color=always"]
+    # No -std: torch's cpp_extension picks the standard its own headers need (C++20 from 2.13 on;
+    # torch 2.14's headers do not compile as C++17).
+    cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
     link_flags = ["-fopenmp"]
     if _want_cuda(torch.version.cuda, CUDA_HOME):
-        sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.c*"))]
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        # .cpp (torch-facing registrations) and .cu (kernels); .cuh and .h are included, not built.
+        cuda_sources = sorted((CSRC / "cuda").glob("*.cpp")) + sorted((CSRC / "cuda").glob("*.cu"))
+        sources += [str(p.relative_to(ROOT)) for p in cuda_sources]
+        nvcc_flags = ["-O3", "-lineinfo"]
         return [
             CUDAExtension(
                 "recon_fast._C",

@@ -1,11 +1,15 @@
 """Host cost of the hook path. First one hook's write into the stats arena, on a tiny activation
 (so the kernel itself costs next to nothing and what is timed is the per-call overhead a
-launch-bound forward pays on a GPU): the compiled token_stats_rows op against the Python slice +
-view + token_stats it replaced (baseline: the Python path). Then the whole traced forward of a
-model so small that the host is the bottleneck (30 layers, hidden 64, T=8, one thread: 365 hooks
-on a ~7 ms forward), as traced/untraced ratios of interleaved rounds: issue 9's measure of the
-host cost per hook. CPU here; on a CUDA machine the write benchmark adds a cuda group."""
+launch-bound forward pays on a GPU): the compiled token_stats_rows op through the dispatcher and
+its direct launcher (no dispatcher) against the Python slice + view + token_stats they replaced
+(baseline: the Python path). Then the whole traced forward of a model so small that the host is
+the bottleneck (30 layers, hidden 64, T=8, one thread: 365 hooks on a ~7 ms forward), as
+traced/untraced ratios of interleaved rounds: issue 9's measure of the host cost per hook, with
+the floor of an empty Python hook on the same modules and the hook path of before issue 17 (no
+direct launchers, no grouped launches) beside it. CPU here; on a CUDA machine the write benchmark
+adds a cuda group."""
 
+import contextlib
 import copy
 import statistics
 import time
@@ -32,7 +36,7 @@ def _writes(device: str):
     return run
 
 
-@pytest.mark.parametrize("path", ["python slice + view + token_stats", "token_stats_rows op"])
+@pytest.mark.parametrize("path", ["python slice + view + token_stats", "token_stats_rows op", "direct launcher"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_hook_write_overhead(record, monkeypatch, device, path):
     if device == "cuda" and not torch.cuda.is_available():
@@ -42,6 +46,8 @@ def test_hook_write_overhead(record, monkeypatch, device, path):
     python_path = path.startswith("python")
     if python_path:  # arenas made from here on take the Python slice + view + token_stats
         monkeypatch.setattr(stats_arena, "_rows_op_for", lambda device_type: None)
+    elif path.endswith("op"):  # the op through the dispatcher, as before the direct launchers
+        monkeypatch.setattr(stats_arena, "_eager_rows_op", lambda device_type, overload: stats_arena._direct(overload))
     record(f"hook write, {device}, {CALLS} calls of [1, 4, 64] float32", path,
            _writes(device), device=device, baseline=python_path)
 
@@ -56,12 +62,30 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+@contextlib.contextmanager
+def _dispatcher_path():
+    """The hook path as it was before the direct launchers and grouped launches (issue 17): every
+    queued output written by its own token_stats_rows call through the dispatcher. Arenas made
+    inside take it."""
+    grouped_op, eager_rows_op = stats_arena._grouped_op, stats_arena._eager_rows_op
+    stats_arena._grouped_op = lambda device_type: None
+    stats_arena._eager_rows_op = lambda device_type, overload: stats_arena._direct(overload)
+    try:
+        yield
+    finally:
+        stats_arena._grouped_op, stats_arena._eager_rows_op = grouped_op, eager_rows_op
+
+
 def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     """The tracer's host cost per hook and per run, where nothing else hides it: medians of
     per-round ratios, the forwards of a round running back to back so that drift on a shared
-    machine hits all alike. Untraced twice: a hook-free copy of the model (what runs without
-    recon-fast), and the model itself with the Tracer's hooks attached but idle (the untraced
-    side of bench_tracer's interleaved pairs, which so leaves out nn.Module's hook calls)."""
+    machine hits all alike. Untraced three ways: a hook-free copy of the model (what runs without
+    recon-fast); the floor, a copy with an empty Python forward hook on each module the Tracer
+    hooks (what any hook-based tracer pays before doing anything); and the model itself with the
+    Tracer's hooks attached but idle (the untraced side of bench_tracer's interleaved pairs, which
+    so leaves out nn.Module's hook calls). Traced two ways in the same rounds: the hook path as it
+    is (direct launchers, one grouped launch per decoder layer) and as it was before issue 17
+    (one token_stats_rows call through the dispatcher per output)."""
     model = tiny_llama
     plain = copy.deepcopy(model)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -70,19 +94,26 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     tracer = Tracer(model)
     tracer.add_hooks_all()
     hooks = len(tracer.hooks)
-    rounds = []  # (hook-free, idle hooks, traced) seconds
+    floor = copy.deepcopy(plain)
+    empty = [module.register_forward_hook(lambda module, args, output: None)
+             for name, module in floor.named_modules() if name in tracer.hooks]
+    assert len(empty) == hooks
+    kinds = ["hook-free", "empty hooks", "idle hooks", "traced", "traced before"]
+    rounds = []  # seconds of each kind, per round
     group = f"host-bound Llama (30 layers, hidden 64, {hooks} hooks), T=8, traced/untraced interleaved"
 
     def one_round():
         times = [time.perf_counter()]
         with torch.no_grad():
-            plain(ids)
-            times.append(time.perf_counter())
-            model(ids)
-            times.append(time.perf_counter())
+            for untraced in (plain, floor, model):
+                untraced(ids)
+                times.append(time.perf_counter())
         tracer.run(ids)
         times.append(time.perf_counter())
-        rounds.append([b - a for a, b in zip(times, times[1:])])
+        with _dispatcher_path():
+            tracer.run(ids)
+        times.append(time.perf_counter())
+        rounds.append(dict(zip(kinds, [b - a for a, b in zip(times, times[1:])])))
 
     try:
         for _ in range(3):  # warm-up
@@ -92,13 +123,22 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
         tracer.clear_hooks()
+        for handle in empty:
+            handle.remove()
         torch.set_num_threads(threads)
-    over_plain = [traced / free for free, idle, traced in rounds]
-    over_idle = [traced / idle for free, idle, traced in rounds]
+
+    def ratios(kind, over="hook-free"):
+        return [r[kind] / r[over] for r in rounds]
+
+    over_plain = ratios("traced")
+    record_measure(group, "empty hooks (floor): median ratio", statistics.median(ratios("empty hooks")), "x")
     record_measure(group, "hook-free: lowest ratio", min(over_plain), "x")
     record_measure(group, "hook-free: median ratio", statistics.median(over_plain), "x")
     record_measure(group, "hook-free: highest ratio", max(over_plain), "x")
-    record_measure(group, "idle hooks: median ratio", statistics.median(over_idle), "x")
-    for name, extra in [("hook-free", [traced - free for free, idle, traced in rounds]),
-                        ("idle hooks", [traced - idle for free, idle, traced in rounds])]:
+    record_measure(group, "before issue 17: median ratio", statistics.median(ratios("traced before")), "x")
+    record_measure(group, "over the floor: median ratio", statistics.median(ratios("traced", "empty hooks")), "x")
+    record_measure(group, "idle hooks: median ratio", statistics.median(ratios("traced", "idle hooks")), "x")
+    for name, kind, over in [("hook-free", "traced", "hook-free"), ("idle hooks", "traced", "idle hooks"),
+                             ("before, hook-free", "traced before", "hook-free")]:
+        extra = [r[kind] - r[over] for r in rounds]
         record_measure(group, f"{name}: extra per hook", statistics.median(extra) / hooks * 1e6, "us")

@@ -1,17 +1,11 @@
 // The one place that declares recon_fast's ops (TORCH_LIBRARY), and the Python module whose
 // import loads this library so the registrations run. Backends add implementations in cpu/ and
-// cuda/ with TORCH_LIBRARY_IMPL.
-#include <Python.h>
+// cuda/ with TORCH_LIBRARY_IMPL. The module also carries the eager hot path's direct launchers
+// (token_stats_direct.cpp), which reach the same kernels without the dispatcher.
+#include <torch/extension.h>
 #include <torch/library.h>
 
-extern "C" {
-// `import recon_fast._C` only needs to load the shared object; the ops are reached through
-// torch.ops.recon_fast. An empty module keeps this independent of pybind11 and the Python ABI.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+#include "token_stats_direct.h"
 
 TORCH_LIBRARY(recon_fast, m) {
   // Reduces the last dim of x to [energy, mean, std, min, max] per row, written into out
@@ -20,6 +14,10 @@ TORCH_LIBRARY(recon_fast, m) {
   // token_stats of x into rows [row0, row0 + rows) of a contiguous float32 [N, 5] buffer: the
   // tracer's hook path, which would otherwise slice and view the buffer in Python per call.
   m.def("token_stats_rows(Tensor x, Tensor(a!) buffer, SymInt row0) -> ()");
+  // token_stats_rows of every xs[i] at row0s[i] in one launch (one at::parallel_for on the CPU,
+  // one kernel per kind of row on CUDA): the tracer's grouped path, a decoder layer's outputs at
+  // a time. The tensors' rows must not overlap; xs may mix dtypes and be empty.
+  m.def("token_stats_rows_grouped(Tensor[] xs, Tensor(a!) buffer, SymInt[] row0s) -> ()");
   // Per query of q [batch, heads, q_len, head_dim] against k [batch, kv_heads, k_len, head_dim]
   // (GQA: heads a multiple of kv_heads), the softmax(q k^T * scaling) row summarised as float32
   // [batch, heads, q_len, 8] (entropy, max_weight, argmax, sink_mass, mean_distance, self_weight,
@@ -27,4 +25,22 @@ TORCH_LIBRARY(recon_fast, m) {
   m.def(
       "attention_stats(Tensor q, Tensor k, float scaling, bool causal, int? window, float? softcap, "
       "Tensor? key_padding_mask, Tensor? mask, int sink_tokens) -> Tensor");
+}
+
+// `import recon_fast._C` loads the library (registering the ops above) and gives the direct
+// launchers. TORCH_EXTENSION_NAME is _C when built by setup.py, recon_fast_C when JIT-built.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using recon_fast::direct::token_stats_rows_grouped_into;
+  using recon_fast::direct::token_stats_rows_into;
+  // The GIL is let go while a kernel runs, as torch.ops calls do.
+  m.def("token_stats_rows_into", &token_stats_rows_into, py::arg("x"), py::arg("buffer"), py::arg("row0"),
+        py::call_guard<py::gil_scoped_release>(),
+        "token_stats_rows(x, buffer, row0) without the dispatcher: x [..., D] into rows [row0, row0 + rows)\n"
+        "of the contiguous float32 [N, 5] buffer; the op's checks and error messages.");
+  m.def("token_stats_rows_grouped_into", &token_stats_rows_grouped_into, py::arg("xs"), py::arg("buffer"),
+        py::arg("row0s"), py::call_guard<py::gil_scoped_release>(),
+        "token_stats_rows_grouped(xs, buffer, row0s) without the dispatcher: every xs[i] into its rows\n"
+        "from row0s[i] on, in one launch; the op's checks and error messages.");
+  m.attr("with_cuda") = recon_fast::direct::with_cuda();
 }

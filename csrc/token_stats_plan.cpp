@@ -2,21 +2,17 @@
 #include "token_stats_plan.h"
 
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 
 #include "check_text.h"
 
-#include <string>
-#include <vector>
-
 namespace recon_fast {
-namespace {
-
 
 // Merges adjacent leading dims that are contiguous with each other in *both* tensors, so the
 // usual case (a contiguous x and a contiguous or sliced out) indexes rows with one multiply.
-void build_row_indexers(at::IntArrayRef sizes, at::IntArrayRef x_strides,
-                        at::IntArrayRef out_strides, RowIndexer& x_rows, RowIndexer& out_rows) {
-  std::vector<int64_t> sz, xs, os;
+int build_row_indexers(at::IntArrayRef sizes, at::IntArrayRef x_strides, at::IntArrayRef out_strides,
+                       RowIndexer& x_rows, RowIndexer& out_rows) {
+  c10::SmallVector<int64_t, kMaxRowDims> sz, xs, os;
   for (size_t d = 0; d < sizes.size(); ++d) {
     if (sizes[d] == 1) continue;  // a size-1 dim contributes nothing to any offset
     if (!sz.empty() && xs.back() == x_strides[d] * sizes[d] &&
@@ -35,18 +31,16 @@ void build_row_indexers(at::IntArrayRef sizes, at::IntArrayRef x_strides,
     xs.push_back(0);
     os.push_back(0);
   }
-  TORCH_CHECK(sz.size() <= static_cast<size_t>(kMaxRowDims),
-              "token_stats: x has too many non-mergeable leading dimensions (", num(sz.size()),
-              " > ", num(kMaxRowDims), "); call .contiguous() first");
-  x_rows.ndim = out_rows.ndim = static_cast<int>(sz.size());
-  for (size_t d = 0; d < sz.size(); ++d) {
+  const int ndim = static_cast<int>(sz.size());
+  if (ndim > kMaxRowDims) return ndim;
+  x_rows.ndim = out_rows.ndim = ndim;
+  for (int d = 0; d < ndim; ++d) {
     x_rows.sizes[d] = out_rows.sizes[d] = sz[d];
     x_rows.strides[d] = xs[d];
     out_rows.strides[d] = os[d];
   }
+  return ndim;
 }
-
-}  // namespace
 
 StatsDtype stats_dtype_of(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
@@ -94,8 +88,11 @@ TokenStatsPlan plan_token_stats(const at::Tensor& x_in, const at::Tensor& out) {
   p.rows = x.numel() / p.dim;
   p.out = out.data_ptr<float>();
   p.out_stat_stride = out.stride(-1);
-  build_row_indexers(lead, x.strides().slice(0, x.dim() - 1), out.strides().slice(0, out.dim() - 1),
-                     p.x_rows, p.out_rows);
+  const int row_dims = build_row_indexers(lead, x.strides().slice(0, x.dim() - 1),
+                                          out.strides().slice(0, out.dim() - 1), p.x_rows, p.out_rows);
+  TORCH_CHECK(row_dims <= kMaxRowDims,
+              "token_stats: x has too many non-mergeable leading dimensions (", num(row_dims),
+              " > ", num(kMaxRowDims), "); call .contiguous() first");
   return plan;
 }
 

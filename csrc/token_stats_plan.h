@@ -18,6 +18,12 @@ struct TokenStatsPlan {
 // float16 or bfloat16, got <dtype>" (what: e.g. "token_stats: x"). Shared by every op's plan.
 StatsDtype stats_dtype_of(const at::Tensor& t, const char* what);
 
+// Fills the row indexers of x and out (whose leading dims both have `sizes`), merging adjacent
+// dims that are contiguous with each other in both; returns how many dims are left, and leaves
+// the indexers unset when that is more than kMaxRowDims (the caller names the error).
+int build_row_indexers(at::IntArrayRef sizes, at::IntArrayRef x_strides, at::IntArrayRef out_strides,
+                       RowIndexer& x_rows, RowIndexer& out_rows);
+
 // Checks x and out (dtype, shape, device) with errors that name the problem, then describes the
 // work. Never copies unless x's last dimension is not contiguous.
 TokenStatsPlan plan_token_stats(const at::Tensor& x, const at::Tensor& out);

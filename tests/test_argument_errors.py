@@ -1,11 +1,13 @@
-"""Every argument error of the compiled ops (token_stats, attention_stats) raises RuntimeError with
-its whole message, word for word, and never kills the process.
+"""Every argument error of the compiled ops (token_stats, token_stats_rows, token_stats_rows_grouped,
+attention_stats) and of the direct launchers (token_stats_rows_into, token_stats_rows_grouped_into)
+raises RuntimeError with its whole message, word for word, and never kills the process.
 
 The cases run in one child process (`python tests/test_argument_errors.py DEVICE`), which prints
 one line per case: a crash (the SIGSEGV the H100's CUDA build showed, benchmarks/gpu_diagnostics/)
 then fails the test naming the case that was running, instead of taking pytest down with it. The
-messages are those of csrc/token_stats_plan.cpp and csrc/attention_stats_plan.cpp, whose numbers go
-through csrc/check_text.h (no number is streamed into TORCH_CHECK)."""
+messages are those of csrc/token_stats_plan.cpp, csrc/token_stats_rows.cpp and
+csrc/attention_stats_plan.cpp, whose numbers go through csrc/check_text.h (no number is streamed
+into TORCH_CHECK)."""
 
 from __future__ import annotations
 
@@ -79,6 +81,46 @@ def _cases(d: str):
         "token_stats: out must have shape [4] + [5] for x of shape [4, 8], got [3, 5]"
     yield "ts-out-dtype", ts(r(4, 8), torch.empty(4, 5, dtype=torch.float64, device=d)), \
         "token_stats: out must be float32, got Double"
+
+    # token_stats_rows and token_stats_rows_grouped, each through the op and its direct launcher.
+    from recon_fast.kernels.ops import token_stats_rows_grouped_into, token_stats_rows_into
+
+    buf, x = torch.empty(10, 5, device=d), r(2, 3, 8)
+    tangled = r(*[2] * 9, 4).permute(8, 7, 6, 5, 4, 3, 2, 1, 0, 9)  # 9 leading dims that cannot merge
+    rows_cases = [
+        ("range", (x, buf, 8), "token_stats_rows: rows [8, 14) are outside the buffer's 10"),
+        ("negative", (x, buf, -1), "token_stats_rows: rows [-1, 5) are outside the buffer's 10"),
+        ("buffer-shape", (x, torch.empty(10, 4, device=d), 0), "token_stats_rows: buffer must be a contiguous [N, 5] tensor"),
+        ("buffer-dtype", (x, buf.double(), 0), "token_stats_rows: buffer must be float32, got Double"),
+        ("int", (torch.ones(2, 8, dtype=torch.int32, device=d), buf, 0),
+         "token_stats_rows: x must be a floating tensor (float32, float64, float16, bfloat16), got Int"),
+        ("complex", (r(2, 8, dtype=torch.complex64), buf, 0), "token_stats_rows: complex x is not supported, got ComplexFloat"),
+        ("empty-dim", (r(2, 0), buf, 0), "token_stats_rows: x needs a non-empty last dimension"),
+        ("row-dims", (tangled, torch.empty(512, 5, device=d), 0),
+         "token_stats_rows: x has too many non-mergeable leading dimensions (9 > 8); call .contiguous() first"),
+    ]
+    grouped_cases = [
+        ("lengths", ([x, x], buf, [0]), "token_stats_rows_grouped: xs has 2 tensors but row0s has 1 rows"),
+        ("buffer-shape", ([x], torch.empty(10, 4, device=d), [0]),
+         "token_stats_rows_grouped: buffer must be a contiguous [N, 5] tensor"),
+        ("buffer-dtype", ([x], buf.double(), [0]), "token_stats_rows_grouped: buffer must be float32, got Double"),
+        ("range", ([r(2, 8), x], buf, [0, 8]), "token_stats_rows_grouped: rows [8, 14) of xs[1] are outside the buffer's 10"),
+        ("overlap", ([x, r(6, 8)], buf, [0, 2]),
+         "token_stats_rows_grouped: rows [2, 8) of xs[1] overlap rows [0, 6) of xs[0]"),
+        ("int", ([x, torch.ones(2, 8, dtype=torch.int32, device=d)], buf, [0, 6]),
+         "token_stats_rows_grouped: xs[1] must be a floating tensor (float32, float64, float16, bfloat16), got Int"),
+        ("complex", ([r(2, 8, dtype=torch.complex64)], buf, [0]),
+         "token_stats_rows_grouped: complex xs[0] is not supported, got ComplexFloat"),
+        ("empty-dim", ([r(2, 0)], buf, [0]), "token_stats_rows_grouped: xs[0] needs a non-empty last dimension"),
+        ("row-dims", ([tangled], torch.empty(512, 5, device=d), [0]),
+         "token_stats_rows_grouped: xs[0] has too many non-mergeable leading dimensions (9 > 8); call .contiguous() first"),
+    ]
+    for path, call in (("op", ops.token_stats_rows), ("direct", token_stats_rows_into)):
+        for name, args, want in rows_cases:
+            yield f"rows-{path}-{name}", (lambda call=call, args=args: call(*args)), want
+    for path, call in (("op", ops.token_stats_rows_grouped), ("direct", token_stats_rows_grouped_into)):
+        for name, args, want in grouped_cases:
+            yield f"grouped-{path}-{name}", (lambda call=call, args=args: call(*args)), want
 
 
 def _child(device: str) -> None:

@@ -3,7 +3,9 @@
 The op is declared in csrc/ops.cpp and implemented per backend (csrc/cpu, csrc/cuda); this module
 is its typed Python face, its fake (meta) implementation for torch.compile, and the plain-PyTorch
 reference `token_stats_ref`, which tests compare against and which serves when the compiled
-library is missing.
+library is missing. The tracer's row writes (token_stats_rows, token_stats_rows_grouped) also have
+direct launchers, pybind11 functions that reach the same kernels without the dispatcher: the eager
+hot path; the ops stay what torch.compile, fake tensors and opcheck see.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _library.load()
 # so the dispatcher lookup is answered once per dispatch key.
 _COMPILED = _library.CompiledOp("recon_fast::token_stats", "slower, several passes over memory")
 _op_registered = _COMPILED.has_kernel
+_GROUPED = _library.CompiledOp("recon_fast::token_stats_rows_grouped", "one call per tensor")
 
 
 def backend(device: torch.device | str = "cpu") -> str:
@@ -77,6 +80,75 @@ def token_stats(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+def _direct_devices() -> frozenset[str]:
+    """Device types whose tensors the library's direct launchers take (none with a library built
+    before they existed, or without one)."""
+    module = _library.module
+    if module is None or not hasattr(module, "token_stats_rows_grouped_into"):
+        return frozenset()
+    return frozenset(["cpu"] + (["cuda"] if module.with_cuda else []))
+
+
+_DIRECT_DEVICES = _direct_devices()
+# Asked now, so that torch.compile finds the answers cached (it cannot trace the dispatcher query).
+for _key in _DISPATCH_KEYS.values():
+    _COMPILED.has_kernel(_key)
+    _GROUPED.has_kernel(_key)
+
+
+def direct_available(device_type: str) -> bool:
+    """Whether token_stats_rows_into and token_stats_rows_grouped_into serve tensors on this
+    device type (then the eager hook path calls them instead of the ops)."""
+    return device_type in _DIRECT_DEVICES and backend(device_type) != "torch"
+
+
+def _token_stats_rows_via_op(x: torch.Tensor, buffer: torch.Tensor, row0: int) -> None:
+    """token_stats_rows_into without the direct launcher: the op, or the plain-PyTorch fallback."""
+    if _op_registered(_dispatch_key_of(x)):
+        torch.ops.recon_fast.token_stats_rows(x, buffer, row0)
+    else:
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        token_stats(x, out=buffer[row0 : row0 + rows].view(*x.shape[:-1], NUM_STATS))
+
+
+def token_stats_rows_grouped(xs: list[torch.Tensor], buffer: torch.Tensor, row0s: list[int]) -> None:
+    """token_stats_rows of every xs[i] at row0s[i] in one launch (one parallel loop on the CPU,
+    one kernel per kind of row on CUDA): xs [..., D_i] of any float dtypes, their rows not
+    overlapping, buffer a contiguous float32 [N, 5] tensor on their device. In eager mode the
+    direct launcher where direct_available(device); under torch.compile and elsewhere the op
+    recon_fast::token_stats_rows_grouped, or the fallback (one token_stats per tensor) without it."""
+    device_type = buffer.device.type
+    if _grouped_into is not None and device_type in _DIRECT_DEVICES and not torch.compiler.is_compiling():
+        _grouped_into(xs, buffer, row0s)
+    elif _GROUPED.has_kernel(_dispatch_key_of(buffer)):
+        torch.ops.recon_fast.token_stats_rows_grouped(xs, buffer, row0s)
+    else:
+        if len(xs) != len(row0s):
+            raise RuntimeError(_length_error(xs, row0s))
+        for x, row0 in zip(xs, row0s):
+            _token_stats_rows_via_op(x, buffer, row0)
+
+
+def _length_error(xs, row0s) -> str:
+    return f"token_stats_rows_grouped: xs has {len(xs)} tensors but row0s has {len(row0s)} rows"
+
+
+# token_stats_rows_into(x, buffer, row0) -> None and token_stats_rows_grouped_into(xs, buffer, row0s)
+# -> None: the direct launchers (csrc/token_stats_direct.cpp; their docstrings in csrc/ops.cpp),
+# for eager calls on devices where direct_available(). The same work, checks and messages as
+# recon_fast::token_stats_rows(x [..., D], buffer [N, 5], row0) and token_stats_rows_grouped, the
+# CUDA kernels on the current stream, without the dispatcher (0.5-1 us a call against 1.3-2.5). They
+# are the pybind11 functions themselves: a Python wrapper would cost a frame per hook call. Under
+# torch.compile they would break the graph: call the ops there. Without a library that has them,
+# token_stats_rows_into is the op (or the fallback) and token_stats_rows_grouped_into is absent.
+_grouped_into = None
+if _DIRECT_DEVICES:
+    token_stats_rows_into = _library.module.token_stats_rows_into
+    token_stats_rows_grouped_into = _grouped_into = _library.module.token_stats_rows_grouped_into
+else:
+    token_stats_rows_into = _token_stats_rows_via_op
+
+
 def _dispatch_key_of(x: torch.Tensor) -> str:
     device_type = x.device.type
     return _DISPATCH_KEYS.get(device_type) or device_type.upper()
@@ -94,6 +166,13 @@ if _library.loaded_from is not None:
     def _token_stats_rows_fake(x: torch.Tensor, buffer: torch.Tensor, row0: int) -> None:
         # Writes rows of `buffer` in place; nothing to allocate.
         return None
+
+    @torch.library.register_fake("recon_fast::token_stats_rows_grouped")
+    def _token_stats_rows_grouped_fake(xs: list[torch.Tensor], buffer: torch.Tensor, row0s: list[int]) -> None:
+        # Writes rows of `buffer` in place; nothing to allocate. The lengths are known while
+        # tracing (row0s' values may be symbolic).
+        if len(xs) != len(row0s):
+            raise RuntimeError(_length_error(xs, row0s))
 
 
 def _check_args(x: torch.Tensor, out: torch.Tensor) -> None:

@@ -34,17 +34,18 @@ def _rows_op_for(device_type: str):
 def _eager_rows_op(device_type: str, overload):
     """The eager write: the direct launcher (a pybind11 call, no dispatcher) where the kernels
     offer one for this device, else the op's C++ function."""
-    direct = getattr(ops, "direct_available", None)
-    if overload is not None and direct is not None and direct(device_type):
+    if overload is not None and ops.direct_available(device_type):
         return ops.token_stats_rows_into
     return _direct(overload)
 
 
 def _grouped_op(device_type: str):
-    """token_stats_rows_grouped where the kernels have it for this device, else None (then a
-    group is written one activation at a time)."""
-    grouped = getattr(ops, "token_stats_rows_grouped", None)
-    return grouped if grouped is not None and ops.backend(device_type) != "torch" else None
+    """The eager grouped write where the kernels have one for this device: the direct launcher,
+    else token_stats_rows_grouped (the op); None without compiled kernels (then a group is
+    written one activation at a time)."""
+    if ops.backend(device_type) == "torch":
+        return None
+    return ops.token_stats_rows_grouped_into if ops.direct_available(device_type) else ops.token_stats_rows_grouped
 
 
 def _direct(overload):
@@ -105,11 +106,9 @@ class _DeviceChunks:
         self.rows_op_traced = _rows_op_for(device.type)  # looked up once per arena, not per write
         self.rows_op = _eager_rows_op(device.type, self.rows_op_traced)
         self.grouped_op = _grouped_op(device.type) if self.rows_op_traced is not None else None
-        # The group being gathered: activations, their first rows in `last`, their versions and modules.
-        self.pending: list[torch.Tensor] = []
-        self.pending_rows: list[int] = []
-        self.pending_versions: list[int] = []
-        self.pending_names: list[str] = []
+        # The group being gathered: (activation, its first row in `last`, its _version, its module)
+        # per hook call, in one tuple so that a hook makes one append.
+        self.pending: list[tuple[torch.Tensor, int, int, str]] = []
 
 
 class StatsArena:
@@ -157,7 +156,8 @@ class StatsArena:
         """Reserves x's rows and queues x; its statistics are written at the group's launch
         (launch(), or the next chunk, or to_host()/read()). x [..., D], D > 0, not changed in
         place until then (checked)."""
-        rows = x.numel() // x.shape[-1]
+        numel = x.numel()
+        rows = numel // x.shape[-1]
         device = x.device
         chunks = self._devices.get(device)
         if chunks is None:
@@ -167,11 +167,8 @@ class StatsArena:
             self._new_chunk(chunks, rows)
             row0 = 0
         chunks.fill = row0 + rows
-        chunks.pending.append(x)
-        chunks.pending_rows.append(row0)
-        chunks.pending_versions.append(x._version)
-        chunks.pending_names.append(name)
-        held = self.pending_bytes + x.numel() * x.element_size()
+        chunks.pending.append((x, row0, x._version, name))
+        held = self.pending_bytes + numel * x.itemsize
         self.pending_bytes = held
         if held > self.peak_pending_bytes:
             self.peak_pending_bytes = held
@@ -187,16 +184,16 @@ class StatsArena:
         self.pending_bytes = 0
 
     def _launch(self, chunks: _DeviceChunks) -> None:
-        xs, row0s, versions, names = chunks.pending, chunks.pending_rows, chunks.pending_versions, chunks.pending_names
-        chunks.pending, chunks.pending_rows, chunks.pending_versions, chunks.pending_names = [], [], [], []
+        pending, chunks.pending = chunks.pending, []
         # An output edited in place after its hook (a later module's `x += ...`, an in-place
         # activation) would give the edited tensor's numbers. Refusing is the one honest answer:
         # the values at hook time are gone, and running the forward again could repeat its side
         # effects (sampling, caches, user hooks).
-        edited = [name for x, v, name in zip(xs, versions, names) if x._version != v]
+        edited = [name for x, _, version, name in pending if x._version != version]
         if edited:
             raise InPlaceEdit(list(dict.fromkeys(edited)))
         self.launches += 1
+        xs, row0s, _, _ = zip(*pending)
         buffer = chunks.last
         if chunks.grouped_op is not None and not torch.compiler.is_compiling():
             chunks.grouped_op(xs, buffer, row0s)
@@ -227,7 +224,7 @@ class StatsArena:
 
     def _new_chunk(self, chunks: _DeviceChunks, rows: int) -> torch.Tensor:
         if chunks.pending:  # the queued rows are in the chunk being left
-            self.pending_bytes -= sum(x.numel() * x.element_size() for x in chunks.pending)
+            self.pending_bytes -= sum(x.numel() * x.itemsize for x, _, _, _ in chunks.pending)
             self._launch(chunks)
         previous = chunks.chunks[-1] if chunks.chunks else None
         if chunks.copy_stream is not None:

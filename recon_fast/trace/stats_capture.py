@@ -15,7 +15,7 @@ import torch
 from recon_fast.cube import export
 from recon_fast.kernels.ops import STATS
 from recon_fast.trace.session import Call, Layer, Layout, Session
-from recon_fast.trace.stats_arena import StatsArena, back_to_back
+from recon_fast.trace.stats_arena import StatsArena
 
 if TYPE_CHECKING:
     from recon_fast.cube.cube import ActivityCube
@@ -148,20 +148,29 @@ class TokenStatsCapture:
         batch, length, host_cols, padding = self.batch, self.length, len(STATS), self.padding
         host = self.arena.to_host()
         data = np.empty((len(layers), batch, length, len(self.columns)), dtype=np.float32)
-        whole = [layer.axis == "tokens" and len(layer.calls) == 1 and layer.lengths[0] == length
-                 and layer.calls[0].slot.rows == batch * length for layer in layers]
         counted = ~padding if padding is not None else np.ones((batch, length), dtype=bool)
-        i = 0
-        while i < len(layers):
-            if not whole[i]:
+        # Runs [i, j) of layers whose rows lie back to back in the arena, each the whole
+        # [batch, length] of its one call, are copied in one go: per-layer copies cost more than
+        # the forward pass itself at short T on a GPU. One pass over the layers, with
+        # back_to_back inlined: it runs once per hooked module after every run.
+        runs, rows_per_layer, last = [], batch * length, None
+        for k, layer in enumerate(layers):
+            calls = layer.calls
+            slot = calls[0].slot if len(calls) == 1 else None
+            if slot is None or slot.rows != rows_per_layer or layer.lengths[0] != length or layer.axis != "tokens":
+                runs.append((k, k + 1, False))
+                last = None
+            elif (last is not None and slot.row0 == last.row0 + last.rows and slot.chunk == last.chunk
+                  and slot.device == last.device):
+                runs[-1] = (runs[-1][0], k + 1, True)
+                last = slot
+            else:
+                runs.append((k, k + 1, True))
+                last = slot
+        for i, j, whole in runs:
+            if not whole:
                 data[i] = self.layer(i, layers[i], host)
-                i += 1
                 continue
-            # Layers whose rows lie back to back in the arena are copied in one go: per-layer
-            # copies cost more than the forward pass itself at short T on a GPU.
-            j = i + 1
-            while j < len(layers) and whole[j] and back_to_back(layers[j - 1].calls[0].slot, layers[j].calls[0].slot):
-                j += 1
             rows = host.span(layers[i].calls[0].slot, layers[j - 1].calls[0].slot).numpy()
             rows = rows.reshape(j - i, batch, length, host_cols)
             if not np.isfinite(rows[..., 0]).all():  # rare: then layer by layer, in order
@@ -172,7 +181,6 @@ class TokenStatsCapture:
             block[...] = rows[..., self.picked]
             if padding is not None:
                 block[:, padding] = np.nan
-            i = j
         return data
 
 
