@@ -120,6 +120,29 @@ def test_an_output_edited_in_place_later_stops_the_run_naming_it_then_is_compute
     np.testing.assert_array_equal(fresh.cube.data, tracer.cube.data)
 
 
+def test_under_inference_mode_outputs_are_computed_at_their_hook_and_in_place_edits_are_right():
+    # Inference tensors keep no version counter: nothing could tell an edit after the hook, so
+    # they are never queued; the numbers are those the hook saw, as with grouped=False.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), EditsItsInputInPlace(), nn.Linear(8, 4)).eval()
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        first = model[0](x)
+    tracer = Tracer(model, layers=["0", "2"])
+    with torch.inference_mode():
+        tracer.run(x)
+    np.testing.assert_allclose(tracer.cube.layer(0), token_stats_ref(first, float64=True).numpy(), rtol=2e-5,
+                               atol=1e-6)
+    llama = make_model("llama")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    grouped, immediate = Tracer(llama), Tracer(llama, grouped=False)
+    for tracer in (grouped, immediate):
+        tracer.add_hooks_all()
+        with torch.inference_mode():
+            tracer.run(ids)
+    np.testing.assert_array_equal(grouped.cube.data, immediate.cube.data)
+
+
 def test_the_memory_cap_bounds_what_a_group_holds(monkeypatch):
     model = make_model("llama")
     tokens = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -155,7 +155,10 @@ class StatsArena:
     def defer(self, x: torch.Tensor, name: str) -> ArenaSlot:
         """Reserves x's rows and queues x; its statistics are written at the group's launch
         (launch(), or the next chunk, or to_host()/read()). x [..., D], D > 0, not changed in
-        place until then (checked)."""
+        place until then (checked). An inference tensor (made under torch.inference_mode) has no
+        version counter to check, so it is computed at once."""
+        if x.is_inference():
+            return self.write(x)
         numel = x.numel()
         rows = numel // x.shape[-1]
         device = x.device
