@@ -1,4 +1,4 @@
-"""The hooks' fast path (Tracer._recorder) against the general one (Tracer._record): the same
+"""The hooks' fast path (Tracer._recorder) against the general one (stats_recording.record_call): the same
 calls and the same statistics for every kind of module output, each kind taking the path meant
 for it; and what the fast path must not change: a dropped Tracer still takes its hooks with it,
 hooks stay silent outside a run, and nothing in it syncs a CUDA device."""
@@ -11,8 +11,9 @@ from torch import nn
 
 from recon_fast import RawSlices, Tracer
 from recon_fast.kernels.ops import token_stats_ref
+from recon_fast.trace import stats_recording
+from recon_fast.trace.session import Session
 from recon_fast.trace.stats_arena import StatsArena
-from recon_fast.trace.tracer import _Session
 
 from tiny_models import make_model
 
@@ -52,9 +53,9 @@ FAST = {"float32 [B, T, D]", "bfloat16 [B, T, D]", "float16 [1, T, D]", "first o
         "[1, T, D] of a batch of 2 (wpe)"}
 
 
-def _recorded(tracer: Tracer, outputs: dict, token_ids: bool, fast: bool) -> tuple[_Session, list]:
-    session = _Session(StatsArena(initial_rows=8), token_ids=token_ids)  # small: chunks grow on the way
-    record = tracer._recorder(session) if fast else (lambda name, out: tracer._record(session, name, out))
+def _recorded(tracer: Tracer, outputs: dict, token_ids: bool, fast: bool) -> tuple[Session, list]:
+    session = Session(StatsArena(initial_rows=8), token_ids=token_ids)  # small: chunks grow on the way
+    record = tracer._recorder(session) if fast else (lambda name, out: stats_recording.record_call(session, name, out))
     for name, output in outputs.items():
         record(name, output)
     host = session.arena.to_host()
@@ -68,8 +69,9 @@ def test_fast_path_records_what_the_general_path_records(device, token_ids, monk
     tracer = Tracer(nn.Linear(2, 2))
     general, general_rows = _recorded(tracer, outputs, token_ids, fast=False)
     taken = []
-    monkeypatch.setattr(tracer, "_record", lambda session, name, output: (taken.append(name),
-                                                                          Tracer._record(tracer, session, name, output)))
+    record_call = stats_recording.record_call
+    monkeypatch.setattr(stats_recording, "record_call", lambda session, name, output, **how: (
+        taken.append(name), record_call(session, name, output, **how)))
     fast, fast_rows = _recorded(tracer, outputs, token_ids, fast=True)
     assert set(taken) == set(outputs) - FAST, "an output took the wrong path"
     assert fast.skipped == general.skipped
@@ -126,7 +128,7 @@ def test_hooks_are_silent_outside_a_run_and_a_run_leaves_no_cycle():
 @pytest.mark.cuda
 def test_fast_path_never_syncs():
     tracer = Tracer(nn.Linear(2, 2))
-    session = _Session(StatsArena(initial_rows=64), token_ids=True)
+    session = Session(StatsArena(initial_rows=64), token_ids=True)
     record = tracer._recorder(session)
     activations = [torch.randn(2, 64, 48, device="cuda", dtype=dt) for dt in (torch.float32, torch.bfloat16)]
     torch.cuda.set_sync_debug_mode("error")

@@ -295,16 +295,16 @@ def test_raw_slices_go_to_a_sidecar_and_come_back(tmp_path):
 @pytest.mark.cuda
 def test_cuda_hooks_never_sync():
     # The hook path alone (the model's own code may sync; that is not ours to judge).
+    from recon_fast.trace.session import Session
     from recon_fast.trace.stats_arena import StatsArena
-    from recon_fast.trace.tracer import _Session
+    from recon_fast.trace.stats_recording import record_call
 
-    tracer = Tracer(make_model("llama").cuda(), layers="residual")
-    session = _Session(StatsArena(), token_ids=True)
+    session = Session(StatsArena(), token_ids=True)
     activations = [torch.randn(2, 64, 48, device="cuda", dtype=dt) for dt in (torch.float32, torch.bfloat16)]
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i, a in enumerate(activations * 50):  # enough calls to grow the arena several times
-            tracer._record(session, f"layer{i}", (a, None))
+            record_call(session, f"layer{i}", (a, None))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     host = session.arena.to_host()

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from recon_fast.trace.model_state import returns_attentions
-from recon_fast.trace.session import Layout
+from recon_fast.trace.model_inputs import ModelCall
+from recon_fast.trace.model_state import model_state_kept, returns_attentions
+from recon_fast.trace.session import Capture, Layout, Session, TracerSettings
 
 MODES = (None, "full", "stats")
 
@@ -47,13 +48,21 @@ def cube_part(model: nn.Module, attentions, first_index: int) -> list[dict]:
             for i, att in enumerate(attentions)]
 
 
-class FullAttentionCapture:
-    """attention="full" as a capture: its buffer is the model's output; its part, the entries."""
-
-    streams = False  # held in the cube's shell; its objects follow the layers in the stream
+class FullAttentionCapture(Capture):
+    """attention="full" as a capture: its buffer is the model's output; its part, the entries
+    (streams = False: held in the cube's shell; its objects follow the layers in the stream)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def prepare(self, call: ModelCall, mode: str) -> None:
+        if mode == "generate":
+            raise ValueError("attention='full' works with run(), not generate(); attention='stats' works with both")
+        check_returned(self.model)
+        call.kwargs["output_attentions"] = True
+
+    def recording(self):
+        return model_state_kept(self.model)
 
     def cube_part(self, layout: Layout) -> dict:
         attentions = getattr(layout.output, "attentions", None)
@@ -62,5 +71,7 @@ class FullAttentionCapture:
     def stream_part(self, layout: Layout, shell, path: str) -> Iterator[dict]:
         yield from shell.attention
 
-    def warnings(self, layout: Layout) -> list[str]:
-        return []
+
+def full_attention_kind(tracer: TracerSettings, session: Session) -> FullAttentionCapture | None:
+    """The capture kind of attention probabilities, in runs of a Tracer with attention="full"."""
+    return FullAttentionCapture(tracer.model) if tracer.attention == "full" else None

@@ -19,6 +19,8 @@ from torch import nn
 from recon_fast.cube import export
 from recon_fast.kernels.attention_stats import ATTENTION_STATS, attention_stats
 from recon_fast.trace.attention_intercept import key_mask, switched_attention
+from recon_fast.trace.model_state import model_state_kept
+from recon_fast.trace.session import Capture, Layout, Session, TracerSettings
 
 SINK_TOKENS = 4  # StreamingLLM's attention sinks: the first four keys
 # transformers model_type of the families checked against eager output_attentions (tests).
@@ -41,8 +43,10 @@ def check_model(model: nn.Module) -> None:
                          f"{model_type or type(model).__name__!r}")
 
 
-class AttentionStatsCapture:
+class AttentionStatsCapture(Capture):
     """Statistics of every attention call of one run (or generate()), kept on the device."""
+
+    hookless = True  # the switched attention function records: a run needs no hooks
 
     def __init__(self, model: nn.Module, sink_tokens: int = SINK_TOKENS):
         check_model(model)
@@ -51,15 +55,15 @@ class AttentionStatsCapture:
         self.calls: list[AttentionCall] = []
 
     @contextlib.contextmanager
-    def installed(self):
-        """The model under "recon_fast_stats" for the duration; its implementation restored
-        afterwards, also when the forward raises."""
+    def recording(self):
+        """For the pass: the model under "recon_fast_stats", its implementation restored afterwards
+        (also when the forward raises), and its hooks and transformers' flags as they were."""
         names = {id(m): n for n, m in self.model.named_modules()}
 
         def observe(module, query, key, value, mask, kwargs):
             self.record(module, names[id(module)], query, key, mask, kwargs)
 
-        with switched_attention(self.model, observe):
+        with model_state_kept(self.model), switched_attention(self.model, observe):
             yield self
 
     def record(self, module: nn.Module, name: str, query: torch.Tensor, key: torch.Tensor, mask, kwargs: dict) -> None:
@@ -75,18 +79,15 @@ class AttentionStatsCapture:
     # ---- its part of the cube ---------------------------------------------------------------------
     streams = True  # [layers, batch, heads, tokens, 8]: written layer by layer when streaming
 
-    def cube_part(self, layout) -> dict:
+    def cube_part(self, layout: Layout) -> dict:
         names, data = self.data(layout.mode, layout.token_length, layout.padding)
         return {"attention_layers": names, "attention_data": data}
 
-    def stream_part(self, layout, shell, path: str):
+    def stream_part(self, layout: Layout, shell, path: str):
         """After the token statistics' layers: one object per attention layer, off the device in turn."""
         first = len(layout.layers)
         for i, (name, stats) in enumerate(self.layers(layout.mode, layout.token_length, layout.padding)):
             yield export.attention_stats_object(i, first + i, name, stats, ATTENTION_STATS)
-
-    def warnings(self, layout) -> list[str]:
-        return []
 
     def layer_names(self, mode: str) -> list[str]:
         if mode == "forward":
@@ -125,3 +126,8 @@ class AttentionStatsCapture:
         for i, (_, array) in enumerate(layers):
             data[i, :, : array.shape[1]] = array
         return [name for name, _ in layers], data
+
+
+def attention_stats_kind(tracer: TracerSettings, session: Session) -> AttentionStatsCapture | None:
+    """The capture kind of attention statistics, in runs of a Tracer with attention="stats"."""
+    return AttentionStatsCapture(tracer.model) if tracer.attention == "stats" else None

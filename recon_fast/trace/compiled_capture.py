@@ -1,10 +1,10 @@
 """Tracing a compiled model (`model.compile()` or `torch.compile(model)`): the object every hook
-of a Tracer records into (HookSink), and its compiled path. Dynamo inlines the hooks into the
-graph once; nothing a hook touches may change from run to run, or every run would recompile. So
-the sink is made once per Tracer and reused: one float32 [capacity, 5] buffer (a static address,
-so that mode="reduce-overhead" captures it in its CUDA graph), a row counter reset before each
-run, and lists of what was recorded that dynamo replays after the graph (its side effects).
-In eager, the hooks call the session's recorder (stats_capture.fast_recorder) instead.
+of a Tracer records into (HookSink), and its compiled run (HookSink.run). Dynamo inlines the hooks
+into the graph once; nothing a hook touches may change from run to run, or every run would
+recompile. So the sink is made once per Tracer and reused: one float32 [capacity, 5] buffer (a
+static address, so that mode="reduce-overhead" captures it in its CUDA graph), a row counter reset
+before each run, and lists of what was recorded that dynamo replays after the graph (its side
+effects). In eager, the hooks call the session's recorder (stats_recording.session_recorder).
 
 Dynamo does not guard on hooks (pytorch issue 117758): a graph compiled before a hook was added
 runs without it. `refresh_compiled` drops the model's compiled code when the Tracer's hooks are not
@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from recon_fast.kernels.ops import NUM_STATS, token_stats
+from recon_fast.trace.model_inputs import model_device
 from recon_fast.trace.session import Call, Session, extract_tensor
-from recon_fast.trace.stats_arena import ArenaSlot, StatsArena, _rows_op_for
+from recon_fast.trace.stats_arena import ArenaSlot, _rows_op_for
 from recon_fast.trace.stats_capture import rows_of, untraceable
 
 
@@ -48,6 +49,7 @@ class HookSink:
         self.fill = 0  # rows the run has asked for (more than the capacity: grow and run again)
         self.calls: list[tuple] = []  # (name, lead shape, row0, rows, feature shape)
         self.skipped: list[dict] = []
+        self.compiled_hooks: frozenset[str] | None = None  # the hooks of the last compiled run
 
     def record_compiled(self, name: str, output) -> None:
         """The hook's body as dynamo traces it: the general rules, each taken once at compile time."""
@@ -71,6 +73,30 @@ class HookSink:
         self.calls.append((name, tuple(x.shape[:-1]), row0, rows, feature_shape))
 
     # ---- run by the Tracer, outside the graph ---------------------------------------------------
+    def run(self, model: nn.Module, forward: Callable[[], object], session: Session, hooks: frozenset[str],
+            batch: int, tokens: int) -> object:
+        """A compiled run of `forward` (no autograd) with `hooks` in its graph, recorded into
+        `session`; returns the model's output. The buffer's rows are first guessed (each hook
+        [batch, tokens] once, twice over); a run that needs more gets a buffer of its size and runs
+        again (a new buffer: one recompile)."""
+        if hooks != self.compiled_hooks:
+            refresh_compiled(model)
+            self.compiled_hooks = hooks
+        rows = max(self.buffer.shape[0] if self.buffer is not None else 0, 2 * len(hooks) * batch * tokens)
+        device = model_device(model)
+        for _ in range(2):
+            self.start(device, session.token_ids, rows)
+            try:
+                with torch.no_grad():
+                    output = forward()
+            finally:
+                self.active = False
+            if not self.overflowed():
+                break
+            rows = self.fill
+        self.into(session)
+        return output
+
     def start(self, device: torch.device, token_ids: bool, rows: int) -> None:
         """Before a compiled run: empty records, a buffer of at least `rows` on `device`."""
         self.fill = 0
@@ -89,13 +115,14 @@ class HookSink:
         return self.fill > self.buffer.shape[0]
 
     def into(self, session: Session) -> None:
-        """The run's records as an eager session's: calls with slots in an arena holding a copy of
-        the used rows (the next run reuses the buffer)."""
-        rows = self.buffer[: self.fill].clone()
-        session.arena = StatsArena.holding(rows)
+        """The run's records as an eager session's: the used rows copied into the session's arena
+        (the next run reuses the buffer), and a call with its slot for each hook call."""
+        device = self.buffer.device
+        first, rows = session.arena.take(device, (self.fill,))  # rows: [fill, 5]
+        rows.copy_(self.buffer[: self.fill])
         session.skipped.extend(self.skipped)
-        device = rows.device
-        session.calls.extend(Call(name, lead, ArenaSlot(device, 0, row0, n), None, "tokens", -1, feature)
+        chunk, start = first.chunk, first.row0
+        session.calls.extend(Call(name, lead, ArenaSlot(device, chunk, start + row0, n), None, "tokens", -1, feature)
                              for name, lead, row0, n, feature in self.calls)
 
 

@@ -5,6 +5,8 @@ which removes every hook added since and puts back transformers' "installed" fla
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 _FLAG = "_output_capturing_hooks_installed"  # set by transformers on the module it hooked
@@ -43,3 +45,13 @@ class ModelState:
                 module.__dict__.pop(_FLAG, None)
             else:
                 module.__dict__[_FLAG] = flag
+
+
+@contextlib.contextmanager
+def model_state_kept(model: nn.Module):
+    """The model's hooks and transformers' flags, after the block (also when it raises), as they were before."""
+    state = ModelState(model)
+    try:
+        yield
+    finally:
+        state.restore()

@@ -1,20 +1,16 @@
-"""Raw activation slices, the capture kept beside the statistics: a window [tokens, dims] of the
-outputs of chosen modules, cloned on the device in the hook (its buffer: one small tensor per hook
-call), and its part of the cube, `raw` (arrays written to a sidecar file on export)."""
+"""Raw activation slices, the capture kept beside the statistics (Tracer(raw=RawSlices(...))): a
+window [tokens, dims] of the outputs of chosen modules, cloned on the device in the hook (its
+buffer: one small tensor per hook call, Call.raw), and its part of the cube, `raw` (arrays written
+to a sidecar file on export)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from recon_fast.trace.session import Layout
-
-if TYPE_CHECKING:
-    from recon_fast.cube.cube import ActivityCube
+from recon_fast.trace.session import Capture, Layout, Session, TracerSettings
 
 
 @dataclass(frozen=True)
@@ -38,13 +34,18 @@ def take(spec: RawSlices | None, name: str, x: torch.Tensor) -> torch.Tensor | N
     return x[..., t0:t1, d0:d1].clone()
 
 
-class RawCapture:
-    """Its buffer: the slices kept on each hook call (Call.raw); its part: the cube's `raw`."""
+class RawCapture(Capture):
+    """Its buffer: the slices kept on each hook call (Call.raw); its part: the cube's `raw`, small,
+    held in the cube's shell and written to a sidecar file (no stream_part: each layer object
+    points at its own slice in the sidecar)."""
 
-    streams = False  # small: held in the cube's shell, written to a sidecar beside the stream
+    slices_calls = True
 
     def __init__(self, spec: RawSlices):
         self.spec = spec
+
+    def slice_of(self, name: str, rows: torch.Tensor) -> torch.Tensor | None:
+        return take(self.spec, name, rows)
 
     def cube_part(self, layout: Layout) -> dict:
         """Per layer index, the slices of its calls along the token axis, on the host."""
@@ -56,8 +57,7 @@ class RawCapture:
                           "token_range": [t0, t1], "dim_range": [d0, d1]}
         return {"raw": raw}
 
-    def stream_part(self, layout: Layout, shell: ActivityCube, path: str) -> Iterator[dict]:
-        return iter(())  # the sidecar holds the slices; each layer object points at its own
 
-    def warnings(self, layout: Layout) -> list[str]:
-        return []
+def raw_slices_kind(tracer: TracerSettings, session: Session) -> RawCapture | None:
+    """The capture kind of raw slices, in runs of a Tracer with raw= set."""
+    return RawCapture(tracer.raw) if tracer.raw is not None else None
