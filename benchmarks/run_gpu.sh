@@ -4,7 +4,8 @@
 #   command: set -o pipefail; LOGS=$OUT bash benchmarks/run_gpu.sh 2>&1 | tee $OUT/run_gpu.txt
 #   carry:   [".whl"]
 # Open (not done by h18 this session): per-step time budgets under `timeout` for every step, the
-# torchrun/nccl dataset step, both attention routes' benchmark switch, benchmarks/gpu_wheels.sh.
+# torchrun/nccl dataset step, benchmarks/gpu_wheels.sh. Done: bench-attention times both routes of
+# issue 18 side by side (score / mma / fma kernels, flex, sdpa; one process per row, ~5 min).
 # Everything recon-fast checks on a CUDA machine, in one go: build the extension with its CUDA
 # kernels against the machine's torch, run the tests (CUDA cases included), the GPU benchmarks and
 # an ncu look at the token_stats kernel. Logs go to $LOGS (default ./gpu-logs).
@@ -60,6 +61,12 @@ fi
 if want tests; then
   # Not the tests that load the embedded SmolLM2 (its GGUF reader is not installed there).
   python3 -m pytest tests -q -p no:cacheprovider -m "not slow" -n ${XDIST:-8} --timeout 600 2>&1 | tee "$LOGS/tests.log" | tail -15
+  # attention_stats' CUDA cases again with the other kernels for the linear case (the pass above ran
+  # the default, fma): RECON_FAST_ATTENTION_KERNEL is read once per process.
+  for kernel in score mma; do
+    RECON_FAST_ATTENTION_KERNEL=$kernel python3 -m pytest tests/test_attention_stats.py -q -p no:cacheprovider \
+      -k cuda --timeout 300 2>&1 | tee "$LOGS/tests_attention_$kernel.log" | tail -3 | sed "s/^/[$kernel kernel] /"
+  done
 fi
 if want bench-ops; then
   $BENCH benchmarks/bench_ops.py -k cuda 2>&1 | tee "$LOGS/bench_ops.log" | sed -n '/ratios within each group/,$p'
@@ -71,7 +78,11 @@ if want bench-compiled; then  # issue 17: compiled models, traced/untraced (eage
   timeout 240 $BENCH benchmarks/bench_compiled.py 2>&1 | tee "$LOGS/bench_compiled.log" | grep -E '^\[|^  |passed|failed|Error' | tail -30
 fi
 if want bench-attention && [ -f benchmarks/bench_attention_stats.py ]; then
-  $BENCH benchmarks/bench_attention_stats.py -k cuda 2>&1 | tee "$LOGS/bench_attention.log" | sed -n '/ratios within each group/,$p'
+  # Issue 18's two routes side by side: sdpa, the score / mma / fma kernels, flex; the op per layer at
+  # T = 4096, 32768, 131072 (memory), and the 1B forward with stats on every layer at 32768.
+  RECON_BENCH_ROWS="$LOGS/bench_attention_rows.jsonl" timeout 540 $BENCH benchmarks/bench_attention_stats.py -k cuda 2>&1 \
+    | tee "$LOGS/bench_attention.log" \
+    | grep -E '^\[|^  |passed|failed|Error' | tail -60
 fi
 if want diagnose; then
   PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 480 python3 benchmarks/gpu_diagnostics/diagnose_check_crash.py \

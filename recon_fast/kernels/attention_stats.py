@@ -79,7 +79,9 @@ def attention_stats(
 
     Returns float32 [B, H, Tq, 8], channels named by ATTENTION_STATS. Rows that see no key are
     NaN in every channel. Accumulates in float32; runs on the current CUDA stream without
-    synchronising.
+    synchronising. On CUDA, 16-bit q and k without soft-cap or general mask take the linear-case
+    kernel (csrc/cuda/attention_stats_mma_kernel.cu); RECON_FAST_ATTENTION_KERNEL=fma (default),
+    mma or score chooses it, read once per process.
     """
     if scaling is None:
         if q.dim() < 1 or q.shape[-1] == 0:

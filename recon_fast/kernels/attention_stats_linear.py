@@ -5,13 +5,20 @@ Per key block, relative to the running max m (base 2, s2 = scaling * log2(e) * q
   w = 2^(s2 - m); l = sum w (float32, exact weights);
   [P K | P col | P 1] = w~ @ [K | j - j0 | 1], with w~ = hi + lo, hi = w rounded to the input's
   16-bit type and lo = (w - hi) rounded again (two mma's on the GPU: ~16 bits of the weight, so
-  mean_distance keeps its 1e-3-token tolerance), accumulated in float32 and rescaled on a new max;
-  u_far = sum over blocks of (i' - j0) * sum w.
+  mean_distance keeps its 1e-3-token tolerance; float16 splits w * 2^15, see _split16),
+  accumulated in float32 and rescaled on a new max; u_far = sum over blocks of (i' - j0) * sum w.
 Then E_w[s2 - m] = (q.(P K) * scale2 - m * (P 1)) / (P 1) (the cancellation happens between two
-float32 numbers near m * l, so its error is float32 rounding of the scores, as in the kernel's
-per-score path), entropy = ln2 (log2 l - E_w[s2 - m]), mean_distance = (u_far - P col) / l.
+float32 numbers near m * l), entropy = ln2 (log2 l - E_w[s2 - m]),
+mean_distance = (u_far - P col) / l.
 Only valid for scores linear in k: no soft-cap, no additive mask (those keep the exact per-score
 path of attention_stats). This module validates numerics; it is not faster than the C++ CPU op.
+csrc/cuda/attention_stats_mma_kernel.cu (RECON_FAST_ATTENTION_KERNEL=mma) is this arithmetic on
+the tensor cores; tests/test_attention_stats_linear.py runs both against the float64 reference.
+
+The limit of the formulation: E_w[s2] comes from q.(P K), a float32 dot whose rounding scales with
+|q| |k| scaling rather than with s2 - m, so a very sharp head (|q| |k| scaling ~ 100 nats, entropy
+~ 1e-3) misses the entropy's 1e-4 relative tolerance by ~1e-5 absolute (test_the_limit_...); the
+per-score kernels, which sum w (s2 - m) directly, do not.
 """
 
 from __future__ import annotations
@@ -27,11 +34,16 @@ _LN2 = 0.6931471805599453
 
 
 def _split16(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w as the sum of two values of `dtype` (what two mma's see), back in float32."""
+    """w as the sum of two values of `dtype` (what two mma's see), back in float32. float16 takes
+    w * 2^15 (exact; below 65504): its 5 exponent bits would otherwise lose the bits of weights
+    below 2^-14, and a sharp head's many tiny weights times their large s2 - m cost the entropy
+    ~1e-5. bfloat16 has float32's range."""
     if dtype not in (torch.bfloat16, torch.float16):
         return w
-    hi = w.to(dtype)
-    return hi.float() + (w - hi.float()).to(dtype).float()
+    scale = 2.0 ** 15 if dtype == torch.float16 else 1.0
+    ws = w * scale
+    hi = ws.to(dtype)
+    return (hi.float() + (ws - hi.float()).to(dtype).float()) / scale
 
 
 def attention_stats_linear(q, k, *, scaling=None, causal=True, window=None, key_padding_mask=None,
