@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# The next GPU session's one call (device tool `run`, timeout_s 600; carry [".whl"], the wheels of
-# orjson/pyarrow/nnsight put there beforehand with the pip download line below):
+# Everything recon-fast checks on a CUDA machine, in ONE call of the device tool (run, timeout_s
+# 600), within a time budget: the steps run in order of importance, each under `timeout` for the
+# smaller of its own budget and what is left of BUDGET (default 560 s), so a slow step costs its
+# budget, never the later steps' logs; a step that no longer fits is named and skipped. Every log
+# goes to $LOGS (the device tool's $OUT), and $LOGS/steps.tsv gets one line per step (name, exit
+# status, seconds): what the note reports. Before the call, on the CPU machine:
+#   bash benchmarks/gpu_wheels.sh        # the wheels the GPU machine lacks, into .whl (gitignored)
+# then the device tool's run with
 #   command: set -o pipefail; LOGS=$OUT bash benchmarks/run_gpu.sh 2>&1 | tee $OUT/run_gpu.txt
 #   carry:   [".whl"]
-# Open (not done by h18 this session): per-step time budgets under `timeout` for every step, the
-# torchrun/nccl dataset step, benchmarks/gpu_wheels.sh. Done: bench-attention times both routes of
-# issue 18 side by side (score / mma / fma kernels, flex, sdpa; one process per row, ~5 min).
-# Everything recon-fast checks on a CUDA machine, in one go: build the extension with its CUDA
-# kernels against the machine's torch, run the tests (CUDA cases included), the GPU benchmarks and
-# an ncu look at the token_stats kernel. Logs go to $LOGS (default ./gpu-logs).
-#   bash benchmarks/run_gpu.sh [build] [tests] [bench-ops] [bench-tracer] [bench-attention] [bench-dataset] [ncu] [diagnose]
-# With no argument it does all of them; diagnose (benchmarks/gpu_diagnostics/README.md) confirms the
-# no-streamed-numbers fix (main b81312f): every case raises, none crashes. dispatch and
-# bench-activation-cache skip with one line where their file is absent. Wheels of packages the machine lacks (orjson) may wait in
-# ./.whl; they are installed into a private target first. bench-dataset needs pyarrow there:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl orjson pyarrow
+# Steps (no argument: all, in this order):
+#   build          the extension with CUDA kernels for this chip only (sm_90), against its torch
+#   tests          every CUDA case (-k cuda: token_stats, grouped op, direct launchers, tracer and
+#                  its no-sync checks, compiled + reduce-overhead, attention kernels fma (default) /
+#                  score / mma, flex, dispatch split, activation cache) and the argument errors
+#                  (each in a child process: none may crash, issue 18's SIGSEGV)
+#   bench-tracer   issue 17: hooks/untraced at the SmolLM2 and 1B shapes, eager; nnsight beside it
+#   bench-attention issue 18: sdpa vs the score / fma / mma kernels vs flex, 1B shape bf16
+#   bench-ops      token_stats vs x.sum (bandwidth)
+#   bench-compiled issue 17: compiled traced/untraced (reduce-overhead is in tests)
+#   bench-dataset  dataset tracing on the GPU (nccl where torchrun is available)
+#   bench-activation-cache  issue 19: activation caching vs the plain forward
+#   diagnose       benchmarks/gpu_diagnostics: the crash kit (probe, bindings, gdb) if tests crashed
+#   ncu            an ncu look at the token_stats kernel
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${LOGS:-gpu-logs}
 mkdir -p "$LOGS"
-steps=${*:-build diagnose tests dispatch bench-ops bench-tracer bench-compiled bench-attention bench-dataset bench-activation-cache ncu}
-want() { [[ " $steps " == *" $1 "* ]]; }
+BUDGET=${BUDGET:-560}
+STARTED=$SECONDS
+steps=${*:-build tests bench-tracer bench-attention bench-ops bench-compiled bench-dataset bench-activation-cache diagnose ncu}
+source benchmarks/gpu_steps.sh  # want, step and the steps' functions
 export PYTHONUNBUFFERED=1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -50,68 +59,17 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
-BENCH="python3 -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-columns=median,iqr,rounds --benchmark-sort=name"
-
-if want build; then
-  # sm_90 only: the machine's own chip; MAX_JOBS: its cores.
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} RECON_FAST_CUDA=1 \
-    python3 setup.py -q build_ext --inplace >"$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
-  python3 -c "from recon_fast.kernels import ops; b = ops.backend('cuda'); print('backend(cuda) =', b); assert b == 'cuda'" || exit 1
+step build 240 do_build
+if want build && ! python3 -c "import sys; from recon_fast.kernels import ops; sys.exit(ops.backend('cuda') != 'cuda')" 2>/dev/null; then
+  echo "run_gpu.sh: the build gave no CUDA kernels ($LOGS/build.log); stopping"; exit 1
 fi
-if want tests; then
-  # Not the tests that load the embedded SmolLM2 (its GGUF reader is not installed there).
-  python3 -m pytest tests -q -p no:cacheprovider -m "not slow" -n ${XDIST:-8} --timeout 600 2>&1 | tee "$LOGS/tests.log" | tail -15
-  # attention_stats' CUDA cases again with the other kernels for the linear case (the pass above ran
-  # the default, fma): RECON_FAST_ATTENTION_KERNEL is read once per process.
-  for kernel in score mma; do
-    RECON_FAST_ATTENTION_KERNEL=$kernel python3 -m pytest tests/test_attention_stats.py -q -p no:cacheprovider \
-      -k cuda --timeout 300 2>&1 | tee "$LOGS/tests_attention_$kernel.log" | tail -3 | sed "s/^/[$kernel kernel] /"
-  done
-fi
-if want bench-ops; then
-  $BENCH benchmarks/bench_ops.py -k cuda 2>&1 | tee "$LOGS/bench_ops.log" | sed -n '/ratios within each group/,$p'
-fi
-if want bench-tracer; then
-  $BENCH benchmarks/bench_tracer_gpu.py 2>&1 | tee "$LOGS/bench_tracer_gpu.log" | grep -E '^\[|^  |passed|failed|Error' | tail -60
-fi
-if want bench-compiled; then  # issue 17: compiled models, traced/untraced (eager vs reduce-overhead in the tests step)
-  timeout 240 $BENCH benchmarks/bench_compiled.py 2>&1 | tee "$LOGS/bench_compiled.log" | grep -E '^\[|^  |passed|failed|Error' | tail -30
-fi
-if want bench-attention && [ -f benchmarks/bench_attention_stats.py ]; then
-  # Issue 18's two routes side by side: sdpa, the score / mma / fma kernels, flex; the op per layer at
-  # T = 4096, 32768, 131072 (memory), and the 1B forward with stats on every layer at 32768.
-  RECON_BENCH_ROWS="$LOGS/bench_attention_rows.jsonl" timeout 540 $BENCH benchmarks/bench_attention_stats.py -k cuda 2>&1 \
-    | tee "$LOGS/bench_attention.log" \
-    | grep -E '^\[|^  |passed|failed|Error' | tail -60
-fi
-if want diagnose; then
-  PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 480 python3 benchmarks/gpu_diagnostics/diagnose_check_crash.py \
-    --probe --bindings --gdb >"$LOGS/diagnose.log" 2>&1; head -60 "$LOGS/diagnose.log"
-fi
-if want dispatch; then  # helper h20's device_map split
-  if [ -f tests/test_dispatch.py ]; then
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dispatch.py -m cuda 2>&1 | tee "$LOGS/dispatch.log" | tail -5
-  else echo "dispatch: skipped (tests/test_dispatch.py absent)"; fi
-fi
-if want bench-activation-cache; then  # helper h19's activation cache
-  if [ -f benchmarks/bench_activation_cache.py ]; then
-    timeout 120 $BENCH benchmarks/bench_activation_cache.py -k gpu 2>&1 | tee "$LOGS/bench_activation_cache.log" | tail -20
-  else echo "bench-activation-cache: skipped (benchmarks/bench_activation_cache.py absent)"; fi
-fi
-if want bench-dataset; then
-  $BENCH benchmarks/bench_dataset.py -k gpu 2>&1 | tee "$LOGS/bench_dataset.log" | grep -E '^\[|^  |passed|failed|skipped|Error' | tail -20
-fi
-if want ncu && command -v ncu >/dev/null; then
-  ncu --clock-control none -k regex:'token_stats|reduce_kernel' -c 2 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-    python3 - >"$LOGS/ncu.log" 2>&1 <<'EOF'
-import torch
-from recon_fast.kernels.ops import token_stats
-x = torch.randn(32768, 4096, device="cuda").bfloat16()
-out = torch.empty(32768, 5, device="cuda")
-x.sum(-1)
-token_stats(x, out=out)
-torch.cuda.synchronize()
-EOF
-  grep -E "token_stats|reduce_kernel|Memory Throughput|DRAM Throughput|Duration|Compute \(SM\)|Achieved Occupancy|Registers Per|Theoretical Occupancy|Block Size|Grid Size" "$LOGS/ncu.log" | head -40
-fi
+step tests 150 do_tests
+step bench-tracer 90 do_bench_tracer
+step bench-attention 150 do_bench_attention
+step bench-ops 40 do_bench_ops
+step bench-compiled 60 do_bench_compiled
+step bench-dataset 45 do_bench_dataset
+step bench-activation-cache 45 do_bench_activation_cache
+step diagnose 60 do_diagnose
+step ncu 40 do_ncu
+echo "run_gpu.sh: done in $((SECONDS - STARTED)) s of $BUDGET; per step: $LOGS/steps.tsv"

@@ -35,6 +35,34 @@ def test_rehearsal_runs_the_cpu_parts_and_names_the_skipped_steps(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rehearsal: diagnose ok (every case raised)" in proc.stdout
     assert "rehearsal: argument-error test ok" in proc.stdout
-    for step in ("build", "tests", "bench-attention", "bench-dataset", "dispatch"):
+    for step in ("build", "tests", "bench-tracer", "bench-attention", "bench-ops", "bench-compiled", "bench-dataset",
+                 "bench-activation-cache", "ncu"):
         assert f"rehearsal: {step} needs a GPU: skipped" in proc.stdout
     assert "crashing: none" in (tmp_path / "diagnose.log").read_text()
+
+
+def test_the_budget_runner_caps_each_step_and_skips_what_no_longer_fits(tmp_path):
+    # The one GPU call has ~10 minutes: each step runs under `timeout` for the smaller of its own
+    # budget and what is left, records its exit status and seconds, and a step that no longer
+    # fits is named and skipped, so the steps after a slow one still get their turn.
+    script = f"""
+        set -uo pipefail
+        LOGS={tmp_path}; BUDGET=30; STARTED=$SECONDS; steps="slow quick late"
+        source {ROOT / "benchmarks" / "gpu_steps.sh"}
+        do_slow() {{ sleep 10; }}
+        do_quick() {{ echo "quick ran under $STEP_BUDGET s" | tee $LOGS/quick.txt; }}
+        export -f do_slow do_quick
+        step slow 1 do_slow
+        step quick 100 do_quick
+        step unwanted 5 do_quick
+        STARTED=$((SECONDS - 15))
+        step late 5 do_quick
+    """
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    assert [row[:2] for row in rows] == [["slow", "124"], ["quick", "0"], ["late", "skipped"]], rows
+    assert int(rows[0][2]) <= 3  # cut at its 1 s budget, not the 10 s it wanted
+    budget = int((tmp_path / "quick.txt").read_text().split()[-2])
+    assert 20 <= budget <= 25, budget  # capped at what was left of the 30 s, minus a margin
+    assert "== late: skipped (15 s of the budget left)" in proc.stdout
