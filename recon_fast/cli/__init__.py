@@ -23,6 +23,7 @@ import numpy as np
 
 from recon_fast.cli import attribution as attribution_cli
 from recon_fast.cli import baseline as baseline_cli
+from recon_fast.cli import cache_activations as cache_activations_cli
 from recon_fast.cli import checks as cli_checks
 from recon_fast.cli import dataset as dataset_cli
 from recon_fast.cli import heads as heads_cli
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribution_cli.add_parsers(sub)
     view_cli.add_parser(sub)
     dataset_cli.add_parser(sub, _add_model_args)
+    cache_activations_cli.add_parser(sub, _add_model_args)
     return parser
 
 
@@ -220,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = attribution_cli.hexray_argv(sys.argv[1:] if argv is None else list(argv))
     try:
         args = build_parser().parse_args(argv)
+        args.started = time.perf_counter()  # the load's line says how long since, imports included
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 2
-        args.started = time.perf_counter()  # the load's line says how long since, imports included
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         try:
