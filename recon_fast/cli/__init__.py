@@ -28,9 +28,9 @@ from recon_fast.cli import checks as cli_checks
 from recon_fast.cli import dataset as dataset_cli
 from recon_fast.cli import heads as heads_cli
 from recon_fast.cli import loading, options
+from recon_fast.cli.prompt_io import encode, output_paths
 from recon_fast.cli import view as view_cli
 from recon_fast.cli.options import OneLineParser
-from recon_fast.cube import export
 from recon_fast.dataset.profile import compare
 from recon_fast.models import ModelNotFound
 
@@ -66,23 +66,6 @@ def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="module", leave=False, file=sys.stderr)
-
-
-def output_paths(out: str, count: int) -> list[str]:
-    """One file per prompt: `out` itself for one, else cube-1.json, cube-2.json ... beside it."""
-    if count == 1:
-        return [out]
-    suffix = next(s for s in export.SUFFIXES if out.lower().endswith(s))
-    base = out[: len(out) - len(suffix)]
-    return [f"{base}-{i}{out[len(base):]}" for i in range(1, count + 1)]
-
-
-def encode(tokenizer, prompt: str, chat: bool):
-    """The prompt's token ids: as text, or as a user turn of the tokenizer's chat template."""
-    if not chat:
-        return tokenizer(prompt, return_tensors="pt")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_dict=True, return_tensors="pt")
 
 
 def cmd_trace(args) -> int:

@@ -154,7 +154,7 @@ def _check(args, report_name: str) -> list[str]:
 
 
 def _inputs(tokenizer, prompt: str, chat: bool):
-    from recon_fast.cli import encode
+    from recon_fast.cli.prompt_io import encode
 
     if chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat: the tokenizer has no chat template")

@@ -64,7 +64,7 @@ def heads_table(layers: list[str], means: dict[str, np.ndarray], threshold: floa
 
 
 def cmd_heads(args: argparse.Namespace) -> int:
-    from recon_fast.cli import encode, output_paths
+    from recon_fast.cli.prompt_io import encode
     from recon_fast.cli import report
     from recon_fast.trace.tracer import Tracer
 
