@@ -6,11 +6,14 @@ its direct launcher (no dispatcher) against the Python slice + view + token_stat
 the bottleneck (30 layers, hidden 64, T=8, one thread: 365 hooks on a ~7 ms forward), as
 traced/untraced ratios of interleaved rounds: issue 9's measure of the host cost per hook, with
 the floor of an empty Python hook on the same modules and the hook path of before issue 17 (no
-direct launchers, no grouped launches) beside it. CPU here; on a CUDA machine the write benchmark
-adds a cuda group."""
+direct launchers, no grouped launches, no C++ recorder) beside it. With
+RECON_FAST_BASELINE_TREE=<another checkout> (e.g. `git archive` of an earlier commit, unpacked),
+that checkout's Tracer runs in the same rounds too, on its own copy of the model (other_checkout.py).
+CPU here; on a CUDA machine the write benchmark adds a cuda group."""
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 
@@ -18,6 +21,7 @@ import pytest
 import torch
 
 from recon_fast import Tracer
+from recon_fast.kernels import ops
 from recon_fast.trace import stats_arena
 from recon_fast.trace.stats_arena import StatsArena
 
@@ -64,16 +68,29 @@ def tiny_llama():
 
 @contextlib.contextmanager
 def _dispatcher_path():
-    """The hook path as it was before the direct launchers and grouped launches (issue 17): every
-    queued output written by its own token_stats_rows call through the dispatcher. Arenas made
-    inside take it."""
-    grouped_op, eager_rows_op = stats_arena._grouped_op, stats_arena._eager_rows_op
+    """The hook path as it was before the direct launchers, grouped launches and the C++ recorder
+    (issue 17): the Python recorder, every queued output written by its own token_stats_rows call
+    through the dispatcher. Runs and arenas made inside take it."""
+    grouped_op, eager_rows_op, recorder = stats_arena._grouped_op, stats_arena._eager_rows_op, ops.TokenStatsRecorder
     stats_arena._grouped_op = lambda device_type: None
     stats_arena._eager_rows_op = lambda device_type, overload: stats_arena._direct(overload)
+    ops.TokenStatsRecorder = None
     try:
         yield
     finally:
-        stats_arena._grouped_op, stats_arena._eager_rows_op = grouped_op, eager_rows_op
+        stats_arena._grouped_op, stats_arena._eager_rows_op, ops.TokenStatsRecorder = grouped_op, eager_rows_op, recorder
+
+
+def _baseline_tracer(model):
+    """A Tracer of the checkout named by RECON_FAST_BASELINE_TREE on `model`, all hooks, or None."""
+    root = os.environ.get("RECON_FAST_BASELINE_TREE")
+    if not root:
+        return None
+    from other_checkout import import_checkout
+
+    tracer = import_checkout(root, "recon_fast.trace.tracer").Tracer(model)
+    tracer.add_hooks_all()
+    return tracer
 
 
 def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
@@ -85,9 +102,11 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     Tracer's hooks attached but idle (the untraced side of bench_tracer's interleaved pairs, which
     so leaves out nn.Module's hook calls). Traced two ways in the same rounds: the hook path as it
     is (direct launchers, one grouped launch per decoder layer) and as it was before issue 17
-    (one token_stats_rows call through the dispatcher per output)."""
+    (one token_stats_rows call through the dispatcher per output); and, when asked for, another
+    checkout's Tracer on its own copy of the model (_baseline_tracer)."""
     model = tiny_llama
     plain = copy.deepcopy(model)
+    baseline = _baseline_tracer(copy.deepcopy(plain))
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the host's Python is what is measured, not intra-op threading
@@ -98,7 +117,7 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     empty = [module.register_forward_hook(lambda module, args, output: None)
              for name, module in floor.named_modules() if name in tracer.hooks]
     assert len(empty) == hooks
-    kinds = ["hook-free", "empty hooks", "idle hooks", "traced", "traced before"]
+    kinds = ["hook-free", "empty hooks", "idle hooks", "traced", "traced before", "baseline checkout"]
     rounds = []  # seconds of each kind, per round
     group = f"host-bound Llama (30 layers, hidden 64, {hooks} hooks), T=8, traced/untraced interleaved"
 
@@ -113,6 +132,9 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
         with _dispatcher_path():
             tracer.run(ids)
         times.append(time.perf_counter())
+        if baseline is not None:
+            baseline.run(ids)
+            times.append(time.perf_counter())
         rounds.append(dict(zip(kinds, [b - a for a, b in zip(times, times[1:])])))
 
     try:
@@ -123,6 +145,8 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
         tracer.clear_hooks()
+        if baseline is not None:
+            baseline.clear_hooks()
         for handle in empty:
             handle.remove()
         torch.set_num_threads(threads)
@@ -138,7 +162,13 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     record_measure(group, "before issue 17: median ratio", statistics.median(ratios("traced before")), "x")
     record_measure(group, "over the floor: median ratio", statistics.median(ratios("traced", "empty hooks")), "x")
     record_measure(group, "idle hooks: median ratio", statistics.median(ratios("traced", "idle hooks")), "x")
+    extras = []
+    if baseline is not None:
+        record_measure(group, "baseline checkout: median ratio", statistics.median(ratios("baseline checkout")), "x")
+        record_measure(group, "this / baseline checkout: median", statistics.median(ratios("traced", "baseline checkout")),
+                       "x")
+        extras = [("baseline checkout, hook-free", "baseline checkout", "hook-free")]
     for name, kind, over in [("hook-free", "traced", "hook-free"), ("idle hooks", "traced", "idle hooks"),
-                             ("before, hook-free", "traced before", "hook-free")]:
+                             ("before, hook-free", "traced before", "hook-free"), *extras]:
         extra = [r[kind] - r[over] for r in rounds]
         record_measure(group, f"{name}: extra per hook", statistics.median(extra) / hooks * 1e6, "us")

@@ -72,10 +72,11 @@ def test_export_throughput(record, tmp_path):
            nbytes=size, baseline=True, rounds=3)
 
 
-@pytest.mark.parametrize("length", [512])
+@pytest.mark.parametrize("length", [128, 512])
 def test_traced_over_untraced_interleaved(benchmark, record_measure, smollm2, length):
-    """The tracing overhead as the median of per-pair ratios, untraced and traced forwards
-    alternating, so that drift on a shared machine hits both sides alike."""
+    """The tracing overhead as the median of per-round ratios, the untraced forward and the traced
+    runs alternating, so that drift on a shared machine hits every side alike: grouped launches
+    (the default) and every output computed at its hook (grouped=False), one Tracer."""
     import statistics
     import time
 
@@ -83,24 +84,30 @@ def test_traced_over_untraced_interleaved(benchmark, record_measure, smollm2, le
     ids = _ids(tokenizer, length)
     tracer = Tracer(model)
     tracer.add_hooks_all()
-    ratios = []
+    ratios: dict[str, list[float]] = {"grouped": [], "immediate": []}
     group = f"SmolLM2 traced/untraced interleaved, T={length}"
 
-    def pair():
+    def round_():
         start = time.perf_counter()
         with torch.no_grad():
             model(ids)
-        middle = time.perf_counter()
-        tracer.run(ids)
-        ratios.append((time.perf_counter() - middle) / (middle - start))
+        untraced = time.perf_counter() - start
+        for grouped in (True, False):
+            tracer.grouped = grouped
+            start = time.perf_counter()
+            tracer.run(ids)
+            ratios["grouped" if grouped else "immediate"].append((time.perf_counter() - start) / untraced)
+        tracer.grouped = True
 
     try:
-        pair()  # warm-up
-        ratios.clear()
+        round_()  # warm-up
+        for values in ratios.values():
+            values.clear()
         benchmark.group = group
-        benchmark.pedantic(pair, rounds=9, iterations=1)
+        benchmark.pedantic(round_, rounds=9, iterations=1)
     finally:
         tracer.clear_hooks()
-    record_measure(group, "lowest pair", min(ratios), "x")
-    record_measure(group, "median pair (the overhead)", statistics.median(ratios), "x")
-    record_measure(group, "highest pair", max(ratios), "x")
+    for name, values in ratios.items():
+        record_measure(group, f"{name}: lowest round", min(values), "x")
+        record_measure(group, f"{name}: median round (the overhead)", statistics.median(values), "x")
+        record_measure(group, f"{name}: highest round", max(values), "x")

@@ -16,7 +16,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench_tracer_gpu, and recon_fast from a checkout
-from bench_tracer_gpu import build_model  # noqa: E402
+from bench_tracer_gpu import build_model, traced_forward  # noqa: E402
 
 from recon_fast import Tracer  # noqa: E402
 from recon_fast.trace.presets import select_all  # noqa: E402
@@ -51,12 +51,12 @@ def main(length: int) -> None:
         h.remove()
     tracer = Tracer(model)
     tracer.add_hooks_all()
-    hooks = median_ms(lambda: tracer._traced(lambda: model(ids)))
+    hooks = median_ms(lambda: traced_forward(tracer, ids))
     run = median_ms(lambda: tracer.run(ids))
     n = len(names)
     print(f"T={length}, {n} hooks: untraced {base:.2f} ms; empty hooks +{(empty - base) / n * 1e3:.1f} us/hook; "
           f"Tracer hooks +{(hooks - base) / n * 1e3:.1f} us/hook; run() {run:.2f} ms (+{run - hooks:.2f} ms after the pass)")
-    for label, fn in (("traced forward", lambda: tracer._traced(lambda: model(ids))), ("run()", lambda: tracer.run(ids))):
+    for label, fn in (("traced forward", lambda: traced_forward(tracer, ids)), ("run()", lambda: tracer.run(ids))):
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(5):

@@ -1,11 +1,13 @@
 // The one place that declares recon_fast's ops (TORCH_LIBRARY), and the Python module whose
 // import loads this library so the registrations run. Backends add implementations in cpu/ and
 // cuda/ with TORCH_LIBRARY_IMPL. The module also carries the eager hot path's direct launchers
-// (token_stats_direct.cpp), which reach the same kernels without the dispatcher.
+// (token_stats_direct.cpp), which reach the same kernels without the dispatcher, and the hooks'
+// Recorder (token_stats_recorder.cpp), which calls them for a whole traced pass.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "token_stats_direct.h"
+#include "token_stats_recorder.h"
 
 TORCH_LIBRARY(recon_fast, m) {
   // Reduces the last dim of x to [energy, mean, std, min, max] per row, written into out
@@ -28,7 +30,8 @@ TORCH_LIBRARY(recon_fast, m) {
 }
 
 // `import recon_fast._C` loads the library (registering the ops above) and gives the direct
-// launchers. TORCH_EXTENSION_NAME is _C when built by setup.py, recon_fast_C when JIT-built.
+// launchers and the hooks' Recorder. TORCH_EXTENSION_NAME is _C when built by setup.py,
+// recon_fast_C when JIT-built.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using recon_fast::direct::token_stats_rows_grouped_into;
@@ -43,4 +46,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "token_stats_rows_grouped(xs, buffer, row0s) without the dispatcher: every xs[i] into its rows\n"
         "from row0s[i] on, in one launch; the op's checks and error messages.");
   m.attr("with_cuda") = recon_fast::direct::with_cuda();
+  // The hooks' eager path for one traced pass (token_stats_recorder.h).
+  recon_fast::direct::bind_recorder(m);
 }

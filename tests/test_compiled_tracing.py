@@ -1,7 +1,8 @@
 """Tracing a compiled model (`model.compile()` or `torch.compile(model)`) with the Tracer as usual:
 the same cube as eager tracing, no graph break, no recompilation on later runs (also across
 prompt lengths, once dynamo has made the length dynamic), and hooks set after the model was
-compiled take effect instead of being silently skipped (dynamo does not guard on hooks)."""
+compiled take effect instead of being silently skipped (dynamo does not guard on hooks), also
+when another model of the same class is compiled later."""
 
 import warnings
 
@@ -86,6 +87,28 @@ def test_hooks_set_after_compiling_take_effect():
     assert any("compiled before its hooks" in str(w.message) for w in caught)
     _assert_same_cube(tracer.cube, _eager_cube("gpt2", ids))
     assert len(tracer.cube.layer_names) > 10
+
+
+def test_another_model_of_the_class_compiled_later_does_not_hide_the_hooks():
+    """Dynamo tells modules of one class apart by neither identity nor hooks: the graph a second,
+    untraced model compiles after the traced one would serve the traced model too, without its
+    hooks (a cube of no layers, before). The run notices and is repeated with the hooks."""
+    traced, other = make_model("llama"), make_model("llama")
+    traced.compile()
+    other.compile()
+    tracer = Tracer(traced)
+    tracer.add_hooks_all()
+    ids = _ids(6)
+    tracer.run(ids)
+    first = tracer.cube
+    with torch.no_grad():
+        other(input_ids=ids)  # as the Tracer calls the model: the same guards
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracer.run(ids)
+    assert any("another compiled module of its class" in str(w.message) for w in caught)
+    assert tracer.cube.layer_names == first.layer_names
+    np.testing.assert_array_equal(tracer.cube.data, first.data)
 
 
 def test_untraced_calls_after_tracing_record_nothing():

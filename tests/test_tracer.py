@@ -297,7 +297,7 @@ def test_cuda_hooks_never_sync():
     # The hook path alone (the model's own code may sync; that is not ours to judge).
     from recon_fast.trace.session import Session
     from recon_fast.trace.stats_arena import StatsArena
-    from recon_fast.trace.stats_recording import record_call
+    from recon_fast.trace.stats_capture import record_call
 
     session = Session(StatsArena(), token_ids=True)
     activations = [torch.randn(2, 64, 48, device="cuda", dtype=dt) for dt in (torch.float32, torch.bfloat16)]

@@ -5,7 +5,8 @@ is its typed Python face, its fake (meta) implementation for torch.compile, and 
 reference `token_stats_ref`, which tests compare against and which serves when the compiled
 library is missing. The tracer's row writes (token_stats_rows, token_stats_rows_grouped) also have
 direct launchers, pybind11 functions that reach the same kernels without the dispatcher: the eager
-hot path; the ops stay what torch.compile, fake tensors and opcheck see.
+hot path (called by the hooks' C++ TokenStatsRecorder); the ops stay what torch.compile, fake
+tensors and opcheck see.
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ if _DIRECT_DEVICES:
     token_stats_rows_grouped_into = _grouped_into = _library.module.token_stats_rows_grouped_into
 else:
     token_stats_rows_into = _token_stats_rows_via_op
+
+# TokenStatsRecorder(arena, fallback, group_ends, eager, grouped): the hooks' eager path for one
+# traced pass in C++ (csrc/token_stats_recorder.h), which calls the direct launchers above itself;
+# recon_fast.trace.stats_capture.session_recorder makes one. None with a library built before it.
+TokenStatsRecorder = getattr(_library.module, "Recorder", None) if _DIRECT_DEVICES else None
 
 
 def _dispatch_key_of(x: torch.Tensor) -> str:

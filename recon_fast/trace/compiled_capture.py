@@ -4,11 +4,14 @@ into the graph once; nothing a hook touches may change from run to run, or every
 recompile. So the sink is made once per Tracer and reused: one float32 [capacity, 5] buffer (a
 static address, so that mode="reduce-overhead" captures it in its CUDA graph), a row counter reset
 before each run, and lists of what was recorded that dynamo replays after the graph (its side
-effects). In eager, the hooks call the session's recorder (stats_recording.session_recorder).
+effects). In eager, the hooks call the session's recorder (stats_capture.session_recorder).
 
 Dynamo does not guard on hooks (pytorch issue 117758): a graph compiled before a hook was added
 runs without it. `refresh_compiled` drops the model's compiled code when the Tracer's hooks are not
-the ones of its last compiled run, so that they all take effect (one recompile).
+the ones of its last compiled run, so that they all take effect (one recompile). Nor does it tell
+modules of one class apart: a graph compiled later for another (hookless) model of the same class
+serves the traced one too; a run whose hooks, which recorded before, record nothing is taken for
+that, and repeated after the same refresh.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class HookSink:
         self.calls: list[tuple] = []  # (name, lead shape, row0, rows, feature shape)
         self.skipped: list[dict] = []
         self.compiled_hooks: frozenset[str] | None = None  # the hooks of the last compiled run
+        self.recorded = False  # a compiled run with these hooks recorded calls
 
     def record_compiled(self, name: str, output) -> None:
         """The hook's body as dynamo traces it: the general rules, each taken once at compile time."""
@@ -81,19 +85,28 @@ class HookSink:
         again (a new buffer: one recompile)."""
         if hooks != self.compiled_hooks:
             refresh_compiled(model)
-            self.compiled_hooks = hooks
+            self.compiled_hooks, self.recorded = hooks, False
         rows = max(self.buffer.shape[0] if self.buffer is not None else 0, 2 * len(hooks) * batch * tokens)
         device = model_device(model)
-        for _ in range(2):
+        refreshed = False
+        while True:
             self.start(device, session.token_ids, rows)
             try:
                 with torch.no_grad():
                     output = forward()
             finally:
                 self.active = False
-            if not self.overflowed():
+            if self.overflowed():
+                rows = self.fill
+            elif self.recorded and not self.calls and not self.skipped and not refreshed:
+                # Hooks that recorded before recorded nothing: dynamo ran a graph compiled for
+                # another module of the same class (compiled after this one; its guards do not
+                # see hooks, pytorch issue 117758), in which our hooks are not.
+                refresh_compiled(model, shared=True)
+                refreshed = True
+            else:
                 break
-            rows = self.fill
+        self.recorded = self.recorded or bool(self.calls)
         self.into(session)
         return output
 
@@ -116,26 +129,51 @@ class HookSink:
 
     def into(self, session: Session) -> None:
         """The run's records as an eager session's: the used rows copied into the session's arena
-        (the next run reuses the buffer), and a call with its slot for each hook call."""
+        (the next run reuses the buffer), and its hook calls as the session's log (CompiledLog)."""
         device = self.buffer.device
         first, rows = session.arena.take(device, (self.fill,))  # rows: [fill, 5]
         rows.copy_(self.buffer[: self.fill])
         session.skipped.extend(self.skipped)
-        chunk, start = first.chunk, first.row0
-        session.calls.extend(Call(name, lead, ArenaSlot(device, chunk, start + row0, n), None, "tokens", -1, feature)
-                             for name, lead, row0, n, feature in self.calls)
+        session.log = CompiledLog(list(self.calls), device, first.chunk, first.row0)
 
 
-def refresh_compiled(model: nn.Module) -> None:
+class CompiledLog:
+    """A compiled run's hook calls, (name, lead shape, row0, rows, feature shape) each, rows from
+    `start` in the arena's chunk `chunk`: a session's log as the C++ recorder's is (Session.log),
+    so that the Calls are made only when read and a run with the same calls as the one before
+    reuses its layers (layout.LayerCache): every run of one graph makes the same calls."""
+
+    def __init__(self, calls: list[tuple], device: torch.device, chunk: int, start: int):
+        self.calls, self.device, self.chunk, self.start = calls, device, chunk, start
+        self.drained = 0
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def drain(self, made: list[Call], call_type: type = Call, slot_type: type = ArenaSlot) -> None:
+        device, chunk, start = self.device, self.chunk, self.start
+        made.extend(call_type(name, lead, slot_type(device, chunk, start + row0, n), None, "tokens", -1, feature)
+                    for name, lead, row0, n, feature in self.calls[self.drained:])
+        self.drained = len(self.calls)
+
+    def same_calls(self, other) -> bool:
+        return (isinstance(other, CompiledLog) and (self.device, self.chunk, self.start) == (other.device, other.chunk,
+                                                                                            other.start)
+                and self.calls == other.calls)
+
+
+def refresh_compiled(model: nn.Module, shared: bool = False) -> None:
     """Drops the compiled code that serves `model` (nn.Module's _call_impl, shared by every
     compiled module, and the model's forward): graphs made before the Tracer's hooks were there
-    would run without them. Said once, as other compiled modules recompile too."""
+    (or, shared, for another module of the model's class) would run without them. Said, as other
+    compiled modules recompile too."""
     codes = [nn.Module._call_impl.__code__, type(model).forward.__code__]
     cached = sum(len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(c)) for c in codes)
     if not cached:
         return
     for code in codes:
         torch._dynamo.reset_code(code)
-    warnings.warn("Tracer: the model was compiled before its hooks were set; its compiled code was dropped so that "
-                  "they take effect (dynamo does not guard on hooks, pytorch issue 117758): one recompile",
-                  UserWarning, stacklevel=4)
+    why = ("another compiled module of its class ran a graph compiled without its hooks, so the run was repeated"
+           if shared else "the model was compiled before its hooks were set")
+    warnings.warn(f"Tracer: {why}; its compiled code was dropped so that they take effect (dynamo does not guard on "
+                  "hooks, pytorch issue 117758): one recompile", UserWarning, stacklevel=4)

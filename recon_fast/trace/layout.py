@@ -13,16 +13,52 @@ from recon_fast.trace.session import Call, Layer, Layout, Session
 
 
 def run_layout(session: Session, call: ModelCall, mode: str, *, tokenizer, encoder_decoder: bool,
-               sequences: torch.Tensor | None = None, output=None) -> Layout:
+               sequences: torch.Tensor | None = None, output=None, cache: LayerCache | None = None) -> Layout:
     """The Layout of one run ("forward" or "generate"; sequences: generate()'s [batch, positions]
-    ids; output: what the model returned)."""
+    ids; output: what the model returned; cache: the layers of the Tracer's run before)."""
     batch = call.batch
     lengths = axis_lengths(session, call, mode, sequences, encoder_decoder)
-    layers, shape_skipped = cube_layers(session, batch, lengths, mode, exact=call.ids is not None)
-    padding = padding_of(call.kwargs.get("attention_mask"), batch, lengths["tokens"]) if call.ids is not None else None
     tokens, decoder_tokens = axis_texts(tokenizer, call, lengths, mode, sequences, encoder_decoder)
-    return Layout(mode, batch, lengths, padding, layers, layer_extras(layers, two_axes=decoder_tokens is not None),
-                  output, tokens, decoder_tokens, unique_skipped(session.skipped + shape_skipped))
+    exact, two_axes = call.ids is not None, decoder_tokens is not None
+    if cache is None:
+        layers, shape_skipped = cube_layers(session, batch, lengths, mode, exact)
+        extras, memo = layer_extras(layers, two_axes), {}
+    else:
+        layers, shape_skipped, extras, memo = cache.layers(session, batch, lengths, mode, exact, two_axes)
+    padding = padding_of(call.kwargs.get("attention_mask"), batch, lengths["tokens"]) if call.ids is not None else None
+    return Layout(mode, batch, lengths, padding, layers, extras, output, tokens, decoder_tokens,
+                  unique_skipped(session.skipped + shape_skipped), memo)
+
+
+class LayerCache:
+    """The cube layers of a Tracer's last run, reused by a run whose hook calls were the same
+    (module, shape, rows in the arena, token axis, pass), as the session's logs (the C++ recorder,
+    compiled_capture.CompiledLog) tell without making a Call: on the host-bound proxy of benchmarks/bench_hook_path.py (365 hooks), making the
+    Calls and grouping them into layers cost ~5% of the pass. A run without the C++ recorder's log
+    (session.logged false), or with another batch, axis lengths, passes or mode, works them out
+    again."""
+
+    def __init__(self):
+        self._log = None  # the C++ recorder of the run the layers are of
+        self._key: tuple | None = None
+        self._value: tuple[list[Layer], list[dict], dict[int, dict], dict] | None = None
+
+    def layers(self, session: Session, batch: int, lengths: dict[str, int], mode: str, exact: bool,
+               two_axes: bool) -> tuple[list[Layer], list[dict], dict[int, dict], dict]:
+        """(layers, their skipped entries, their extras, Layout.memo) as cube_layers and
+        layer_extras give them; the memo is the one of the runs whose layers these are."""
+        key = (batch, tuple(lengths.items()), tuple(session.steps), mode, exact, two_axes)
+        logged = session.logged  # read before cube_layers makes the calls
+        if logged and key == self._key and type(session.log) is type(self._log) and session.log.same_calls(self._log):
+            layers, skipped, extras, memo = self._value
+        else:
+            layers, skipped = cube_layers(session, batch, lengths, mode, exact)
+            extras, memo = layer_extras(layers, two_axes), {}
+            self._log, self._key, self._value = ((session.log, key, (layers, skipped, extras, memo)) if logged
+                                                 else (None, None, None))
+        # Copies of what a cube keeps (its layer_extras, meta["skipped"]): one cube's never changes another's.
+        extras = {i: {k: list(v) if isinstance(v, list) else v for k, v in extra.items()} for i, extra in extras.items()}
+        return layers, [dict(s) for s in skipped], extras, memo
 
 
 def axis_lengths(session: Session, call: ModelCall, mode: str, sequences: torch.Tensor | None,

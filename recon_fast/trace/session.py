@@ -50,15 +50,52 @@ class Call:
 @dataclass
 class Session:
     """One run's records: the token statistics' calls (rows in `arena`), what was skipped and
-    why, the token axis now being fed, and the run's captures (one per capture kind it uses)."""
+    why, the token axis now being fed, and the run's captures (one per capture kind it uses).
+
+    With the hooks' C++ recorder (`log`, a recon_fast._C.Recorder), every call of the pass is in
+    its log, in order: those it took as numbers, those of the Python recorders as Calls (add_call).
+    `calls` makes the numbers into Calls when read, so a run whose layout is reused from the run
+    before (layout.LayerCache) never makes them."""
 
     arena: StatsArena
     token_ids: bool  # the input is token ids: dim 1 is the token axis
-    calls: list[Call] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     axis: str = "tokens"  # "decoder_tokens" once an encoder-decoder's decoder starts
     steps: list[int] = field(default_factory=list)  # positions fed by each model.forward (generate)
     captures: list[Capture] = field(default_factory=list)  # in the order of their parts in the cube
+    log: object = None  # the C++ recorder of this run's hooks (or a compiled run's CompiledLog), if any
+    made: list[Call] = field(default_factory=list)  # the calls made so far (`calls` reads them)
+
+    @property
+    def calls(self) -> list[Call]:
+        """Every hook call of the run so far, in order."""
+        if self.log is not None:
+            self.log.drain(self.made, Call, ArenaSlot)
+        return self.made
+
+    def add_call(self, call: Call) -> None:
+        """A call recorded in Python (after those already logged)."""
+        if self.log is not None:
+            self.log.add(call)
+        else:
+            self.made.append(call)
+
+    @property
+    def logged(self) -> bool:
+        """Whether every call of the run is in `log` (nothing added them to `calls` but the log)."""
+        return self.log is not None and len(self.made) == self.log.drained
+
+    def decoder_starts(self) -> None:
+        """An encoder-decoder's decoder runs: the calls from here on are on its token axis."""
+        self.axis = "decoder_tokens"
+        if self.log is not None:
+            self.log.axis = self.axis
+
+    def step_starts(self, positions: int) -> None:
+        """A generate() pass of `positions` positions starts."""
+        self.steps.append(positions)
+        if self.log is not None:
+            self.log.step = len(self.steps) - 1
 
 
 def axis_hooks(model: nn.Module, session: Session, mode: str, encoder_decoder: bool) -> list:
@@ -67,7 +104,7 @@ def axis_hooks(model: nn.Module, session: Session, mode: str, encoder_decoder: b
     handles = []
     if encoder_decoder and hasattr(model, "get_decoder"):
         def decoder_starts(module, args):
-            session.axis = "decoder_tokens"
+            session.decoder_starts()
 
         handles.append(model.get_decoder().register_forward_pre_hook(decoder_starts))
     if mode == "generate":
@@ -77,7 +114,7 @@ def axis_hooks(model: nn.Module, session: Session, mode: str, encoder_decoder: b
             fed = kwargs.get(key, args[0] if args and not encoder_decoder else None)
             if not torch.is_tensor(fed):
                 fed = kwargs.get("inputs_embeds" if not encoder_decoder else "decoder_inputs_embeds")
-            session.steps.append(int(fed.shape[1]) if torch.is_tensor(fed) else 0)
+            session.step_starts(int(fed.shape[1]) if torch.is_tensor(fed) else 0)
 
         handles.append(model.register_forward_pre_hook(step_starts, with_kwargs=True))
     return handles
@@ -109,6 +146,9 @@ class Layout:
     tokens: list[list[str]] = field(default_factory=list)  # [batch][tokens] as text, or positions
     decoder_tokens: list[list[str]] | None = None  # an encoder-decoder's [batch][decoder tokens]
     skipped: list[dict] = field(default_factory=list)  # meta["skipped"]: what was not traced, and why
+    # What captures work out from the layers alone (for this batch and these lengths), by key: kept
+    # with the layers while layout.LayerCache reuses them for the runs after this one.
+    memo: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:

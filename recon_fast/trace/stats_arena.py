@@ -11,6 +11,11 @@ Grouped writes (`defer`): a hook reserves its rows and queues the activation; `l
 every queued activation of a chunk in one token_stats_rows_grouped call (one decoder layer's
 outputs, or GROUP_BYTES of them), and lets them go. An activation changed in place between its
 hook and the launch (its `_version` moved) raises InPlaceEdit naming the module.
+
+During a traced pass the hooks' C++ Recorder (recon_fast._C.Recorder) writes a device's rows
+itself: the arena lends it that device's cursor (`_lend`: the chunk being written, its fill and
+queued group) and every method here takes it back first (`_take_back`), so that the two never
+reserve the same rows; new chunks (`_new_chunk`) stay the arena's.
 """
 
 from __future__ import annotations
@@ -106,6 +111,9 @@ class _DeviceChunks:
         self.rows_op_traced = _rows_op_for(device.type)  # looked up once per arena, not per write
         self.rows_op = _eager_rows_op(device.type, self.rows_op_traced)
         self.grouped_op = _grouped_op(device.type) if self.rows_op_traced is not None else None
+        # The hooks' C++ Recorder may write these rows: it calls the direct launchers themselves.
+        self.lendable = (ops.TokenStatsRecorder is not None and self.rows_op is ops.token_stats_rows_into
+                         and self.grouped_op is ops.token_stats_rows_grouped_into)
         # The group being gathered: (activation, its first row in `last`, its _version, its module)
         # per hook call, in one tuple so that a hook makes one append.
         self.pending: list[tuple[torch.Tensor, int, int, str]] = []
@@ -119,12 +127,37 @@ class StatsArena:
         self.pending_bytes = 0  # of the activations queued by defer(), all devices
         self.peak_pending_bytes = 0  # the most they held at once in this arena's life
         self.launches = 0  # grouped launches made
+        self.launched = 0  # activations they computed
+        self._lent = None  # the C++ Recorder holding a device's cursor (_lend), if one does
+
+    def _take_back(self) -> None:
+        """Every device's cursor back in the arena's hands (the Recorder writes them back)."""
+        if self._lent is not None:
+            self._lent.give_back()
+
+    def _lend(self, x: torch.Tensor, recorder) -> "_DeviceChunks | None":
+        """x's device cursor, for `recorder` (a recon_fast._C.Recorder) to reserve rows and queue
+        activations in until it gives it back; None where the direct launchers do not serve it."""
+        self._take_back()
+        chunks = self._chunks_of(x.device)
+        if not chunks.lendable:
+            return None
+        self._lent = recorder
+        return chunks
+
+    def _chunks_of(self, device: torch.device) -> "_DeviceChunks":
+        chunks = self._devices.get(device)
+        if chunks is None:
+            chunks = self._devices[device] = _DeviceChunks(device)
+        return chunks
 
     def write(self, x: torch.Tensor) -> ArenaSlot:
         """Enqueues token_stats(x) into the next rows (x [..., D], D > 0); returns where they are.
         The hooks' path, run once per hook call: with the compiled library no tensor is made in
         Python, and the reservation is inlined (a host-bound forward pays for every Python call
-        made here, hundreds of times a pass)."""
+        made here, hundreds of times a pass; so _take_back is inlined here and in defer)."""
+        if self._lent is not None:
+            self._lent.give_back()
         rows = x.numel() // x.shape[-1]
         device = x.device
         chunks = self._devices.get(device)
@@ -142,16 +175,6 @@ class StatsArena:
             token_stats(x, out=chunks.last[row0 : row0 + rows].view(*x.shape[:-1], NUM_STATS))
         return ArenaSlot(device, chunks.index, row0, rows)
 
-    @classmethod
-    def holding(cls, rows: torch.Tensor) -> "StatsArena":
-        """An arena whose one chunk is `rows` ([N, 5], already written): a compiled run's."""
-        arena = cls(initial_rows=rows.shape[0])
-        chunks = arena._devices[rows.device] = _DeviceChunks(rows.device)
-        chunks.chunks.append(rows)
-        chunks.host.append(None)
-        chunks.last, chunks.index, chunks.capacity, chunks.fill = rows, 0, rows.shape[0], rows.shape[0]
-        return arena
-
     def defer(self, x: torch.Tensor, name: str) -> ArenaSlot:
         """Reserves x's rows and queues x; its statistics are written at the group's launch
         (launch(), or the next chunk, or to_host()/read()). x [..., D], D > 0, not changed in
@@ -159,6 +182,8 @@ class StatsArena:
         version counter to check, so it is computed at once."""
         if x.is_inference():
             return self.write(x)
+        if self._lent is not None:
+            self._lent.give_back()
         numel = x.numel()
         rows = numel // x.shape[-1]
         device = x.device
@@ -181,6 +206,8 @@ class StatsArena:
 
     def launch(self) -> None:
         """Computes every queued activation, one call per device, and lets them go."""
+        if self._lent is not None:
+            self._lent.give_back()
         for chunks in self._devices.values():
             if chunks.pending:
                 self._launch(chunks)
@@ -194,8 +221,9 @@ class StatsArena:
         # effects (sampling, caches, user hooks).
         edited = [name for x, _, version, name in pending if x._version != version]
         if edited:
-            raise InPlaceEdit(list(dict.fromkeys(edited)))
+            self._refuse_edited(edited)
         self.launches += 1
+        self.launched += len(pending)
         xs, row0s, _, _ = zip(*pending)
         buffer = chunks.last
         if chunks.grouped_op is not None and not torch.compiler.is_compiling():
@@ -207,6 +235,12 @@ class StatsArena:
             for x, row0 in zip(xs, row0s):
                 token_stats(x, out=buffer[row0 : row0 + x.numel() // x.shape[-1]].view(*x.shape[:-1], NUM_STATS))
 
+    @staticmethod
+    def _refuse_edited(names: list[str]) -> None:
+        """Raises InPlaceEdit for the modules whose queued outputs were edited in place (the
+        Recorder's launches call it too)."""
+        raise InPlaceEdit(list(dict.fromkeys(names)))
+
     def take(self, device: torch.device, lead_shape: torch.Size) -> tuple[ArenaSlot, torch.Tensor]:
         """A slot for an activation with leading dims `lead_shape`, and its [*lead, 5] view."""
         rows = 1
@@ -216,9 +250,8 @@ class StatsArena:
         return slot, chunk[slot.row0 : slot.row0 + rows].view(*lead_shape, NUM_STATS)
 
     def _reserve(self, device: torch.device, rows: int) -> tuple[torch.Tensor, ArenaSlot]:
-        chunks = self._devices.get(device)
-        if chunks is None:
-            chunks = self._devices[device] = _DeviceChunks(device)
+        self._take_back()
+        chunks = self._chunks_of(device)
         if chunks.fill + rows > chunks.capacity:
             self._new_chunk(chunks, rows)
         fill = chunks.fill
@@ -264,7 +297,7 @@ class StatsArena:
     def to_host(self) -> "HostArena":
         """Every used row on the host, after the forward pass: the last chunks are sent like the
         others, and one event per CUDA device is waited on (the only sync of a traced run)."""
-        self.launch()
+        self.launch()  # takes the lent cursor back too
         host, done = {}, []
         for device, chunks in self._devices.items():
             if chunks.copy_stream is None:
@@ -287,6 +320,7 @@ class StatsArena:
 
     def read(self, slot: ArenaSlot) -> torch.Tensor:
         """One slot's rows on the host ([rows, 5]); for streaming, a layer at a time."""
+        self._take_back()
         chunks = self._devices[slot.device]
         if chunks.pending:
             self.launch()

@@ -1,24 +1,93 @@
-"""Token statistics, the Tracer's main capture: the hooks write each call's rows into a device
-buffer (stats_arena.StatsArena) with token_stats, at the hook or grouped per decoder layer
-(record_into); after the pass, this module reads them back into the cube's data
+"""Token statistics, the Tracer's main capture. At the hook (session_recorder): each call's rows
+are written into a device buffer (stats_arena.StatsArena) with token_stats, at the hook or grouped
+per decoder layer (layer_ends), by the C++ recorder (recon_fast._C.Recorder) or fast_recorder for
+the usual [B, T, D] output and by record_call for any other. Token statistics as a capture kind:
+token_stats_kind, TokenStats. After the pass, this module reads them back into the cube's data
 [layers, batch, tokens, metrics] (layers whose rows lie back to back in one copy) or streams them
 to disk layer by layer, with padding made NaN and the first non-finite value named."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from recon_fast.cube import export
+from recon_fast.kernels import ops
 from recon_fast.kernels.ops import STATS
-from recon_fast.trace.session import Call, Layer, Layout, Session
+from recon_fast.trace.session import Call, Capture, Layer, Layout, Session, TracerSettings, extract_tensor
 from recon_fast.trace.stats_arena import StatsArena
 
 if TYPE_CHECKING:
     from recon_fast.cube.cube import ActivityCube
+
+
+# What a capture keeps of one hook call's rows [..., positions, features] (Capture.slice_of).
+SliceOf = Callable[[str, torch.Tensor], torch.Tensor | None]
+
+
+def session_recorder(session: Session, *, grouped: bool, group_ends: frozenset[str], eager: Set[str],
+                     slice_of: SliceOf | None, on_hook: Callable[[], Callable[[str], None] | None]
+                     ) -> Callable[[str, object], None]:
+    """record(name, output) for the hooks of one session. on_hook gives the callback to call after
+    each hook call (the Python recorders read it at every call; the C++ one holds what it gave
+    when made, and the Tracer sets a new one on it: Tracer.on_hook). With slice_of every call
+    takes the general path, which keeps the slices.
+
+    With the compiled library, the recorder is a recon_fast._C.Recorder (ops.TokenStatsRecorder,
+    also the session's `log`): the usual outputs are recorded in C++ as fast_recorder records them,
+    and everything else is handed to fast_recorder. It must be closed after the pass (close())."""
+
+    def general(session: Session, name: str, output) -> None:
+        record_call(session, name, output, grouped=grouped, group_ends=group_ends, eager=eager, slice_of=slice_of,
+                    on_hook=on_hook())
+
+    if slice_of is not None:
+        return lambda name, output: general(session, name, output)
+    record = fast_recorder(session, general, grouped=grouped, group_ends=group_ends, eager=eager, on_hook=on_hook)
+    if ops.TokenStatsRecorder is None:
+        return record
+    log = ops.TokenStatsRecorder(session.arena, record, group_ends, eager, grouped)
+    log.on_hook, log.axis, log.step = on_hook(), session.axis, len(session.steps) - 1
+    session.log = log
+    return log.__call__  # bound once: calling the object itself looks __call__ up at every call
+
+
+def record_call(session: Session, name: str, output, *, grouped: bool = True, group_ends: Set[str] = frozenset(),
+                eager: Set[str] = frozenset(), slice_of: SliceOf | None = None,
+                on_hook: Callable[[str], None] | None = None) -> None:
+    """The general path: any module output, traced into session.calls or listed in
+    session.skipped with the reason. grouped: the rows are queued (StatsArena.defer) and launched
+    at a module in group_ends, except for modules in `eager`, written at their hook."""
+    tensor = extract_tensor(output)
+    reason = untraceable(tensor, output)
+    if reason is not None:
+        session.skipped.append({"layer_name": name, "reason": reason})
+        return
+    # Runs are under no_grad; a tensor that still needs grad (a hook outside run()) is detached.
+    x, feature_shape = rows_of(tensor.detach() if tensor.requires_grad else tensor, session.token_ids)
+    if grouped and name not in eager:
+        slot = session.arena.defer(x, name)
+        if name in group_ends:
+            session.arena.launch()
+    else:
+        slot = session.arena.write(x)
+    kept = slice_of(name, x) if slice_of is not None else None
+    step = len(session.steps) - 1
+    session.add_call(Call(name, tuple(x.shape[:-1]), slot, kept, session.axis, step, feature_shape))
+    if on_hook is not None:
+        on_hook(name)
+
+
+def layer_ends(model: nn.Module, hooks: Set[str]) -> frozenset[str]:
+    """Hooked modules that close a group: the blocks of a ModuleList (decoder layers), whose hook
+    fires after those of the modules inside them."""
+    in_lists = {f"{name}.{child}" if name else child for name, module in model.named_modules()
+                if isinstance(module, nn.ModuleList) for child, _ in module.named_children()}
+    return frozenset(n for n in hooks if n in in_lists)
 
 
 def fast_recorder(session: Session, general: Callable[[Session, str, object], None], *, grouped: bool,
@@ -36,7 +105,6 @@ def fast_recorder(session: Session, general: Callable[[Session, str, object], No
     tensor_type = torch.Tensor
     arena = session.arena
     write, defer, launch = arena.write, arena.defer, arena.launch
-    append = session.calls.append
     steps = session.steps
 
     def record(name: str, output) -> None:
@@ -56,7 +124,7 @@ def fast_recorder(session: Session, general: Callable[[Session, str, object], No
             slot = defer(x, name)
             if name in group_ends:
                 launch()
-        append(Call(name, (shape[0], shape[1]), slot, None, session.axis, len(steps) - 1, None))
+        session.add_call(Call(name, (shape[0], shape[1]), slot, None, session.axis, len(steps) - 1, None))
         callback = on_hook()
         if callback is not None:
             callback(name)
@@ -112,7 +180,7 @@ class TokenStatsCapture:
 
     def cube_part(self, layout: Layout) -> dict:
         self._shape_to(layout)
-        data = self.data(layout.layers)
+        data = self.data(layout.layers, layout.memo)
         meta = {"nonfinite": self.nonfinite.summary()} if self.nonfinite.first is not None else {}
         return {"layer_names": [layer.name for layer in layout.layers], "data": data,
                 "layer_extras": layout.extras, "meta": meta}
@@ -143,30 +211,17 @@ class TokenStatsCapture:
         self.nonfinite.check(index, layer.name, stats[..., 0], written)
         return stats[..., self.columns]
 
-    def data(self, layers: list[Layer]) -> np.ndarray:
-        """Every layer's statistics [layers, batch, length, metrics], off the device at once."""
+    def data(self, layers: list[Layer], memo: dict | None = None) -> np.ndarray:
+        """Every layer's statistics [layers, batch, length, metrics], off the device at once
+        (memo: Layout.memo, which keeps the copies' plan for runs with the same layers)."""
         batch, length, host_cols, padding = self.batch, self.length, len(STATS), self.padding
         host = self.arena.to_host()
         data = np.empty((len(layers), batch, length, len(self.columns)), dtype=np.float32)
-        counted = ~padding if padding is not None else np.ones((batch, length), dtype=bool)
-        # Runs [i, j) of layers whose rows lie back to back in the arena, each the whole
-        # [batch, length] of its one call, are copied in one go: per-layer copies cost more than
-        # the forward pass itself at short T on a GPU. One pass over the layers, with
-        # back_to_back inlined: it runs once per hooked module after every run.
-        runs, rows_per_layer, last = [], batch * length, None
-        for k, layer in enumerate(layers):
-            calls = layer.calls
-            slot = calls[0].slot if len(calls) == 1 else None
-            if slot is None or slot.rows != rows_per_layer or layer.lengths[0] != length or layer.axis != "tokens":
-                runs.append((k, k + 1, False))
-                last = None
-            elif (last is not None and slot.row0 == last.row0 + last.rows and slot.chunk == last.chunk
-                  and slot.device == last.device):
-                runs[-1] = (runs[-1][0], k + 1, True)
-                last = slot
-            else:
-                runs.append((k, k + 1, True))
-                last = slot
+        runs = memo.get("token_stats runs") if memo is not None else None
+        if runs is None:
+            runs = _copy_runs(layers, batch, length)
+            if memo is not None:
+                memo["token_stats runs"] = runs
         for i, j, whole in runs:
             if not whole:
                 data[i] = self.layer(i, layers[i], host)
@@ -174,6 +229,7 @@ class TokenStatsCapture:
             rows = host.span(layers[i].calls[0].slot, layers[j - 1].calls[0].slot).numpy()
             rows = rows.reshape(j - i, batch, length, host_cols)
             if not np.isfinite(rows[..., 0]).all():  # rare: then layer by layer, in order
+                counted = ~padding if padding is not None else np.ones((batch, length), dtype=bool)
                 for k in range(i, j):
                     self.nonfinite.check(k, layers[k].name, rows[k - i, ..., 0], counted)
             block = data[i:j]
@@ -182,6 +238,40 @@ class TokenStatsCapture:
             if padding is not None:
                 block[:, padding] = np.nan
         return data
+
+
+class TokenStats(TokenStatsCapture, Capture):
+    """Token statistics as a capture of the session: the Tracer's hooks record it (through
+    session_recorder, or in a compiled model's graph); its part is TokenStatsCapture's."""
+
+    compiles = True
+
+
+def token_stats_kind(tracer: TracerSettings, session: Session) -> TokenStats:
+    """The capture kind of token statistics, in every run: the metrics asked for, from the session's arena."""
+    return TokenStats(session.arena, tracer.metrics)
+
+
+def _copy_runs(layers: list[Layer], batch: int, length: int) -> list[tuple[int, int, bool]]:
+    """Runs [i, j) of layers whose rows lie back to back in the arena, each the whole
+    [batch, length] of its one call (whole: True), to be copied in one go: per-layer copies cost
+    more than the forward pass itself at short T on a GPU; other layers one at a time. One pass
+    over the layers, with back_to_back inlined: it runs once per hooked module."""
+    runs, rows_per_layer, last = [], batch * length, None
+    for k, layer in enumerate(layers):
+        calls = layer.calls
+        slot = calls[0].slot if len(calls) == 1 else None
+        if slot is None or slot.rows != rows_per_layer or layer.lengths[0] != length or layer.axis != "tokens":
+            runs.append((k, k + 1, False))
+            last = None
+        elif (last is not None and slot.row0 == last.row0 + last.rows and slot.chunk == last.chunk
+              and slot.device == last.device):
+            runs[-1] = (runs[-1][0], k + 1, True)
+            last = slot
+        else:
+            runs.append((k, k + 1, True))
+            last = slot
+    return runs
 
 
 class NonFinite:

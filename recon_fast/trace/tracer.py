@@ -3,7 +3,7 @@ token_stats, on the device, during one forward pass (or a whole generate()), and
 ActivityCube afterwards. This module is the Tracer's public API (hook selection, run, generate,
 cube, export) and its session: one run from its capture kinds' captures to the cube. The other
 jobs are elsewhere: the session's records and the capture protocol (session.py); what a hook call
-becomes (stats_recording.py: the eager recorder and token statistics as a capture kind;
+becomes (stats_capture.py: the eager recorder, and token statistics as a capture kind;
 compiled_capture.py: a compiled model's run); the run's layout, from its records (layout.py);
 and one module per capture kind, each owning its device buffer and its part of the cube:
 stats_capture (token statistics, written into stats_arena, grouped per decoder layer),
@@ -41,18 +41,18 @@ from recon_fast._version import __version__
 from recon_fast.atomic_files import check_writable
 from recon_fast.cube import export
 from recon_fast.cube.cube import ActivityCube
-from recon_fast.cube.provenance import model_provenance
+from recon_fast.cube.provenance import ModelProvenance
 from recon_fast.kernels import ops
 from recon_fast.kernels.ops import STATS
 from recon_fast.trace import attention_capture, compiled_capture, presets
 from recon_fast.trace.attention_capture import full_attention_kind
 from recon_fast.trace.attention_stats_capture import attention_stats_kind, check_model
-from recon_fast.trace.layout import run_layout
+from recon_fast.trace.layout import LayerCache, run_layout
 from recon_fast.trace.model_inputs import ModelCall, model_device, model_dtype, prepare_call
 from recon_fast.trace.raw_capture import RawSlices, raw_slices_kind
 from recon_fast.trace.session import Capture, CaptureKind, Layout, Session, axis_hooks
 from recon_fast.trace.stats_arena import GROUP_BYTES, InPlaceEdit, StatsArena
-from recon_fast.trace.stats_recording import layer_ends, session_recorder, token_stats_kind
+from recon_fast.trace.stats_capture import layer_ends, session_recorder, token_stats_kind
 
 # The capture kinds of every run (session.CaptureKind), in the order of their parts in the cube.
 CAPTURE_KINDS: tuple[CaptureKind, ...] = (token_stats_kind, full_attention_kind, attention_stats_kind,
@@ -128,14 +128,15 @@ class Tracer:
         self.group_bytes = group_bytes
         self._eager: set[str] = set()  # modules whose outputs were edited in place after their hook
         self._sink = compiled_capture.HookSink()  # what the hooks record into, for the Tracer's life
-        # Called with the module name after each hook call (e.g. a progress bar); keep it cheap.
-        self.on_hook: Callable[[str], None] | None = None
+        self._on_hook: Callable[[str], None] | None = None  # on_hook
         self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         # The hooks hold the Tracer weakly, so a Tracer nobody holds is collected and its hooks
         # come off the model with it.
         self._finalizer = weakref.finalize(self, _remove_handles, self.hooks)
         self._detached: list[str] = []  # hooks taken off by a failed run, put back by the next
         self._group_ends: frozenset[str] | None = None
+        self._layers = LayerCache()  # the last run's cube layers, for a run with the same calls
+        self._provenance = ModelProvenance(model)  # worked out again when the config changes
         self._session: Session | None = None
         self._cube: ActivityCube | None = None
         self.skipped: list[dict] = []
@@ -146,6 +147,18 @@ class Tracer:
         names = list(self.hooks)[:3]
         more = f", ... +{len(self.hooks) - 3}" if len(self.hooks) > 3 else ""
         return f"Tracer({type(self.model).__name__}, hooks={len(self.hooks)} [{', '.join(names)}{more}])"
+
+    @property
+    def on_hook(self) -> Callable[[str], None] | None:
+        """Called with the module name after each hook call (e.g. a progress bar); keep it cheap."""
+        return self._on_hook
+
+    @on_hook.setter
+    def on_hook(self, callback: Callable[[str], None] | None) -> None:
+        self._on_hook = callback
+        session = self._session
+        if session is not None and session.log is not None:  # a run in progress: its C++ recorder's too
+            session.log.on_hook = callback
 
     # ---- hook selection ---------------------------------------------------------------------
     def add_hook(self, name: str) -> None:
@@ -208,7 +221,7 @@ class Tracer:
         return self._sink.record
 
     def _recorder(self, session: Session) -> Callable[[str, object], None]:
-        """record(name, output) for the hooks of one session (stats_recording.session_recorder),
+        """record(name, output) for the hooks of one session (stats_capture.session_recorder),
         keeping the slices of the session's capture that keeps them."""
         slicing = [c for c in session.captures if c.slices_calls]
         if len(slicing) > 1:  # Call.raw holds one slice per call
@@ -321,6 +334,8 @@ class Tracer:
                 session.arena.launch()  # the last group, before the run's time is taken
         finally:
             self._session = self._sink.record = None
+            if session.log is not None:
+                session.log.close()  # lets go of the session, the arena and the callbacks
             for handle in helpers:
                 handle.remove()
         return output, session, time.perf_counter() - start
@@ -339,7 +354,7 @@ class Tracer:
                 sequences=None) -> None:
         """The cube of the run: its layout, then each capture's part, in memory or streamed to stream_to."""
         layout = run_layout(session, call, mode, tokenizer=self.tokenizer, encoder_decoder=self._is_encoder_decoder(),
-                            sequences=sequences, output=output)
+                            sequences=sequences, output=output, cache=self._layers)
         batch = call.batch
         device = self._model_device()
         meta = {
@@ -361,7 +376,7 @@ class Tracer:
             meta["skipped"] = self.skipped
         captures = session.captures
         shell = dict(tokens=layout.tokens, metrics=self.metrics, padding_mask=layout.padding, meta=meta,
-                     provenance=model_provenance(self.model), decoder_tokens=layout.decoder_tokens)
+                     provenance=self._provenance(), decoder_tokens=layout.decoder_tokens)
         self._cube = self.streamed_to = None
         # The binary form needs the whole array anyway: it is built as in memory, then written.
         streamed = self.stream_to is not None and export.cube_format(self.stream_to) == "json"

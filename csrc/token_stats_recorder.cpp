@@ -1,0 +1,299 @@
+// recon_fast._C.Recorder: the tracer's eager hook path (see token_stats_recorder.h). Every branch
+// mirrors recon_fast/trace/stats_capture.py: fast_recorder and stats_arena.StatsArena.defer /
+// write / launch, which stay the path for everything this one hands back (other outputs, devices
+// without direct launchers, a build without this class) and the reference its tests hold it to.
+#include "token_stats_recorder.h"
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <utility>
+
+#include "token_stats_direct.h"
+
+namespace recon_fast::direct {
+
+namespace {
+
+// The tensor of a module output the fast path takes: the output itself, or the first item of a
+// tuple, when it is a plain torch.Tensor (subclasses, Parameters included, take the Python path).
+PyObject* plain_tensor(PyObject* output) {
+  PyTypeObject* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  if (Py_TYPE(output) == tensor_type) return output;
+  if (PyTuple_CheckExact(output) && PyTuple_GET_SIZE(output) > 0) {
+    PyObject* first = PyTuple_GET_ITEM(output, 0);
+    if (Py_TYPE(first) == tensor_type) return first;
+  }
+  return nullptr;
+}
+
+bool contains(const py::object& names, py::handle name) {
+  if (PySet_GET_SIZE(names.ptr()) == 0) return false;
+  const int found = PySet_Contains(names.ptr(), name.ptr());
+  if (found < 0) throw py::error_already_set();
+  return found == 1;
+}
+
+// A set or frozenset of the names in `names` (any iterable), for PySet_Contains.
+py::object as_set(py::object names) {
+  if (PyAnySet_Check(names.ptr())) return names;
+  return py::reinterpret_steal<py::object>(PyFrozenSet_New(names.ptr()));
+}
+
+bool same_text(const py::object& a, const py::object& b) { return a.ptr() == b.ptr() || a.equal(b); }
+
+}  // namespace
+
+Recorder::Recorder(py::object arena, py::object fallback, py::object group_ends, py::object eager, bool grouped)
+    : on_hook(py::none()),
+      axis(py::str("tokens")),
+      arena_(std::move(arena)),
+      fallback_(std::move(fallback)),
+      group_ends_(as_set(std::move(group_ends))),
+      eager_(as_set(std::move(eager))),
+      grouped_(grouped) {}
+
+void Recorder::record(py::handle name, py::handle output) {
+  TORCH_CHECK(!arena_.is_none(), "Recorder: called after close() (its pass is over)");
+  PyObject* t = plain_tensor(output.ptr());
+  if (t == nullptr) {
+    fallback_(name, output);
+    return;
+  }
+  const at::Tensor& x = THPVariable_Unpack(t);
+  // stats_capture.fast_recorder's conditions: [B, T, D], D > 0, no grad, floating.
+  if (x.dim() != 3 || x.size(2) == 0 || x.requires_grad() || !x.is_floating_point() ||
+      x.layout() != at::kStrided) {
+    fallback_(name, output);
+    return;
+  }
+  if (!holding_ || x.device() != device_) {
+    if (!lend(t)) {
+      fallback_(name, output);
+      return;
+    }
+  }
+  const int64_t batch = x.size(0), tokens = x.size(1);
+  const int64_t rows = batch * tokens;
+  const bool queued = grouped_ && !contains(eager_, name);
+  if (fill_ + rows > capacity_) new_chunk(t, rows);
+  const int64_t row0 = fill_;
+  fill_ += rows;
+  const int64_t chunk = index_;
+  const int32_t device = device_slot_;
+  if (queued && !x.is_inference()) {  // an inference tensor keeps no version counter: written now
+    const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
+    pending_.push_back({x, row0, x._version(), py::reinterpret_borrow<py::object>(name), bytes});
+    own_bytes_ += bytes;
+    const int64_t held = other_bytes_ + own_bytes_;
+    if (held > peak_) peak_ = held;
+    if (held >= group_bytes_) launch_group();
+  } else {
+    write(x, row0);
+  }
+  if (queued && contains(group_ends_, name)) launch_group();
+  log_.push_back({py::reinterpret_borrow<py::object>(name), axis, batch, tokens, chunk, row0, rows, step, device, {}});
+  if (!on_hook.is_none()) on_hook(name);
+}
+
+void Recorder::write(const at::Tensor& x, int64_t row0) {
+  py::gil_scoped_release no_gil;  // as the direct launcher's binding does
+  token_stats_rows_into(x, last_, row0);
+}
+
+bool Recorder::lend(py::handle x) {
+  const at::Tensor& tensor = THPVariable_Unpack(x.ptr());
+  for (const at::Device& device : refused_) {
+    if (device == tensor.device()) return false;
+  }
+  give_back();
+  py::object chunks = arena_.attr("_lend")(x, py::cast(this, py::return_value_policy::reference));
+  if (chunks.is_none()) {
+    refused_.push_back(tensor.device());
+    return false;
+  }
+  py::object last = chunks.attr("last");
+  last_ = last.is_none() ? at::Tensor() : THPVariable_Unpack(last.ptr());
+  index_ = chunks.attr("index").cast<int64_t>();
+  capacity_ = chunks.attr("capacity").cast<int64_t>();
+  fill_ = chunks.attr("fill").cast<int64_t>();
+  // The device's queued group, if the arena gathered one, goes on from here.
+  own_bytes_ = 0;
+  for (py::handle item : chunks.attr("pending")) {
+    py::tuple entry = py::reinterpret_borrow<py::tuple>(item);  // (x, row0, version, name)
+    const at::Tensor& queued = THPVariable_Unpack(entry[0].ptr());
+    const int64_t bytes = queued.numel() * static_cast<int64_t>(queued.element_size());
+    pending_.push_back({queued, entry[1].cast<int64_t>(), entry[2].cast<int64_t>(), entry[3], bytes});
+    own_bytes_ += bytes;
+  }
+  chunks.attr("pending") = py::list();
+  other_bytes_ = arena_.attr("pending_bytes").cast<int64_t>() - own_bytes_;
+  peak_ = arena_.attr("peak_pending_bytes").cast<int64_t>();
+  group_bytes_ = arena_.attr("group_bytes").cast<int64_t>();
+  device_ = tensor.device();
+  device_slot_ = -1;
+  for (size_t i = 0; i < device_keys_.size(); ++i) {
+    if (device_keys_[i] == device_) device_slot_ = static_cast<int32_t>(i);
+  }
+  if (device_slot_ < 0) {
+    device_slot_ = static_cast<int32_t>(device_keys_.size());
+    device_keys_.push_back(device_);
+    devices_.push_back(chunks.attr("device"));
+  }
+  chunks_ = std::move(chunks);
+  holding_ = true;
+  return true;
+}
+
+void Recorder::give_back() {
+  if (!holding_) return;
+  holding_ = false;
+  py::list pending;
+  for (Pending& p : pending_) {
+    py::object x = py::reinterpret_steal<py::object>(THPVariable_Wrap(p.x));
+    pending.append(py::make_tuple(x, p.row0, p.version, p.name));
+  }
+  pending_.clear();
+  py::object chunks = std::move(chunks_);
+  chunks_ = py::none();
+  last_ = at::Tensor();
+  chunks.attr("pending") = pending;
+  chunks.attr("fill") = fill_;
+  arena_.attr("pending_bytes") = other_bytes_ + own_bytes_;
+  if (peak_ > arena_.attr("peak_pending_bytes").cast<int64_t>()) arena_.attr("peak_pending_bytes") = peak_;
+  arena_.attr("launches") = arena_.attr("launches").cast<int64_t>() + launches_;
+  arena_.attr("launched") = arena_.attr("launched").cast<int64_t>() + launched_;
+  arena_.attr("_lent") = py::none();
+  own_bytes_ = other_bytes_ = launches_ = launched_ = 0;
+}
+
+void Recorder::launch_group() {
+  if (other_bytes_ == 0) return launch_own();
+  // Another device has a group queued: the arena launches them all, as its launch() does.
+  give_back();
+  arena_.attr("launch")();
+}
+
+void Recorder::launch_own() {
+  if (pending_.empty()) return;
+  std::vector<Pending> group;
+  group.swap(pending_);
+  own_bytes_ = 0;
+  py::list edited;
+  for (const Pending& p : group) {
+    if (p.x._version() != p.version) edited.append(p.name);
+  }
+  if (!edited.empty()) arena_.attr("_refuse_edited")(edited);  // raises InPlaceEdit naming them
+  ++launches_;
+  launched_ += static_cast<int64_t>(group.size());
+  std::vector<at::Tensor> xs;
+  std::vector<int64_t> row0s;
+  xs.reserve(group.size());
+  row0s.reserve(group.size());
+  for (const Pending& p : group) {
+    xs.push_back(p.x);
+    row0s.push_back(p.row0);
+  }
+  {
+    py::gil_scoped_release no_gil;
+    token_stats_rows_grouped_into(xs, last_, row0s);
+  }
+  // The activations are let go here, with the GIL held (a tensor's last reference may be its
+  // Python object's).
+}
+
+void Recorder::new_chunk(py::handle x, int64_t rows) {
+  py::object chunks = chunks_;
+  give_back();
+  arena_.attr("_new_chunk")(chunks, rows);
+  TORCH_INTERNAL_ASSERT(lend(x), "Recorder: the arena refused a device it had lent");
+}
+
+void Recorder::close() {
+  give_back();
+  arena_ = fallback_ = group_ends_ = eager_ = on_hook = chunks_ = py::none();
+}
+
+void Recorder::add(py::object call) { log_.push_back({{}, {}, 0, 0, 0, 0, 0, 0, -1, std::move(call)}); }
+
+void Recorder::drain(py::list calls, py::handle call_type, py::handle slot_type) {
+  py::object none = py::none();
+  for (; drained_ < log_.size(); ++drained_) {
+    const Entry& e = log_[drained_];
+    if (e.call) {
+      calls.append(e.call);
+      continue;
+    }
+    py::object slot = slot_type(devices_[e.device], e.chunk, e.row0, e.rows);
+    calls.append(call_type(e.name, py::make_tuple(e.batch, e.tokens), slot, none, e.axis, e.step, none));
+  }
+}
+
+bool Recorder::same_calls(const Recorder& other) const {
+  if (log_.size() != other.log_.size()) return false;
+  for (size_t i = 0; i < log_.size(); ++i) {
+    const Entry& a = log_[i];
+    const Entry& b = other.log_[i];
+    if (a.call || b.call) {
+      if (!a.call || !b.call || !a.call.attr("raw").is_none() || !b.call.attr("raw").is_none() ||
+          !a.call.equal(b.call)) {
+        return false;
+      }
+      continue;
+    }
+    if (a.batch != b.batch || a.tokens != b.tokens || a.chunk != b.chunk || a.row0 != b.row0 || a.rows != b.rows ||
+        a.step != b.step || device_keys_[a.device] != other.device_keys_[b.device] || !same_text(a.name, b.name) ||
+        !same_text(a.axis, b.axis)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+int Recorder::traverse(visitproc visit, void* arg) const {
+  for (const py::object* o : {&arena_, &fallback_, &group_ends_, &eager_, &on_hook, &chunks_}) {
+    Py_VISIT(o->ptr());
+  }
+  return 0;
+}
+
+void Recorder::clear() {
+  pending_.clear();
+  holding_ = false;
+  arena_ = fallback_ = group_ends_ = eager_ = on_hook = chunks_ = py::none();
+}
+
+void bind_recorder(py::module_& m) {
+  // Garbage-collected: the session holds its Recorder, whose fallback holds the session.
+  auto gc = py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+    PyTypeObject* type = &heap_type->ht_type;
+    type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+    type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
+      Py_VISIT(Py_TYPE(self));
+      if (!py::detail::is_holder_constructed(self)) return 0;
+      return py::cast<const Recorder&>(py::handle(self)).traverse(visit, arg);
+    };
+    type->tp_clear = [](PyObject* self) {
+      if (py::detail::is_holder_constructed(self)) py::cast<Recorder&>(py::handle(self)).clear();
+      return 0;
+    };
+  });
+  py::class_<Recorder>(m, "Recorder", gc,
+                       "The tracer's eager hook path for one pass: Recorder(arena, fallback, group_ends, eager,\n"
+                       "grouped)(name, output) records a module output as stats_capture.fast_recorder would.")
+      .def(py::init<py::object, py::object, py::object, py::object, bool>(), py::arg("arena"), py::arg("fallback"),
+           py::arg("group_ends"), py::arg("eager"), py::arg("grouped"))
+      .def("__call__", &Recorder::record, py::arg("name"), py::arg("output"))
+      .def("give_back", &Recorder::give_back, "Hands the lent cursor back to the arena (launches nothing).")
+      .def("close", &Recorder::close, "After the pass: gives back, lets go of the arena and callbacks; keeps the log.")
+      .def("add", &Recorder::add, py::arg("call"), "Logs a Call made by a Python recorder, in order.")
+      .def("drain", &Recorder::drain, py::arg("calls"), py::arg("call_type"), py::arg("slot_type"),
+           "Appends a Call for each logged call not drained yet.")
+      .def("same_calls", &Recorder::same_calls, py::arg("other"), "Whether other logged the same calls.")
+      .def("__len__", &Recorder::size)
+      .def_property_readonly("drained", &Recorder::drained)
+      .def_readwrite("on_hook", &Recorder::on_hook)
+      .def_readwrite("axis", &Recorder::axis)
+      .def_readwrite("step", &Recorder::step);
+}
+
+}  // namespace recon_fast::direct
