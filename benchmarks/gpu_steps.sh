@@ -42,6 +42,10 @@ do_tests() {
 do_bench_tracer() {
   $BENCH benchmarks/bench_tracer_gpu.py 2>&1 | tee "$LOGS/bench_tracer_gpu.log" | grep -E '^\[|^  |passed|failed|Error' | tail -60
 }
+do_bench_nnsight() {
+  python3 -c "import nnsight; print('nnsight', nnsight.__version__)" || { echo "no nnsight: run benchmarks/gpu_wheels.sh and carry .whl"; return 1; }
+  $BENCH benchmarks/bench_nnsight.py -k cuda 2>&1 | tee "$LOGS/bench_nnsight.log" | grep -E '^\[|^  |passed|failed|skipped|Error' | tail -30
+}
 do_bench_attention() {
   # Issue 18's two routes side by side, each row in its own process (the kernel switch is read once
   # per process), each row appended to bench_attention_rows.jsonl as it comes.
@@ -80,7 +84,7 @@ EOF
   grep -E "token_stats|reduce_kernel|Memory Throughput|DRAM Throughput|Duration|Compute \(SM\)|Achieved Occupancy|Registers Per|Theoretical Occupancy|Block Size|Grid Size" "$LOGS/ncu.log" | head -40
 }
 # `timeout` runs a command, not a function: each step is a child bash that inherits these.
-export -f do_build do_tests do_bench_tracer do_bench_attention do_bench_ops do_bench_compiled do_bench_dataset \
+export -f do_build do_tests do_bench_tracer do_bench_nnsight do_bench_attention do_bench_ops do_bench_compiled do_bench_dataset \
   do_bench_activation_cache do_diagnose do_ncu
 export LOGS BENCH XDIST
 

@@ -16,6 +16,7 @@
 #                  score / mma, flex, dispatch split, activation cache) and the argument errors
 #                  (each in a child process: none may crash, issue 18's SIGSEGV)
 #   bench-tracer   issue 17: hooks/untraced at the SmolLM2 and 1B shapes, eager; nnsight beside it
+#   bench-nnsight  issue 17: recon-fast beside nnsight 0.8.1 and plain hooks, 1B T=4096, SmolLM2 shape T=512
 #   bench-attention issue 18: sdpa vs the score / fma / mma kernels vs flex, 1B shape bf16
 #   bench-ops      token_stats vs x.sum (bandwidth)
 #   bench-compiled issue 17: compiled traced/untraced (reduce-overhead is in tests)
@@ -29,7 +30,7 @@ LOGS=${LOGS:-gpu-logs}
 mkdir -p "$LOGS"
 BUDGET=${BUDGET:-560}
 STARTED=$SECONDS
-steps=${*:-build tests bench-tracer bench-attention bench-ops bench-compiled bench-dataset bench-activation-cache diagnose ncu}
+steps=${*:-build tests bench-tracer bench-nnsight bench-attention bench-ops bench-compiled bench-dataset bench-activation-cache diagnose ncu}
 source benchmarks/gpu_steps.sh  # want, step and the steps' functions
 export PYTHONUNBUFFERED=1
 
@@ -65,6 +66,7 @@ if want build && ! python3 -c "import sys; from recon_fast.kernels import ops; s
 fi
 step tests 150 do_tests
 step bench-tracer 90 do_bench_tracer
+step bench-nnsight 75 do_bench_nnsight
 step bench-attention 150 do_bench_attention
 step bench-ops 40 do_bench_ops
 step bench-compiled 60 do_bench_compiled
