@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from recon_fast import Tracer
-from recon_fast.kernels import ops
+from recon_fast.kernels import token_stats as ops
 from recon_fast.trace import stats_arena
 from recon_fast.trace.stats_arena import StatsArena
 

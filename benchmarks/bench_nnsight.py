@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from recon_fast import Tracer
-from recon_fast.kernels.ops import token_stats_ref
+from recon_fast.kernels.token_stats import token_stats_ref
 from recon_fast.trace.presets import select_all
 
 nnsight = pytest.importorskip("nnsight")

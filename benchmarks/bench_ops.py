@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from recon_fast.kernels.ops import token_stats
+from recon_fast.kernels.token_stats import token_stats
 
 CASES = [
     ("cpu", (8192, 4096), torch.float32),

@@ -21,7 +21,7 @@ import torch
 
 def import_checkout(root: str | os.PathLike, module: str = "recon_fast") -> ModuleType:
     """`module` (a module of the recon_fast package) as the checkout at `root` has it."""
-    import recon_fast.kernels.ops  # noqa: F401  (this checkout's library, loaded first)
+    import recon_fast.kernels.token_stats  # noqa: F401  (this checkout's library, loaded first)
 
     ours = {name: mod for name, mod in sys.modules.items() if name == "recon_fast" or name.startswith("recon_fast.")}
     library = sys.modules["recon_fast._C"]

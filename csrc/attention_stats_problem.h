@@ -20,7 +20,8 @@
 
 namespace recon_fast {
 
-// Channels of one output row, in this order (recon_fast.attention_stats.ATTENTION_STATS).
+// Channels of one output row, in this order. Their names, in index order, must be the rows of
+// recon_fast/kernels/stats_tables.py: ATTENTION_STATS_TABLE (checked as token_stats' are).
 enum AttentionStat : int {
   kStatEntropy = 0,       // -sum p log p (nats)
   kStatMaxWeight = 1,     // max p
@@ -32,6 +33,11 @@ enum AttentionStat : int {
   kStatLse = 7,           // log sum exp of the scores
 };
 constexpr int kNumAttentionStats = 8;
+constexpr const char* kAttentionStatNames[] = {
+    "entropy", "max_weight", "argmax", "sink_mass", "mean_distance", "self_weight", "prev_weight", "lse"};
+static_assert(sizeof(kAttentionStatNames) / sizeof(kAttentionStatNames[0]) == kNumAttentionStats &&
+                  kStatLse + 1 == kNumAttentionStats,
+              "attention_stats: a channel without its name, or a name without its channel");
 
 enum class AttentionMaskKind : int { None = 0, Bool = 1, Additive = 2 };
 

@@ -13,8 +13,20 @@
 
 namespace recon_fast {
 
-// Channels of one output row, in this order (recon_fast.ops.STATS names them).
-constexpr int kNumStats = 5;  // energy (L2 norm), mean, std (unbiased), min, max
+// Channels of one output row, in this order. Their names, in index order, must be the rows of
+// recon_fast/kernels/stats_tables.py: TOKEN_STATS_TABLE (what each means is written there); the
+// library reports them (channel_names(), ops.cpp) and Python serves no op whose names differ.
+enum TokenStat : int {
+  kStatEnergy = 0,  // L2 norm
+  kStatMean = 1,
+  kStatStd = 2,  // unbiased
+  kStatMin = 3,
+  kStatMax = 4,
+};
+constexpr int kNumStats = 5;
+constexpr const char* kTokenStatNames[] = {"energy", "mean", "std", "min", "max"};
+static_assert(sizeof(kTokenStatNames) / sizeof(kTokenStatNames[0]) == kNumStats && kStatMax + 1 == kNumStats,
+              "token_stats: a channel without its name, or a name without its channel");
 
 enum class StatsDtype : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 

@@ -1,11 +1,11 @@
 """recon-fast: a fast activation tracer for PyTorch / Hugging Face transformers.
 
-`recon_fast.token_stats` (recon_fast.kernels.ops) is the fused per-token statistics kernel everything rests on.
+`recon_fast.token_stats` (recon_fast.kernels.token_stats) is the fused per-token statistics kernel everything rests on.
 """
 
 from recon_fast._version import __version__
 
-from recon_fast.kernels.ops import STATS, backend, token_stats, token_stats_ref
+from recon_fast.kernels.token_stats import STATS, backend, token_stats, token_stats_ref
 from recon_fast.cube.cube import ActivityCube
 from recon_fast.trace.raw_capture import RawSlices
 from recon_fast.trace.tracer import Tracer

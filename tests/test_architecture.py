@@ -2,7 +2,9 @@
 with it, the CLI names them with it, the viewer gets it from its page); lower layers never import
 upper ones, nothing imports the package __init__, no import cycles (an ast walk over recon_fast/,
 imports inside functions included); both attention captures go through trace/attention_intercept;
-the old import paths warn and still give the real objects. docs/ARCHITECTURE.md describes it."""
+every op is declared in csrc/ops.cpp, one CompiledOp answers which backend serves it, and the build
+flags are written once (kernels/build_config.py); the old import paths warn and still give the
+real objects. docs/ARCHITECTURE.md describes it."""
 
 from __future__ import annotations
 
@@ -303,8 +305,67 @@ def test_one_reading_of_the_mask():
     assert torch.equal(compact.mask_scores(scores, rows, rows), expected)
 
 
+# ---- item 3: kernels/, each op declared once, one backend query, one build configuration ----------
+CSRC = PACKAGE.parent / "csrc"
+
+
+def _csrc_files() -> list[Path]:
+    return sorted(p for p in CSRC.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh"))
+
+
+def test_every_op_is_declared_in_ops_cpp_and_implemented_there_by_name():
+    import re
+
+    declared = set(re.findall(r'm\.def\(\s*"(\w+)\(', (CSRC / "ops.cpp").read_text()))
+    assert {"token_stats", "token_stats_rows", "token_stats_rows_grouped", "attention_stats", "cpu_kernel"} <= declared
+    implemented = set()
+    for path in _csrc_files():
+        text = path.read_text()
+        if path.name != "ops.cpp":
+            for macro in ("TORCH_LIBRARY(", "TORCH_LIBRARY_FRAGMENT("):
+                assert macro not in text, f"{path.relative_to(CSRC)} declares ops ({macro}): declare them in ops.cpp"
+            assert not re.search(r'm\.def\(\s*"\w+\(', text), f"{path.relative_to(CSRC)} defines an op schema"
+        implemented |= set(re.findall(r'm\.impl\(\s*"(\w+)"', text))
+    assert implemented == declared, f"declared but never implemented: {declared - implemented}; " \
+                                    f"implemented but not declared: {implemented - declared}"
+
+
+def test_one_backend_query_for_every_op():
+    from recon_fast.kernels import _library, attention_stats, token_stats
+
+    for device in ("cpu", "cuda", "meta"):
+        assert token_stats.backend(device) == token_stats._COMPILED.backend(device)
+        assert attention_stats.backend(device) == attention_stats._COMPILED.backend(device)
+    assert isinstance(token_stats._COMPILED, _library.CompiledOp)
+    assert isinstance(attention_stats._COMPILED, _library.CompiledOp)
+    for path in PACKAGE.rglob("*.py"):  # the dispatch keys and the dispatcher query live in _library.py alone
+        if path.name != "_library.py":
+            text = path.read_text()
+            assert "_DISPATCH_KEYS" not in text and "_dispatch_has_kernel_for_dispatch_key" not in text, path
+
+
+def test_the_build_configuration_is_written_once_and_loads_without_torch():
+    import sys
+
+    for path in (PACKAGE.parent / "setup.py", PACKAGE / "kernels" / "_library.py"):
+        text = path.read_text()
+        for copy in ('"-O3"', '"-fopenmp"', ".glob(", "RECON_FAST_WITH_CUDA"):
+            assert copy not in text, f"{path.name} writes {copy}: it belongs in kernels/build_config.py"
+        assert "build_config" in text, path
+    # setup.py loads it by path, before the package (or torch's extension machinery) can be imported.
+    script = ("import importlib.util, sys; sys.modules['torch'] = None; sys.modules['recon_fast'] = None; "
+              f"spec = importlib.util.spec_from_file_location('bc', {str(PACKAGE / 'kernels' / 'build_config.py')!r}); "
+              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+              "print(m.compile_args(True)['cxx'], len(m.sources(True)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "RECON_FAST_WITH_CUDA" in done.stdout
+
+
 # ---- the deprecated aliases -----------------------------------------------------------------------
-ALIASES = {"recon_fast.ops": "recon_fast.kernels.ops", "recon_fast.logit_lens": "recon_fast.attribution.logit_lens",
+ALIASES = {"recon_fast.ops": "recon_fast.kernels.token_stats",
+           "recon_fast.kernels.ops": "recon_fast.kernels.token_stats",
+           "recon_fast.logit_lens": "recon_fast.attribution.logit_lens",
            "recon_fast.chain_of_thought": "recon_fast.attribution.chain_of_thought"}
 
 

@@ -83,7 +83,7 @@ def _cases(d: str):
         "token_stats: out must be float32, got Double"
 
     # token_stats_rows and token_stats_rows_grouped, each through the op and its direct launcher.
-    from recon_fast.kernels.ops import token_stats_rows_grouped_into, token_stats_rows_into
+    from recon_fast.kernels.token_stats import token_stats_rows_grouped_into, token_stats_rows_into
 
     buf, x = torch.empty(10, 5, device=d), r(2, 3, 8)
     tangled = r(*[2] * 9, 4).permute(8, 7, 6, 5, 4, 3, 2, 1, 0, 9)  # 9 leading dims that cannot merge
@@ -125,7 +125,7 @@ def _cases(d: str):
 
 def _child(device: str) -> None:
     """Runs every case, one JSON line each, flushed before the call (so a crash names it)."""
-    import recon_fast.kernels.ops  # noqa: F401  (loads the library, registers the ops)
+    import recon_fast.kernels.token_stats  # noqa: F401  (loads the library, registers the ops)
 
     for name, call, want in _cases(device):
         print(json.dumps({"start": name}), flush=True)
@@ -139,9 +139,9 @@ def _child(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_argument_error_raises_its_whole_message(device):
-    from recon_fast.kernels import attention_stats, ops
+    from recon_fast.kernels import attention_stats, token_stats
 
-    if ops.backend(device) == "torch" or attention_stats.backend(device) == "torch":
+    if token_stats.backend(device) == "torch" or attention_stats.backend(device) == "torch":
         pytest.skip(f"the compiled ops are not built for {device}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, __file__, device], capture_output=True, text=True,

@@ -25,7 +25,7 @@ from recon_fast.cube.cube import ActivityCube
 from recon_fast.dataset.profile import Profile
 from recon_fast.file_errors import FileFormatError
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
-from recon_fast.kernels.ops import STATS
+from recon_fast.kernels.token_stats import STATS
 from recon_fast.cli.view import read_source
 
 LONG = os.environ.get("RECON_FAST_FUZZ") == "long"

@@ -7,8 +7,8 @@ opcheck; torch.compile without a graph break. CPU always; CUDA where a device is
 import pytest
 import torch
 
-from recon_fast.kernels import ops
-from recon_fast.kernels.ops import NUM_STATS
+from recon_fast.kernels import token_stats as ops
+from recon_fast.kernels.token_stats import NUM_STATS
 
 from conftest import DEVICES
 from test_ops import DTYPES, assert_stats_close, sample_input

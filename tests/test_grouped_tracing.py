@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from recon_fast import Tracer
-from recon_fast.kernels.ops import token_stats_ref
+from recon_fast.kernels.token_stats import token_stats_ref
 from recon_fast.trace import stats_arena
 from recon_fast.trace.stats_arena import InPlaceEdit, StatsArena
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from recon_fast import RawSlices, Tracer
-from recon_fast.kernels import ops
-from recon_fast.kernels.ops import token_stats_ref
+from recon_fast.kernels import token_stats as ops
+from recon_fast.kernels.token_stats import token_stats_ref
 from recon_fast.trace import stats_capture
 from recon_fast.trace.session import Session
 from recon_fast.trace.stats_arena import StatsArena

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recon_fast.kernels import ops
-from recon_fast.kernels.ops import STATS, token_stats, token_stats_ref
+from recon_fast.kernels import token_stats as ops
+from recon_fast.kernels.token_stats import STATS, token_stats, token_stats_ref
 
 from conftest import DEVICES
 

@@ -4,7 +4,7 @@ kernels that filled them (no sync, bounded device memory, every row intact)."""
 import pytest
 import torch
 
-from recon_fast.kernels.ops import token_stats, token_stats_ref
+from recon_fast.kernels.token_stats import token_stats, token_stats_ref
 from recon_fast.trace import stats_arena
 from recon_fast.trace.stats_arena import StatsArena, back_to_back
 from conftest import DEVICES

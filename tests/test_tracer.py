@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from recon_fast import ActivityCube, RawSlices, Tracer
-from recon_fast.kernels.ops import STATS
+from recon_fast.kernels.token_stats import STATS
 from recon_fast.trace import presets
 
 from tiny_models import ARCHS, VOCAB, capture_outputs, make_model, per_token_float64

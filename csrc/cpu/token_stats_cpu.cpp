@@ -74,9 +74,7 @@ TORCH_LIBRARY_IMPL(recon_fast, CPU, m) {
   m.impl("token_stats_rows_grouped", &token_stats_rows_grouped_cpu);
 }
 
-// Which CPU kernel would run now; exposed for tests and `recon_fast.ops.backend`.
-TORCH_LIBRARY_FRAGMENT(recon_fast, m) {
-  m.def("cpu_kernel() -> str", &cpu_kernel_name);
-}
+// Which CPU kernel would run now (the op is declared in ops.cpp).
+TORCH_LIBRARY_IMPL(recon_fast, CompositeImplicitAutograd, m) { m.impl("cpu_kernel", &cpu_kernel_name); }
 
 }  // namespace recon_fast::cpu

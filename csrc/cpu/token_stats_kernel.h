@@ -170,11 +170,11 @@ void non_finite_row(const scalar_t* x, int64_t n, float* out, int64_t os) {
     lo = std::min(lo, v), hi = std::max(hi, v);
   }
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  out[0] = static_cast<float>(std::sqrt(sumsq));
-  out[1 * os] = static_cast<float>(sum / static_cast<acc_t>(n));
-  out[2 * os] = static_cast<float>(nan);
-  out[3 * os] = static_cast<float>(has_nan ? nan : lo);
-  out[4 * os] = static_cast<float>(has_nan ? nan : hi);
+  out[kStatEnergy * os] = static_cast<float>(std::sqrt(sumsq));
+  out[kStatMean * os] = static_cast<float>(sum / static_cast<acc_t>(n));
+  out[kStatStd * os] = static_cast<float>(nan);
+  out[kStatMin * os] = static_cast<float>(has_nan ? nan : lo);
+  out[kStatMax * os] = static_cast<float>(has_nan ? nan : hi);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -202,12 +202,12 @@ void token_stats_row(const scalar_t* x, int64_t n, float* out, int64_t os, acc_t
     mean = mom.mean, m2 = mom.m2;
   }
   m2 = std::max(m2, wide_t(0));
-  out[0] = static_cast<float>(std::sqrt(m2 + cnt * mean * mean));
-  out[1 * os] = static_cast<float>(mean);
+  out[kStatEnergy * os] = static_cast<float>(std::sqrt(m2 + cnt * mean * mean));
+  out[kStatMean * os] = static_cast<float>(mean);
   // n == 1 gives 0/0 = NaN, as torch.std with correction=1.
-  out[2 * os] = static_cast<float>(std::sqrt(m2 / (cnt - 1)));
-  out[3 * os] = static_cast<float>(lo);
-  out[4 * os] = static_cast<float>(hi);
+  out[kStatStd * os] = static_cast<float>(std::sqrt(m2 / (cnt - 1)));
+  out[kStatMin * os] = static_cast<float>(lo);
+  out[kStatMax * os] = static_cast<float>(hi);
 }
 
 template <typename scalar_t, typename acc_t>

@@ -421,6 +421,7 @@ attention_stats_kernel(const AttentionStatsProblem p, bool vec_ok) {
 #pragma unroll
       for (int x = 0; x < kNumAttentionStats; ++x) o[x] = __int_as_float(0x7fc00000);
     }
+    static_assert(kNumAttentionStats == 8, "a row is written as the two float4 stores below");
     float4* dst = reinterpret_cast<float4*>(p.out + ((b * p.heads + h) * p.q_len + i) * kNumAttentionStats);
     dst[0] = make_float4(o[0], o[1], o[2], o[3]);
     dst[1] = make_float4(o[4], o[5], o[6], o[7]);

@@ -186,18 +186,18 @@ __device__ __forceinline__ void write_stats(const Moments<acc_t>& s, acc_t shift
   // NaN squared stays NaN (Inf squared does not); min/max skip NaN but keep +-Inf.
   const bool has_nan = isnan(s.sumsq) || isnan(shift);
   const bool has_pos_inf = s.hi == inf, has_neg_inf = s.lo == -inf;
-  out[0] = static_cast<float>(sqrt(s.sumsq));
+  out[kStatEnergy * os] = static_cast<float>(sqrt(s.sumsq));
   // Non-finite rows: what torch's sum / n gives (NaN, or the one infinity present).
   const acc_t mean = has_nan || (has_pos_inf && has_neg_inf) ? nan
                      : has_pos_inf                          ? inf
                      : has_neg_inf                          ? -inf
                                                             : shift + s.mean;
-  out[1 * os] = static_cast<float>(mean);
+  out[kStatMean * os] = static_cast<float>(mean);
   const bool finite = !has_nan && !has_pos_inf && !has_neg_inf;
   // n == 1 gives 0/0 = NaN, as torch.std with correction=1.
-  out[2 * os] = static_cast<float>(finite ? sqrt((s.m2 > acc_t(0) ? s.m2 : acc_t(0)) / (s.n - 1)) : nan);
-  out[3 * os] = static_cast<float>(has_nan ? nan : s.lo);
-  out[4 * os] = static_cast<float>(has_nan ? nan : s.hi);
+  out[kStatStd * os] = static_cast<float>(finite ? sqrt((s.m2 > acc_t(0) ? s.m2 : acc_t(0)) / (s.n - 1)) : nan);
+  out[kStatMin * os] = static_cast<float>(has_nan ? nan : s.lo);
+  out[kStatMax * os] = static_cast<float>(has_nan ? nan : s.hi);
 }
 
 // The rows of one lane-group block: row `block * rows_per_block + threadIdx.x / kLanes` of a

@@ -13,7 +13,7 @@ from torch import nn
 
 from recon_fast.attribution.anatomy import LensParts, lens_parts
 from recon_fast.dispatch import execution_device
-from recon_fast.kernels import ops
+from recon_fast.kernels.token_stats import STATS, token_stats
 from recon_fast.trace.model_inputs import forward_takes, prepare_inputs, token_texts
 from recon_fast.trace.session import extract_tensor
 
@@ -114,7 +114,7 @@ def logit_lens(model: nn.Module, input_ids, k: int = 5, positions: list[int] | N
 def _read_residual(parts: LensParts, residual: torch.Tensor, where: torch.Tensor, k: int):
     """[B, T, d] -> top-k ids [B, P, k] at positions `where`, their log-probs, and per-token
     norms [B, T]."""
-    norms = ops.token_stats(residual)[..., 0]
+    norms = token_stats(residual)[..., STATS.index("energy")]
     residual = residual.index_select(1, where.to(residual.device))
     # Models split across devices: each module's input where it computes (accelerate's hooks
     # would move it too; an offloaded module's weights are meta between calls).

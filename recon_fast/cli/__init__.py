@@ -32,6 +32,7 @@ from recon_fast.cli.prompt_io import encode, output_paths
 from recon_fast.cli import view as view_cli
 from recon_fast.cli.options import OneLineParser
 from recon_fast.dataset.profile import compare
+from recon_fast.kernels.stats_tables import ATTENTION_STATS_TABLE
 from recon_fast.models import ModelNotFound
 
 PROGRESS_MIN_TOKENS = 256  # below this a forward pass is too quick for a progress bar to help
@@ -52,8 +53,8 @@ def _trace_parser(sub) -> None:
     options.add_count(p, "--top-k", default=12, minimum=0, aliases=("--rows",),
                       help="layers in the summary table, and values in the --baseline tables")
     p.add_argument("--attention", choices=("stats",), default=None,
-                   help="also per attention layer, head and query: entropy, max weight, argmax, sink mass, "
-                        "mean distance, self and previous-token weight, lse (any attention implementation)")
+                   help=f"also per attention layer, head and query: {', '.join(ATTENTION_STATS_TABLE.names)} "
+                        "(any attention implementation)")
     p.add_argument("--baseline", metavar="PROFILE", default=None,
                    help="a trace-dataset run's profile.json: print the layers and tokens of this prompt most out "
                         "of that dataset's distribution (z-scores, percentiles)")

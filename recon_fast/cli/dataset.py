@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from recon_fast.cli import checks as cli_checks
+from recon_fast.kernels.stats_tables import ATTENTION_STATS_TABLE
 
 
 def add_parser(sub, add_model_args) -> None:
@@ -22,8 +23,8 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--layers", default="residual", help="a preset (all, residual, attn, mlp, components, "
                    "blocks+components) or a regex over module names (default: residual)")
     p.add_argument("--attention", choices=("stats",), default=None,
-                   help="also per attention layer, document, head and token: entropy, max weight, argmax, sink "
-                        "mass, mean distance, self and previous-token weight, lse (the attention/ table)")
+                   help=f"also per attention layer, document, head and token: {', '.join(ATTENTION_STATS_TABLE.names)} "
+                        "(the attention/ table)")
     p.add_argument("--max-tokens", type=int, default=512, help="truncate each document to N tokens (default: 512)")
     p.add_argument("--batch-tokens", type=int, default=8192,
                    help="at most N tokens per batch, padding included (default: 8192)")

@@ -19,7 +19,7 @@ from recon_fast.atomic_files import check_writable
 from recon_fast.cube import export
 from recon_fast.file_errors import reading
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
-from recon_fast.kernels.ops import STATS
+from recon_fast.kernels.token_stats import STATS
 from recon_fast.view import html as view_html
 
 
@@ -27,7 +27,7 @@ from recon_fast.view import html as view_html
 class ActivityCube:
     tokens: list[list[str]]  # [batch][tokens]: decoded text, or str(id) without a tokenizer
     layer_names: list[str]  # one per layer entry (a module that fired twice appears twice)
-    metrics: tuple[str, ...]  # names from recon_fast.kernels.ops.STATS
+    metrics: tuple[str, ...]  # names from recon_fast.kernels.token_stats.STATS
     data: np.ndarray  # [layers, batch, tokens, metrics] float32; padding positions are NaN
     padding_mask: np.ndarray | None = None  # [batch, tokens] bool, True at padding
     meta: dict = field(default_factory=dict)
@@ -43,8 +43,8 @@ class ActivityCube:
     # layer_extras[i]["token_axis"] == "decoder_tokens".
     decoder_tokens: list[list[str]] | None = None
     # Attention statistics (Tracer(attention="stats")): the attention modules, e.g.
-    # model.layers.3.self_attn, and [attn_layers, batch, heads, tokens, 8] float32, the channels
-    # named by ATTENTION_STATS; padded queries are NaN. JSON: `attention.{i}` entries.
+    # model.layers.3.self_attn, and [attn_layers, batch, heads, tokens, statistics] float32, the
+    # channels named by ATTENTION_STATS; padded queries are NaN. JSON: `attention.{i}` entries.
     attention_layers: list[str] = field(default_factory=list)
     attention_data: np.ndarray | None = None
 
@@ -108,9 +108,8 @@ class ActivityCube:
         return self.data[key, :, : self.axis_length(self.token_axis(key))]
 
     def attention_stat(self, name: str) -> np.ndarray:  # -> [attn_layers, batch, heads, tokens]
-        """One attention statistic (recon_fast.kernels.attention_stats.ATTENTION_STATS: entropy,
-        max_weight, argmax, sink_mass, mean_distance, self_weight, prev_weight, lse) of every
-        attention layer (`attention_layers`), per head and query."""
+        """One attention statistic (a name of recon_fast.kernels.attention_stats.ATTENTION_STATS,
+        e.g. "entropy") of every attention layer (`attention_layers`), per head and query."""
         if name not in ATTENTION_STATS:
             raise KeyError(f"unknown attention statistic {name!r}; known: {list(ATTENTION_STATS)}")
         if self.attention_data is None:

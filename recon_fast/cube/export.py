@@ -27,15 +27,11 @@ import orjson
 # atomic_write is imported here for the writers below, and stays importable from here for the
 # dataset writer (recon_fast.dataset.writing), which still imports it from this module.
 from recon_fast.atomic_files import atomic_write
+from recon_fast.kernels.stats_tables import TOKEN_STATS_TABLE
 
-# The JSON names of token_stats' channels: the established schema's three, then min and max.
-METRIC_KEYS = {
-    "energy": "energy",
-    "mean": "mean_activation",
-    "std": "std_activation",
-    "min": "min_activation",
-    "max": "max_activation",
-}
+# The JSON names of token_stats' channels (core_metrics' keys): the table's JSON keys, the
+# established schema's three (energy, mean_activation, std_activation), then min and max.
+METRIC_KEYS = TOKEN_STATS_TABLE.json_keys()
 METRIC_NAMES = {key: name for name, key in METRIC_KEYS.items()}
 
 # File name endings and the format each means, longest first.

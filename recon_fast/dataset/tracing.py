@@ -25,7 +25,7 @@ from recon_fast.cube.provenance import model_provenance
 from recon_fast.dataset import batching, distributed, progress as progress_bars, shards, sources, writing
 from recon_fast.dataset.profile import Profile
 from recon_fast.kernels.attention_stats import ATTENTION_STATS
-from recon_fast.kernels.ops import STATS
+from recon_fast.kernels.token_stats import STATS
 from recon_fast.trace.input_limits import position_limit
 from recon_fast.trace.model_inputs import model_device
 

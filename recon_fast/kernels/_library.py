@@ -1,11 +1,14 @@
 """Loads the compiled recon_fast library, so that torch.ops.recon_fast.* are registered and its
-Python module (the eager hot path's direct launchers) is at hand as `module`.
+Python module (the eager hot path's direct launchers) is at hand as `module`; and `CompiledOp`, the
+one answer to which backend serves an op on a device.
 
 Order: the extension installed with the package (`recon_fast._C`); else a JIT build of csrc/
-with torch.utils.cpp_extension.load, cached under ~/.cache/recon_fast (a source checkout used
-without `pip install`), imported as the module `recon_fast_C`; else nothing, and
-recon_fast.kernels.ops falls back to plain PyTorch. Import never fails: why the compiled library
-is missing is kept in `load_error` and said once, in a warning.
+with torch.utils.cpp_extension.load (the sources and flags of build_config.py, as setup.py's),
+cached under ~/.cache/recon_fast (a source checkout used without `pip install`), imported as the
+module `recon_fast_C`; else nothing, and the ops' faces (token_stats.py, attention_stats.py) fall
+back to plain PyTorch. A library whose ops write other channels than stats_tables.py lists (built
+from other sources) is not used either. Import never fails: why the compiled library is missing
+is kept in `load_error` and said once, in a warning.
 """
 
 from __future__ import annotations
@@ -18,39 +21,46 @@ from types import ModuleType
 
 import torch
 
-log = logging.getLogger(__name__)
+from recon_fast.kernels import build_config, stats_tables
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+log = logging.getLogger(__name__)
 
 loaded_from: str | None = None  # "extension", "jit" or None
 load_error: str | None = None
 module: ModuleType | None = None  # recon_fast._C, or the JIT build's recon_fast_C
 
+# The devices the library has kernels for: device type -> the dispatch key its kernels register
+# under and the name `backend()` gives that kernel.
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_BACKEND_NAMES = {"cpu": "cpp", "cuda": "cuda"}
+
 
 def _jit_build() -> ModuleType:
     from torch.utils import cpp_extension
 
-    sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
-    sources += sorted(str(p) for p in (_CSRC / "cpu").glob("*.cpp"))
-    with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
-    cflags = ["-O3", "-fopenmp"]  # -fopenmp and no -std: see setup.py
-    if with_cuda:
-        sources += sorted(str(p) for p in (_CSRC / "cuda").glob("*.cpp"))
-        sources += sorted(str(p) for p in (_CSRC / "cuda").glob("*.cu"))
-        cflags.append("-DRECON_FAST_WITH_CUDA")
+    with_cuda = build_config.want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME)
+    args = build_config.compile_args(with_cuda)
     build_dir = Path(os.environ.get("RECON_FAST_JIT_DIR", Path.home() / ".cache" / "recon_fast"))
     build_dir = build_dir / f"torch{torch.__version__}"
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name="recon_fast_C",
-        sources=sources,
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        extra_cuda_cflags=["-O3"],
+        sources=[str(p) for p in build_config.sources(with_cuda)],
+        extra_cflags=args["cxx"],
+        extra_ldflags=build_config.LINK_FLAGS,
+        extra_cuda_cflags=args.get("nvcc"),
         build_directory=str(build_dir),
         is_python_module=True,  # the direct launchers live in the module (csrc/ops.cpp)
         verbose=False,
     )
+
+
+def _refusal(library: ModuleType) -> str | None:
+    """Why `library` cannot serve the ops' faces: its channels differ from stats_tables.py's
+    (a library built before it reported them is taken as it is)."""
+    if not hasattr(library, "channel_names"):
+        return None
+    return stats_tables.library_mismatch(library.channel_names())
 
 
 def load() -> None:
@@ -61,31 +71,44 @@ def load() -> None:
     try:
         from recon_fast import _C  # importing registers the ops
 
-        module, loaded_from = _C, "extension"
-        return
+        found, source = _C, "extension"
     except ImportError as exc:
+        found, source = None, None
         extension_error = f"recon_fast._C is not built ({exc})"
-    if os.environ.get("RECON_FAST_NO_JIT") == "1" or not _CSRC.is_dir():
-        load_error = extension_error + "; JIT build disabled or csrc/ absent"
+    if found is None:
+        if os.environ.get("RECON_FAST_NO_JIT") == "1" or not build_config.CSRC.is_dir():
+            load_error = extension_error + "; JIT build disabled or csrc/ absent"
+            return
+        try:
+            found, source = _jit_build(), "jit"
+        except Exception as exc:  # a compiler error must not make `import recon_fast` fail
+            load_error = f"{extension_error}; JIT build failed: {exc}".strip()
+            log.debug("recon_fast JIT build failed", exc_info=True)
+            return
+    refused = _refusal(found)
+    if refused is not None:
+        # Its ops stay registered with torch, but no face calls them: their outputs would not be
+        # what the tables name.
+        load_error = f"the compiled library ({found.__file__}) is not used: {refused}"
         return
-    try:
-        module = _jit_build()
-        loaded_from = "jit"
-    except Exception as exc:  # a compiler error must not make `import recon_fast` fail
-        load_error = f"{extension_error}; JIT build failed: {exc}".strip()
-        log.debug("recon_fast JIT build failed", exc_info=True)
+    module, loaded_from = found, source
 
 
 class CompiledOp:
     """One op of the library as its Python face sees it: whether a kernel serves a dispatch key
-    (asked once per key: the tracer's hooks call ops thousands of times per pass), and the
-    one-time warning when the plain-PyTorch fallback serves instead."""
+    (asked once per key: the tracer's hooks call ops thousands of times per pass), which backend
+    that makes on a device, and the one-time warning when the plain-PyTorch fallback serves
+    instead. Made after the library is loaded (it loads it); asks every key at once, so that
+    torch.compile finds the answers cached (it cannot trace the dispatcher query)."""
 
     def __init__(self, qualified_name: str, fallback_cost: str):
+        load()
         self.qualified_name = qualified_name  # "recon_fast::token_stats"
         self.fallback_cost = fallback_cost  # what the fallback costs, for the warning
         self.registered: dict[str, bool] = {}
         self.warned: set[str] = set()
+        for key in _DISPATCH_KEYS.values():
+            self.has_kernel(key)
 
     def has_kernel(self, dispatch_key: str) -> bool:
         known = self.registered.get(dispatch_key)
@@ -96,6 +119,17 @@ class CompiledOp:
             self.registered[dispatch_key] = known
         return known
 
+    def serves(self, device_type: str) -> bool:
+        """Whether a compiled kernel serves tensors on `device_type` (else the fallback does).
+        The op's hot path: two dictionary lookups once the key was asked."""
+        return self.has_kernel(_DISPATCH_KEYS.get(device_type) or device_type.upper())
+
+    def backend(self, device: torch.device | str = "cpu") -> str:
+        """Which implementation the op uses on `device`: "cpp", "cuda" or "torch" (the fallback)."""
+        device_type = torch.device(device).type
+        name = _BACKEND_NAMES.get(device_type)
+        return name if name is not None and self.has_kernel(_DISPATCH_KEYS[device_type]) else "torch"
+
     def warn_fallback_once(self, device_type: str) -> None:
         """Warns, once per device type, at the caller of the op's Python face."""
         if device_type in self.warned:
@@ -105,4 +139,3 @@ class CompiledOp:
         name = self.qualified_name.replace("::", ".")
         warnings.warn(f"{name} is using the plain-PyTorch fallback on {device_type} ({self.fallback_cost}): {why}",
                       RuntimeWarning, stacklevel=3)
-

@@ -1,5 +1,6 @@
-"""attention_stats: per query, the softmax(q k^T) row summarised as 8 numbers, in one online pass
-over key blocks, so that attention is visible at any context length without a [T, T] matrix.
+"""attention_stats: per query, the softmax(q k^T) row summarised as the statistics of
+ATTENTION_STATS_TABLE (entropy, max weight, argmax, ...), in one online pass over key blocks, so
+that attention is visible at any context length without a [T, T] matrix.
 
 The op is declared in csrc/ops.cpp and implemented per backend (csrc/cpu/attention_stats_*,
 csrc/cuda/attention_stats_*); this module is its typed Python face, its fake implementation for
@@ -14,41 +15,24 @@ import math
 import torch
 
 from recon_fast.kernels import _library
+from recon_fast.kernels.stats_tables import ATTENTION_STATS_TABLE
 
-# The channels of attention_stats' last dimension, in order (csrc/attention_stats_problem.h).
-ATTENTION_STATS: tuple[str, ...] = (
-    "entropy",        # -sum p log p, in nats
-    "max_weight",     # max p
-    "argmax",         # key index of the max p (the first at ties), as a float
-    "sink_mass",      # sum of p over the first sink_tokens keys
-    "mean_distance",  # sum p_j (i' - j): how far back the query looks, in tokens
-    "self_weight",    # p at j = i'
-    "prev_weight",    # p at j = i' - 1
-    "lse",            # log sum exp of the scores
-)
-NUM_ATTENTION_STATS = len(ATTENTION_STATS)
+# The channels of attention_stats' last dimension, in order: the table's names.
+ATTENTION_STATS: tuple[str, ...] = ATTENTION_STATS_TABLE.names
+NUM_ATTENTION_STATS = len(ATTENTION_STATS_TABLE)
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _OP = "recon_fast::attention_stats"
 
-_library.load()
-
 _COMPILED = _library.CompiledOp(_OP, "blocked matmuls, several times slower")
-_op_registered = _COMPILED.has_kernel
-
-
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def backend(device: torch.device | str = "cpu") -> str:
     """Which implementation attention_stats uses on `device`: "cpp", "cuda" or "torch" (fallback)."""
-    device = torch.device(device)
-    key = _DISPATCH_KEYS.get(device.type)
-    if key is not None and _op_registered(key):
-        return "cpp" if device.type == "cpu" else "cuda"
-    return "torch"
+    return _COMPILED.backend(device)
 
 
+@ATTENTION_STATS_TABLE.documented
 def attention_stats(
     q: torch.Tensor,  # [B, H, Tq, D]
     k: torch.Tensor,  # [B, Hkv, Tk, D], H a multiple of Hkv
@@ -60,7 +44,7 @@ def attention_stats(
     key_padding_mask: torch.Tensor | None = None,  # bool [B, Tk], True = keep
     mask: torch.Tensor | None = None,  # bool (True = keep) or additive [B|1, H|1, Tq, Tk]
     sink_tokens: int = 4,
-) -> torch.Tensor:  # float32 [B, H, Tq, 8]
+) -> torch.Tensor:  # float32 [B, H, Tq, NUM_ATTENTION_STATS]
     """Statistics of every query's attention distribution softmax(q k^T * scaling), per head.
 
     q, k: float32/float64/float16/bfloat16 on the same device; any strides (a strided head_dim is
@@ -77,18 +61,18 @@ def attention_stats(
     mask: a general mask, the slow path: bool (True = keep) or floating (added to the scores).
     sink_tokens: how many leading keys count as attention sinks for `sink_mass`.
 
-    Returns float32 [B, H, Tq, 8], channels named by ATTENTION_STATS. Rows that see no key are
-    NaN in every channel. Accumulates in float32; runs on the current CUDA stream without
-    synchronising. On CUDA, 16-bit q and k without soft-cap or general mask take the linear-case
-    kernel (csrc/cuda/attention_stats_mma_kernel.cu); RECON_FAST_ATTENTION_KERNEL=fma (default),
-    mma or score chooses it, read once per process.
+    Returns float32 [B, H, Tq, NUM_ATTENTION_STATS], its channels (`ATTENTION_STATS` names them):
+        {channels}
+    Rows that see no key are NaN in every channel. Accumulates in float32; runs on the current
+    CUDA stream without synchronising. On CUDA, 16-bit q and k without soft-cap or general mask
+    take the linear-case kernel (csrc/cuda/attention_stats_mma_kernel.cu);
+    RECON_FAST_ATTENTION_KERNEL=fma (default), mma or score chooses it, read once per process.
     """
     if scaling is None:
         if q.dim() < 1 or q.shape[-1] == 0:
             _check_args(q, k, 1.0, causal, window, softcap, key_padding_mask, mask, sink_tokens)
         scaling = 1.0 / math.sqrt(q.shape[-1])
-    key = _DISPATCH_KEYS.get(q.device.type) or q.device.type.upper()
-    if _op_registered(key):
+    if _COMPILED.serves(q.device.type):
         return torch.ops.recon_fast.attention_stats(
             q, k, float(scaling), bool(causal), window, softcap, key_padding_mask, mask,
             int(sink_tokens),
@@ -192,7 +176,7 @@ def attention_stats_ref(
     sink_tokens: int = 4,
     key_block: int = 512,
     float64: bool = False,
-) -> torch.Tensor:  # [B, H, Tq, 8]
+) -> torch.Tensor:  # [B, H, Tq, NUM_ATTENTION_STATS]
     """Plain-PyTorch attention_stats: the fallback, and the benchmarks' blocked baseline.
 
     The same online softmax as the kernels, over blocks of `key_block` keys with batched matmuls,
@@ -245,9 +229,9 @@ def attention_stats_ref(
         m = m_new
 
     log_l = torch.log(l)
-    stats = torch.stack(
-        (log_l - t / l, 1 / l, argmax.to(acc), sink / l, u / l, self_w / l, prev_w / l, m + log_l),
-        dim=-1,
-    )
+    stats = ATTENTION_STATS_TABLE.stack({
+        "entropy": log_l - t / l, "max_weight": 1 / l, "argmax": argmax.to(acc), "sink_mass": sink / l,
+        "mean_distance": u / l, "self_weight": self_w / l, "prev_weight": prev_w / l, "lse": m + log_l,
+    }, by="attention_stats_ref")
     stats = torch.where((l > 0)[..., None], stats, torch.full_like(stats, math.nan))
     return stats if float64 else stats.to(torch.float32)

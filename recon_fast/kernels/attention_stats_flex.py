@@ -30,6 +30,8 @@ import math
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
+from recon_fast.kernels.stats_tables import ATTENTION_STATS_TABLE
+
 # Pass 2 scores its candidates -30 j: the second candidate gets e^-30 of the first's weight.
 _INDEX_SLOPE = 30.0
 # Candidates for the argmax: scores within this (relative, nats) of the row max, wide enough for
@@ -126,7 +128,7 @@ def attention_stats_flex(
     key_padding_mask: torch.Tensor | None = None,  # bool [B, Tk], True = keep
     sink_tokens: int = 4,
     precision: str = "float32",
-) -> torch.Tensor:  # float32 [B, H, Tq, 8], channels as ATTENTION_STATS
+) -> torch.Tensor:  # float32 [B, H, Tq, NUM_ATTENTION_STATS], channels as ATTENTION_STATS
     """attention_stats (same conventions and channels) by FlexAttention; see the module doc.
     Synchronises once when some row's argmax candidates came out empty (then widens them)."""
     if precision not in ("float32", "input"):
@@ -174,16 +176,16 @@ def attention_stats_flex(
     # Self and previous weights: one score each per query.
     self_w, prev_w = (_weight_at(qc, kc, scaling, lse, shift, window, keep) for shift in (0, 1))
 
-    stats = torch.stack((
-        lse - e_s,
-        torch.exp(row_max - lse),
-        argmax,
-        out[..., dim + 2] / ones,
-        pos - out[..., dim] / ones,
-        self_w,
-        prev_w,
-        lse,
-    ), dim=-1)
+    stats = ATTENTION_STATS_TABLE.stack({
+        "entropy": lse - e_s,
+        "max_weight": torch.exp(row_max - lse),
+        "argmax": argmax,
+        "sink_mass": out[..., dim + 2] / ones,
+        "mean_distance": pos - out[..., dim] / ones,
+        "self_weight": self_w,
+        "prev_weight": prev_w,
+        "lse": lse,
+    }, by="attention_stats_flex")
     sees_nothing = ~torch.isfinite(lse)
     return stats.masked_fill(sees_nothing[..., None], math.nan)
 

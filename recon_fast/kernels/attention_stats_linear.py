@@ -28,6 +28,7 @@ import math
 import torch
 
 from recon_fast.kernels.attention_stats import visible_keys
+from recon_fast.kernels.stats_tables import ATTENTION_STATS_TABLE
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -48,7 +49,8 @@ def _split16(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def attention_stats_linear(q, k, *, scaling=None, causal=True, window=None, key_padding_mask=None,
                            sink_tokens=4, key_block=64):
-    """float32 [B, H, Tq, 8] (channels as ATTENTION_STATS) by the linear formulation above."""
+    """float32 [B, H, Tq, NUM_ATTENTION_STATS] (channels as ATTENTION_STATS) by the linear
+    formulation above."""
     batch, heads, q_len, dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -92,7 +94,8 @@ def attention_stats_linear(q, k, *, scaling=None, causal=True, window=None, key_
     dot = (q.float() * pk).sum(-1) * scale2  # sum w~ s2, then centred on m
     centred = (dot - m * pone) / pone
     log2_l = torch.log2(l)
-    stats = torch.stack((
-        _LN2 * (log2_l - centred), 1 / l, argmax.float(), sink / l, (u_far - pcol) / l,
-        self_w / l, prev_w / l, _LN2 * (m + log2_l)), dim=-1)
+    stats = ATTENTION_STATS_TABLE.stack({
+        "entropy": _LN2 * (log2_l - centred), "max_weight": 1 / l, "argmax": argmax.float(), "sink_mass": sink / l,
+        "mean_distance": (u_far - pcol) / l, "self_weight": self_w / l, "prev_weight": prev_w / l,
+        "lse": _LN2 * (m + log2_l)}, by="attention_stats_linear")
     return torch.where((l > 0)[..., None], stats, torch.full_like(stats, math.nan))

@@ -3,8 +3,8 @@
 bit-identical, and no [T, T] mask is built where the model would build none), and every attention
 call hands (query, key) as it received them (post-RoPE, KV cache included, heads not repeated) and
 its mask, read as key padding [B, Tk] + causal + window, to the attention_stats op. Its buffers:
-one float32 [B, H, Tq, 8] tensor per attention call, on the device; its part of the cube:
-[layers, batch, heads, tokens, 8].
+one float32 [B, H, Tq, NUM_ATTENTION_STATS] tensor per attention call, on the device; its part of
+the cube: [layers, batch, heads, tokens, NUM_ATTENTION_STATS].
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from recon_fast.cube import export
-from recon_fast.kernels.attention_stats import ATTENTION_STATS, attention_stats
+from recon_fast.kernels.attention_stats import ATTENTION_STATS, NUM_ATTENTION_STATS, attention_stats
 from recon_fast.trace.attention_intercept import key_mask, switched_attention
 from recon_fast.trace.model_state import model_state_kept
 from recon_fast.trace.session import Capture, Layout, Session, TracerSettings
@@ -31,7 +31,7 @@ _ARGMAX = ATTENTION_STATS.index("argmax")
 @dataclass
 class AttentionCall:
     name: str  # the attention module, e.g. model.layers.3.self_attn
-    stats: torch.Tensor  # float32 [B, H, Tq, 8] on the device
+    stats: torch.Tensor  # float32 [B, H, Tq, NUM_ATTENTION_STATS] on the device
 
 
 def check_model(model: nn.Module) -> None:
@@ -77,7 +77,7 @@ class AttentionStatsCapture(Capture):
         self.calls.append(AttentionCall(name, stats))
 
     # ---- its part of the cube ---------------------------------------------------------------------
-    streams = True  # [layers, batch, heads, tokens, 8]: written layer by layer when streaming
+    streams = True  # [layers, batch, heads, tokens, NUM_ATTENTION_STATS]: streamed layer by layer
 
     def cube_part(self, layout: Layout) -> dict:
         names, data = self.data(layout.mode, layout.token_length, layout.padding)
@@ -95,15 +95,15 @@ class AttentionStatsCapture(Capture):
         return list(dict.fromkeys(c.name for c in self.calls))
 
     def layers(self, mode: str, length: int, padding: np.ndarray | None):
-        """(name, float32 [batch, heads, length, 8]) per attention layer, one at a time off the
-        device: in forward mode a call per layer, under generate() a module's calls in order
-        along the token axis. Padded queries and positions no call covered are NaN."""
+        """(name, float32 [batch, heads, length, NUM_ATTENTION_STATS]) per attention layer, one at
+        a time off the device: in forward mode a call per layer, under generate() a module's calls
+        in order along the token axis. Padded queries and positions no call covered are NaN."""
         groups: dict = {}
         for i, call in enumerate(self.calls):
             groups.setdefault(i if mode == "forward" else call.name, []).append(call)
         for calls in groups.values():
             batch, heads = calls[0].stats.shape[:2]
-            out = np.full((batch, heads, length, len(ATTENTION_STATS)), np.nan, np.float32)
+            out = np.full((batch, heads, length, NUM_ATTENTION_STATS), np.nan, np.float32)
             start = 0
             for call in calls:
                 n = min(call.stats.shape[2], length - start)
@@ -115,14 +115,14 @@ class AttentionStatsCapture(Capture):
             yield calls[0].name, out
 
     def data(self, mode: str, length: int, padding: np.ndarray | None) -> tuple[list[str], np.ndarray | None]:
-        """All layers at once: names and [layers, batch, heads, length, 8] (heads NaN-padded to
-        the widest layer)."""
+        """All layers at once: names and [layers, batch, heads, length, NUM_ATTENTION_STATS]
+        (heads NaN-padded to the widest layer)."""
         layers = list(self.layers(mode, length, padding))
         if not layers:
             return [], None
         heads = max(a.shape[1] for _, a in layers)
         batch = layers[0][1].shape[0]
-        data = np.full((len(layers), batch, heads, length, len(ATTENTION_STATS)), np.nan, np.float32)
+        data = np.full((len(layers), batch, heads, length, NUM_ATTENTION_STATS), np.nan, np.float32)
         for i, (_, array) in enumerate(layers):
             data[i, :, : array.shape[1]] = array
         return [name for name, _ in layers], data

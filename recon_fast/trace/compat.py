@@ -26,13 +26,16 @@ import torch
 
 from recon_fast.cube import export
 from recon_fast.cube.provenance import model_provenance
-from recon_fast.kernels.ops import token_stats
+from recon_fast.kernels.token_stats import STATS, token_stats
 from recon_fast.trace import presets
 from recon_fast.trace.model_state import ModelState, returns_attentions
 from recon_fast.trace.model_inputs import forward_takes
 from recon_fast.trace.session import extract_tensor
 
-_DEFAULT_KEYS = ("energy", "mean_activation", "std_activation")  # token_stats channels 0, 1, 2
+# The original's three metrics: their token_stats channels and their keys in core_metrics.
+_ORIGINAL_METRICS = ("energy", "mean", "std")
+_DEFAULT_COLUMNS = [STATS.index(m) for m in _ORIGINAL_METRICS]
+_DEFAULT_KEYS = tuple(export.METRIC_KEYS[m] for m in _ORIGINAL_METRICS)
 
 
 class ReconTracer:
@@ -91,7 +94,7 @@ class ReconTracer:
                 return
             # The original reduces tensor[0, i, :] (all trailing dims) for every token i.
             rows = hidden[0].reshape(hidden.shape[1], -1)
-            self._pending.append((layer_name, token_stats(rows)[:, :3], raw))
+            self._pending.append((layer_name, token_stats(rows)[:, _DEFAULT_COLUMNS], raw))
 
         return fn
 

@@ -1,9 +1,9 @@
 """Tracing a compiled model (`model.compile()` or `torch.compile(model)`): the object every hook
 of a Tracer records into (HookSink), and its compiled run (HookSink.run). Dynamo inlines the hooks
 into the graph once; nothing a hook touches may change from run to run, or every run would
-recompile. So the sink is made once per Tracer and reused: one float32 [capacity, 5] buffer (a
-static address, so that mode="reduce-overhead" captures it in its CUDA graph), a row counter reset
-before each run, and lists of what was recorded that dynamo replays after the graph (its side
+recompile. So the sink is made once per Tracer and reused: one float32 [capacity, NUM_STATS]
+buffer (a static address, so that mode="reduce-overhead" captures it in its CUDA graph), a row
+counter reset before each run, and lists of what was recorded that dynamo replays after the graph (its side
 effects). In eager, the hooks call the session's recorder (stats_capture.session_recorder).
 
 Dynamo does not guard on hooks (pytorch issue 117758): a graph compiled before a hook was added
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from recon_fast.kernels.ops import NUM_STATS, token_stats
+from recon_fast.kernels.token_stats import NUM_STATS, token_stats
 from recon_fast.trace.model_inputs import model_device
 from recon_fast.trace.session import Call, Session, extract_tensor
 from recon_fast.trace.stats_arena import ArenaSlot, _rows_op_for
@@ -47,7 +47,7 @@ class HookSink:
         self.record: Callable[[str, object], None] | None = None  # eager: set while a run records
         self.active = False  # compiled: a run records (guarded on: one graph each way)
         self.token_ids = True
-        self.buffer: torch.Tensor | None = None  # compiled: float32 [capacity, 5], reused
+        self.buffer: torch.Tensor | None = None  # compiled: float32 [capacity, NUM_STATS], reused
         self.rows_op = None
         self.fill = 0  # rows the run has asked for (more than the capacity: grow and run again)
         self.calls: list[tuple] = []  # (name, lead shape, row0, rows, feature shape)
@@ -131,7 +131,7 @@ class HookSink:
         """The run's records as an eager session's: the used rows copied into the session's arena
         (the next run reuses the buffer), and its hook calls as the session's log (CompiledLog)."""
         device = self.buffer.device
-        first, rows = session.arena.take(device, (self.fill,))  # rows: [fill, 5]
+        first, rows = session.arena.take(device, (self.fill,))  # rows: [fill, NUM_STATS]
         rows.copy_(self.buffer[: self.fill])
         session.skipped.extend(self.skipped)
         session.log = CompiledLog(list(self.calls), device, first.chunk, first.row0)

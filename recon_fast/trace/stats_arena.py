@@ -1,7 +1,7 @@
 """Device buffers that the tracer's hooks write token statistics into.
 
-Each hook call takes the next rows of a float32 [rows, 5] chunk on the device where its activation
-lives and hands that slice to token_stats as `out`. Nothing in a hook copies to the host or
+Each hook call takes the next rows of a float32 [rows, NUM_STATS] chunk on the device where its
+activation lives and hands that slice to token_stats as `out`. Nothing in a hook copies to the host or
 synchronises. On a CUDA device chunks have a fixed size: a full chunk is copied to pinned host
 memory on a side stream, behind the kernels that wrote it, and its device memory goes back to
 the allocator once that copy is done, so a long-context run holds O(chunk) statistics on the
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from recon_fast.kernels import ops
-from recon_fast.kernels.ops import NUM_STATS, token_stats
+from recon_fast.kernels import token_stats as token_stats_op
+from recon_fast.kernels.token_stats import NUM_STATS, token_stats
 
 
 def _rows_op_for(device_type: str):
     """recon_fast::token_stats_rows where the compiled token_stats serves this device, else None
     (the Python slice + token_stats, which also covers the plain-PyTorch fallback)."""
-    if ops.backend(device_type) == "torch":
+    if token_stats_op.backend(device_type) == "torch":
         return None
     return torch.ops.recon_fast.token_stats_rows.default
 
@@ -39,8 +39,8 @@ def _rows_op_for(device_type: str):
 def _eager_rows_op(device_type: str, overload):
     """The eager write: the direct launcher (a pybind11 call, no dispatcher) where the kernels
     offer one for this device, else the op's C++ function."""
-    if overload is not None and ops.direct_available(device_type):
-        return ops.token_stats_rows_into
+    if overload is not None and token_stats_op.direct_available(device_type):
+        return token_stats_op.token_stats_rows_into
     return _direct(overload)
 
 
@@ -48,9 +48,11 @@ def _grouped_op(device_type: str):
     """The eager grouped write where the kernels have one for this device: the direct launcher,
     else token_stats_rows_grouped (the op); None without compiled kernels (then a group is
     written one activation at a time)."""
-    if ops.backend(device_type) == "torch":
+    if token_stats_op.backend(device_type) == "torch":
         return None
-    return ops.token_stats_rows_grouped_into if ops.direct_available(device_type) else ops.token_stats_rows_grouped
+    if token_stats_op.direct_available(device_type):
+        return token_stats_op.token_stats_rows_grouped_into
+    return token_stats_op.token_stats_rows_grouped
 
 
 def _direct(overload):
@@ -96,8 +98,8 @@ class ArenaSlot:
 class _DeviceChunks:
     """One device's chunks: `device[i]` while chunk i may still be written, `host[i]` once it
     was sent (pinned, filled by the side stream by the time `done` has been waited on). The
-    chunk being written is also held as `last` ([capacity, 5]); with none, capacity is -1 so that
-    even a write of no rows takes a chunk."""
+    chunk being written is also held as `last` ([capacity, NUM_STATS]); with none, capacity is
+    -1 so that even a write of no rows takes a chunk."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -112,8 +114,9 @@ class _DeviceChunks:
         self.rows_op = _eager_rows_op(device.type, self.rows_op_traced)
         self.grouped_op = _grouped_op(device.type) if self.rows_op_traced is not None else None
         # The hooks' C++ Recorder may write these rows: it calls the direct launchers themselves.
-        self.lendable = (ops.TokenStatsRecorder is not None and self.rows_op is ops.token_stats_rows_into
-                         and self.grouped_op is ops.token_stats_rows_grouped_into)
+        self.lendable = (token_stats_op.TokenStatsRecorder is not None
+                         and self.rows_op is token_stats_op.token_stats_rows_into
+                         and self.grouped_op is token_stats_op.token_stats_rows_grouped_into)
         # The group being gathered: (activation, its first row in `last`, its _version, its module)
         # per hook call, in one tuple so that a hook makes one append.
         self.pending: list[tuple[torch.Tensor, int, int, str]] = []
@@ -242,7 +245,7 @@ class StatsArena:
         raise InPlaceEdit(list(dict.fromkeys(names)))
 
     def take(self, device: torch.device, lead_shape: torch.Size) -> tuple[ArenaSlot, torch.Tensor]:
-        """A slot for an activation with leading dims `lead_shape`, and its [*lead, 5] view."""
+        """A slot for an activation with leading dims `lead_shape`, and its [*lead, NUM_STATS] view."""
         rows = 1
         for size in lead_shape:
             rows *= size
@@ -319,7 +322,7 @@ class StatsArena:
         return [c.shape[0] for c in chunks.chunks[:-1]] + [chunks.fill]
 
     def read(self, slot: ArenaSlot) -> torch.Tensor:
-        """One slot's rows on the host ([rows, 5]); for streaming, a layer at a time."""
+        """One slot's rows on the host ([rows, NUM_STATS]); for streaming, a layer at a time."""
         self._take_back()
         chunks = self._devices[slot.device]
         if chunks.pending:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from recon_fast.cube import export
-from recon_fast.kernels import ops
-from recon_fast.kernels.ops import STATS
+from recon_fast.kernels import token_stats as token_stats_op
+from recon_fast.kernels.token_stats import STATS
 from recon_fast.trace.session import Call, Capture, Layer, Layout, Session, TracerSettings, extract_tensor
 from recon_fast.trace.stats_arena import StatsArena
 
@@ -37,9 +37,10 @@ def session_recorder(session: Session, *, grouped: bool, group_ends: frozenset[s
     when made, and the Tracer sets a new one on it: Tracer.on_hook). With slice_of every call
     takes the general path, which keeps the slices.
 
-    With the compiled library, the recorder is a recon_fast._C.Recorder (ops.TokenStatsRecorder,
-    also the session's `log`): the usual outputs are recorded in C++ as fast_recorder records them,
-    and everything else is handed to fast_recorder. It must be closed after the pass (close())."""
+    With the compiled library, the recorder is a recon_fast._C.Recorder
+    (kernels.token_stats.TokenStatsRecorder, also the session's `log`): the usual outputs are
+    recorded in C++ as fast_recorder records them, and everything else is handed to fast_recorder.
+    It must be closed after the pass (close())."""
 
     def general(session: Session, name: str, output) -> None:
         record_call(session, name, output, grouped=grouped, group_ends=group_ends, eager=eager, slice_of=slice_of,
@@ -48,9 +49,9 @@ def session_recorder(session: Session, *, grouped: bool, group_ends: frozenset[s
     if slice_of is not None:
         return lambda name, output: general(session, name, output)
     record = fast_recorder(session, general, grouped=grouped, group_ends=group_ends, eager=eager, on_hook=on_hook)
-    if ops.TokenStatsRecorder is None:
+    if token_stats_op.TokenStatsRecorder is None:
         return record
-    log = ops.TokenStatsRecorder(session.arena, record, group_ends, eager, grouped)
+    log = token_stats_op.TokenStatsRecorder(session.arena, record, group_ends, eager, grouped)
     log.on_hook, log.axis, log.step = on_hook(), session.axis, len(session.steps) - 1
     session.log = log
     return log.__call__  # bound once: calling the object itself looks __call__ up at every call

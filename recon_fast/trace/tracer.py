@@ -42,8 +42,8 @@ from recon_fast.atomic_files import check_writable
 from recon_fast.cube import export
 from recon_fast.cube.cube import ActivityCube
 from recon_fast.cube.provenance import ModelProvenance
-from recon_fast.kernels import ops
-from recon_fast.kernels.ops import STATS
+from recon_fast.kernels import token_stats as token_stats_op
+from recon_fast.kernels.token_stats import STATS
 from recon_fast.trace import attention_capture, compiled_capture, presets
 from recon_fast.trace.attention_capture import full_attention_kind
 from recon_fast.trace.attention_stats_capture import attention_stats_kind, check_model
@@ -73,12 +73,12 @@ class Tracer:
         tracer.run("some text")               # or token ids, a BatchEncoding, or any forward's tensors
     tracer.cube.metric("energy")              # [layers, batch, tokens]
 
-    metrics:   which of STATS the cube keeps (all five by default).
-    attention: None; "stats": per attention layer, head and query the 8 statistics of
-               recon_fast.kernels.attention_stats (entropy, max weight, argmax, sink mass, mean
-               distance, self and previous-token weight, lse) under the model's own attention
-               implementation, at any length (cube.attention_stat(name)); or "full": every
-               attention probability, which needs eager attention and [B, H, T, T] per layer.
+    metrics:   which of STATS (token_stats' statistics) the cube keeps (all by default).
+    attention: None; "stats": per attention layer, head and query the statistics of
+               ATTENTION_STATS (recon_fast.kernels.attention_stats: entropy, max weight,
+               argmax, ...) under the model's own attention implementation, at any length
+               (cube.attention_stat(name)); or "full": every attention probability, which needs
+               eager attention and [B, H, T, T] per layer.
                With "stats", no hooks are needed (a cube of attention only).
     raw:       RawSlices to keep raw activation slices, written to a sidecar file on export.
     stream_to: a path (.json, .json.gz or .npz); the cube is streamed there layer by layer instead
@@ -364,7 +364,7 @@ class Tracer:
             "mode": mode,
             "dtype": self._model_dtype(),
             "device": str(device),
-            "backend": ops.backend(device),
+            "backend": token_stats_op.backend(device),
             "seconds": round(seconds, 6),
             "hooks": len(self.hooks),
             "recon_fast_version": __version__,
