@@ -118,3 +118,34 @@ def test_t5_decoder_layers_are_on_a_token_axis_of_their_own(tmp_path):
         np.testing.assert_array_equal(back.data, cube.data)
         assert back.decoder_tokens == cube.decoder_tokens
         assert [back.token_axis(i) for i in range(back.num_layers)] == axes
+
+
+def test_the_forward_signature_is_remembered_per_function_and_follows_a_replaced_forward():
+    """prepare_call passes token ids by name when forward's first parameter is input_ids, else
+    positionally. The name is read once per forward function (inspect.signature on every run was
+    ~90 us of host time); a forward set on one instance, as accelerate's hooks do, is its own."""
+    import functools
+
+    from torch import nn
+
+    from recon_fast.trace.model_inputs import prepare_call
+
+    class ById(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(VOCAB, 4)
+
+        def forward(self, input_ids):
+            return self.embedding(input_ids)
+
+    first, second = ById(), ById()
+    ids = torch.tensor([[1, 2, 3]])
+    for model in (first, second, first):
+        call = prepare_call(model, None, (ids,), {})
+        assert call.args == () and torch.equal(call.kwargs["input_ids"], ids)
+    second.forward = functools.partial(lambda tokens, module: module.embedding(tokens), module=second)
+    call = prepare_call(second, None, (ids,), {})
+    assert "input_ids" not in call.kwargs and torch.equal(call.args[0], ids)
+    assert torch.equal(Tracer(second, layers=["embedding"]).run(ids), second.embedding(ids))
+    call = prepare_call(first, None, (ids,), {})  # the class's forward keeps its own answer
+    assert call.args == () and torch.equal(call.kwargs["input_ids"], ids)

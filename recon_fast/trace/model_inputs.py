@@ -5,6 +5,7 @@ vocabulary before the forward: shared by the Tracer and the attribution tools.""
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ def check_token_ids(model: nn.Module, ids: torch.Tensor, name: str = "input_ids"
     bare "index out of range in self" from deep inside it)."""
     if ids.numel() == 0:
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = (bound.item() for bound in torch.aminmax(ids))
     if low < 0:
         raise ValueError(f"{name} holds a negative token id ({low})")
     vocab = vocabulary_size(model)
@@ -83,8 +84,28 @@ def _is_mapping(value) -> bool:
     return isinstance(value, dict) or isinstance(getattr(value, "data", None), dict)
 
 
+# forward's function -> its first positional parameter's name. inspect.signature costs ~25 us
+# (~90 us inside a traced run, caches cold), and the Tracer asks on every run.
+_FIRST_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _first_parameter(model: nn.Module) -> str | None:
-    params = [p for p in inspect.signature(model.forward).parameters.values()
+    forward = model.forward
+    # A bound method is made anew at each attribute access: its function is the key (an instance's
+    # own forward, as accelerate's hooks install, is its own key).
+    key = getattr(forward, "__func__", forward)
+    try:
+        return _FIRST_PARAMETERS[key]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable: asked every time
+        return _first_positional(forward)
+    name = _FIRST_PARAMETERS[key] = _first_positional(forward)
+    return name
+
+
+def _first_positional(forward) -> str | None:
+    params = [p for p in inspect.signature(forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return params[0].name if params else None
 
@@ -96,13 +117,15 @@ class ModelCall:
     ids:         [batch, tokens] token ids when the input is token ids, else None (then the token
                  axis of each activation is its second-to-last dim, and tokens are positions).
     decoder_ids: an encoder-decoder's [batch, decoder tokens] ids, when given.
-    batch:       the batch size (dim 0 of the first input tensor)."""
+    batch:       the batch size (dim 0 of the first input tensor).
+    device:      where the inputs went: the model's device (model_device), worked out once per call."""
 
     args: tuple
     kwargs: dict
     ids: torch.Tensor | None
     decoder_ids: torch.Tensor | None
     batch: int
+    device: torch.device
 
     def __call__(self, model: nn.Module):
         return model(*self.args, **self.kwargs)
@@ -157,7 +180,8 @@ def prepare_call(model: nn.Module, tokenizer, inputs: tuple, kwargs: dict, *, ca
     move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
     return ModelCall(args=tuple(move(v) for v in inputs), kwargs={k: move(v) for k, v in kwargs.items()},
                      ids=None if ids is None else ids.to(device),
-                     decoder_ids=None if decoder_ids is None else decoder_ids.to(device), batch=batch)
+                     decoder_ids=None if decoder_ids is None else decoder_ids.to(device), batch=batch,
+                     device=device)
 
 
 def _token_ids(model: nn.Module, ids, kwargs: dict, caller: str) -> torch.Tensor:

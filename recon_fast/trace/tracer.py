@@ -48,7 +48,7 @@ from recon_fast.trace import attention_capture, compiled_capture, presets
 from recon_fast.trace.attention_capture import full_attention_kind
 from recon_fast.trace.attention_stats_capture import attention_stats_kind, check_model
 from recon_fast.trace.layout import LayerCache, run_layout
-from recon_fast.trace.model_inputs import ModelCall, model_device, model_dtype, prepare_call
+from recon_fast.trace.model_inputs import ModelCall, model_dtype, prepare_call
 from recon_fast.trace.raw_capture import RawSlices, raw_slices_kind
 from recon_fast.trace.session import Capture, CaptureKind, Layout, Session, axis_hooks
 from recon_fast.trace.stats_arena import GROUP_BYTES, InPlaceEdit, StatsArena
@@ -290,9 +290,6 @@ class Tracer:
         return self.cube.export_json(path)
 
     # ---- internals --------------------------------------------------------------------------
-    def _model_device(self) -> torch.device:
-        return model_device(self.model)
-
     def _model_dtype(self) -> str | None:
         dtype = model_dtype(self.model)
         return str(dtype).removeprefix("torch.") if dtype is not None else None
@@ -356,7 +353,7 @@ class Tracer:
         layout = run_layout(session, call, mode, tokenizer=self.tokenizer, encoder_decoder=self._is_encoder_decoder(),
                             sequences=sequences, output=output, cache=self._layers)
         batch = call.batch
-        device = self._model_device()
+        device = call.device
         meta = {
             "model_name": type(self.model).__name__,
             "timestamp": datetime.now().isoformat(),
