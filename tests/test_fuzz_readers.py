@@ -163,7 +163,9 @@ def test_cube_round_trip_and_damage(tmp_path_factory, suffix, cube, seed):
 def test_profile_damage(tmp_path_factory, seed, layers, metrics):
     rng = np.random.default_rng(seed)
     profile = Profile([f"l{i}" for i in range(layers)], tuple(list(STATS)[:metrics]))
-    profile.add(rng.standard_normal((layers, 20, metrics)) * 100, documents=2)
+    # Two documents of 10 tokens, with positions: the bucketed format (position 0 apart) that
+    # trace-dataset writes today (a pooled profile would also warn on every load).
+    profile.add(rng.standard_normal((layers, 20, metrics)) * 100, documents=2, positions=np.tile(np.arange(10), 2))
     path = tmp_path_factory.mktemp("fuzz") / "profile.json"
     profile.save(path)
     want = Profile.load(path).to_dict()
