@@ -214,12 +214,9 @@ def _progress(out_dir: Path, ranks: distributed.Ranks, shown: bool, run_id: str,
     with tokens=..., else the rate alone)."""
     if not shown:
         return progress_bars.Silent()
-    bars = progress_bars.RankProgress(out_dir, ranks.rank, ranks.world_size, run_id,
-                                      total_windows if ranks.rank == 0 else None, ranks.rank == 0)
-    for rank, bar in enumerate(bars._bars or ()):  # RankProgress names its bars for trace-dataset
-        bar.unit = "window"
-        bar.set_description(f"cache-activations rank {rank}/{ranks.world_size}", refresh=False)
-    return bars
+    return progress_bars.RankProgress(out_dir, ranks.rank, ranks.world_size, run_id,
+                                      total_windows if ranks.rank == 0 else None, ranks.rank == 0,
+                                      command="cache-activations", unit="window")
 
 
 def _remove_temporaries(out_dir: Path, ranks: distributed.Ranks) -> None:

@@ -36,10 +36,12 @@ def enabled(progress: bool | None) -> bool:
 
 class RankProgress:
     """This rank's counts, written for rank 0; on rank 0 (draw=True) the bars of every rank.
-    A context manager: leaving it stops the drawing and removes the files."""
+    A context manager: leaving it stops the drawing and removes the files. `command` and `unit`
+    name the bars: trace-dataset counts documents, cache-activations windows (total_documents is
+    then the number of windows)."""
 
     def __init__(self, out_dir: Path, rank: int, world_size: int, run_id: str, total_documents: int | None,
-                 draw: bool):
+                 draw: bool, *, command: str = "trace-dataset", unit: str = "doc"):
         self.folder = Path(out_dir) / FOLDER
         self.run_id = run_id
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,7 @@ class RankProgress:
             from tqdm.auto import tqdm
 
             share = -(-total_documents // world_size) if total_documents is not None else None
-            self._bars = [tqdm(total=share, desc=f"trace-dataset rank {r}/{world_size}", unit="doc", position=r,
+            self._bars = [tqdm(total=share, desc=f"{command} rank {r}/{world_size}", unit=unit, position=r,
                                file=sys.stderr, dynamic_ncols=True, leave=True) for r in range(world_size)]
             self._thread = threading.Thread(target=self._redraw_loop, name="recon-fast progress", daemon=True)
             self._thread.start()
