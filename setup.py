@@ -12,7 +12,8 @@ from pathlib import Path
 
 from setuptools import setup
 
-ROOT = Path(__file__).parent
+# Resolved, as build_config.CSRC is: sources are made relative to it (a symlinked checkout).
+ROOT = Path(__file__).resolve().parent
 
 
 def _build_config():

@@ -29,10 +29,10 @@ loaded_from: str | None = None  # "extension", "jit" or None
 load_error: str | None = None
 module: ModuleType | None = None  # recon_fast._C, or the JIT build's recon_fast_C
 
-# The devices the library has kernels for: device type -> the dispatch key its kernels register
-# under and the name `backend()` gives that kernel.
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-_BACKEND_NAMES = {"cpu": "cpp", "cuda": "cuda"}
+# The devices the library has kernels for: device type -> (the dispatch key its kernels register
+# under, the name `backend()` gives that kernel). Any other device type (meta, mps ...) takes the
+# plain-PyTorch fallback.
+_KERNEL_DEVICES = {"cpu": ("CPU", "cpp"), "cuda": ("CUDA", "cuda")}
 
 
 def _jit_build() -> ModuleType:
@@ -107,7 +107,7 @@ class CompiledOp:
         self.fallback_cost = fallback_cost  # what the fallback costs, for the warning
         self.registered: dict[str, bool] = {}
         self.warned: set[str] = set()
-        for key in _DISPATCH_KEYS.values():
+        for key, _ in _KERNEL_DEVICES.values():
             self.has_kernel(key)
 
     def has_kernel(self, dispatch_key: str) -> bool:
@@ -122,13 +122,13 @@ class CompiledOp:
     def serves(self, device_type: str) -> bool:
         """Whether a compiled kernel serves tensors on `device_type` (else the fallback does).
         The op's hot path: two dictionary lookups once the key was asked."""
-        return self.has_kernel(_DISPATCH_KEYS.get(device_type) or device_type.upper())
+        known = _KERNEL_DEVICES.get(device_type)
+        return known is not None and self.has_kernel(known[0])
 
     def backend(self, device: torch.device | str = "cpu") -> str:
         """Which implementation the op uses on `device`: "cpp", "cuda" or "torch" (the fallback)."""
-        device_type = torch.device(device).type
-        name = _BACKEND_NAMES.get(device_type)
-        return name if name is not None and self.has_kernel(_DISPATCH_KEYS[device_type]) else "torch"
+        known = _KERNEL_DEVICES.get(torch.device(device).type)
+        return known[1] if known is not None and self.has_kernel(known[0]) else "torch"
 
     def warn_fallback_once(self, device_type: str) -> None:
         """Warns, once per device type, at the caller of the op's Python face."""

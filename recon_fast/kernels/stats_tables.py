@@ -5,8 +5,10 @@ core_metrics, the ops' docstrings, the references' channel order (`StatsTable.st
 
 csrc names the same channels, in index order, next to each op's count (kTokenStatNames in
 csrc/token_stats_problem.h, kAttentionStatNames in csrc/attention_stats_problem.h); the compiled
-library reports them (`channel_names()`, csrc/ops.cpp) and kernels/_library.py serves no op whose
-C++ channels differ from its table here (tests/test_stats_tables.py).
+library reports them (`channel_names()`, csrc/ops.cpp), and kernels/_library.py does not use a
+library whose channels differ from these tables in any op: every op, its direct launchers and the
+C++ recorder then take the plain-PyTorch fallback, whose one-time warning names both lists
+(tests/test_stats_tables.py). A library built before it reported its channels is used as it is.
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ class StatsTable:
                 function.__doc__ = doc.replace(line, self.doc_lines(indent))
                 return function
         raise ValueError(f"{function.__qualname__}'s docstring has no {CHANNELS_MARKER} line")
+
+
+def column_picker(columns: list[int]) -> slice | list[int]:
+    """An index for the channels `columns` of a statistics tensor's last dimension: a slice where
+    they are consecutive (basic indexing, a view; a list is a gather, and on CUDA a host-to-device
+    copy of the index, on every call), else the list."""
+    consecutive = bool(columns) and columns == list(range(columns[0], columns[0] + len(columns)))
+    return slice(columns[0], columns[0] + len(columns)) if consecutive else list(columns)
 
 
 TOKEN_STATS_TABLE = StatsTable("token_stats", (

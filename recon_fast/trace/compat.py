@@ -26,6 +26,7 @@ import torch
 
 from recon_fast.cube import export
 from recon_fast.cube.provenance import model_provenance
+from recon_fast.kernels.stats_tables import column_picker
 from recon_fast.kernels.token_stats import STATS, token_stats
 from recon_fast.trace import presets
 from recon_fast.trace.model_state import ModelState, returns_attentions
@@ -34,7 +35,7 @@ from recon_fast.trace.session import extract_tensor
 
 # The original's three metrics: their token_stats channels and their keys in core_metrics.
 _ORIGINAL_METRICS = ("energy", "mean", "std")
-_DEFAULT_COLUMNS = [STATS.index(m) for m in _ORIGINAL_METRICS]
+_DEFAULT_COLUMNS = column_picker([STATS.index(m) for m in _ORIGINAL_METRICS])  # taken at every hook
 _DEFAULT_KEYS = tuple(export.METRIC_KEYS[m] for m in _ORIGINAL_METRICS)
 
 

@@ -67,7 +67,7 @@ def check_token_ids(model: nn.Module, ids: torch.Tensor, name: str = "input_ids"
     bare "index out of range in self" from deep inside it)."""
     if ids.numel() == 0:
         return
-    low, high = (bound.item() for bound in torch.aminmax(ids))
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one sync where ids are on a GPU
     if low < 0:
         raise ValueError(f"{name} holds a negative token id ({low})")
     vocab = vocabulary_size(model)

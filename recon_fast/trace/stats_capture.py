@@ -17,6 +17,7 @@ from torch import nn
 
 from recon_fast.cube import export
 from recon_fast.kernels import token_stats as token_stats_op
+from recon_fast.kernels.stats_tables import column_picker
 from recon_fast.kernels.token_stats import STATS
 from recon_fast.trace.session import Call, Capture, Layer, Layout, Session, TracerSettings, extract_tensor
 from recon_fast.trace.stats_arena import StatsArena
@@ -169,8 +170,7 @@ class TokenStatsCapture:
         self.arena = arena
         self.metrics = metrics
         self.columns = [STATS.index(m) for m in metrics]
-        contiguous = self.columns == list(range(self.columns[0], self.columns[0] + len(self.columns)))
-        self.picked = slice(self.columns[0], self.columns[0] + len(self.columns)) if contiguous else self.columns
+        self.picked = column_picker(self.columns)
         self.nonfinite = NonFinite()
         self.batch = self.length = self.token_length = 0
         self.padding = None
