@@ -145,3 +145,51 @@ def test_reduce_overhead_cuda_graphs_trace_like_eager():
         tracer.run(ids)
         _assert_same_cube(tracer.cube, eager)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+class _EditsInPlace(torch.nn.Module):
+    """A block that scales its linear's output in place after the linear's hook has seen it."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        h = self.linear(x)
+        h.mul_(3.0)
+        return h + x
+
+
+class _Blocks(torch.nn.Module):
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_EditsInPlace(width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_an_output_edited_in_place_after_its_hook_is_written_as_the_hook_saw_it():
+    """Inside a graph each hook's output is written at its hook, before the edit. A grouped write
+    at the layer's end was tried (2026-12-05) and read the edited values: the graph keeps Python's
+    aliasing (the queued tensor is the edited one), and the graph has no version counter to check."""
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    x = torch.randn(2, 5, 16)
+    seen = {}
+    handles = [model.get_submodule(f"layers.{i}.linear").register_forward_hook(
+        lambda m, a, out, i=i: seen.__setitem__(i, out.detach().double().clone())) for i in range(3)]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    model.compile()
+    with Tracer(model, layers=[f"layers.{i}.linear" for i in range(3)]) as tracer:
+        tracer.run(x)
+        tracer.run(x)
+    for i in range(3):
+        want = seen[i]
+        np.testing.assert_allclose(tracer.cube.metric("energy")[i], want.norm(dim=-1).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(tracer.cube.metric("mean")[i], want.mean(dim=-1).numpy(), rtol=1e-5, atol=1e-6)

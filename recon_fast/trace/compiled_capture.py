@@ -70,6 +70,10 @@ class HookSink:
         self.fill = row0 + rows
         if row0 + rows > self.buffer.shape[0]:
             return  # the tracer grows the buffer and runs again
+        # Written here, one op per hook. Queuing the outputs for one grouped op per decoder layer
+        # (365 op calls -> 31 on the proxy) was tried: it read outputs edited in place after their
+        # hook (the graph keeps Python's aliasing and has no version counter to check; see
+        # tests/test_compiled_tracing.py), for 0.96x the time on the proxy and 1.03x on a 4-layer model.
         if self.rows_op is not None:  # the registered op, on the current stream
             self.rows_op(x, self.buffer, row0)
         else:
