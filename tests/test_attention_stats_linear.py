@@ -79,14 +79,12 @@ def emulated_kernels(tmp_path_factory):
     stubs.mkdir()
     for header in ("cuda_runtime.h", "cuda_bf16.h", "cuda_fp16.h"):
         (stubs / header).write_text('#include "attention_stats_mma_emulation.h"\n')
-    # The per-score kernel, untouched but for three lines: its shared memory, its mma's
-    # pre-sm_80 branch and its launch go to the emulation.
+    # The per-score kernel, untouched but for two lines: its shared memory and its launch go to
+    # the emulation (its mma does through warp_primitives.cuh, which both kernels share).
     source = (CUDA_DIR / "attention_stats_kernel.cu").read_text()
     for old, new in [
         ("extern __shared__ __align__(16) unsigned char smem_raw[];",
          "unsigned char* smem_raw = emu::dynamic_smem();"),
-        ("__trap();  // the host refuses devices below compute capability 8.0",
-         "emu::mma_16816<T>(d, a, b0, b1);"),
         ("kernel<<<grid, kThreads, smem, stream>>>(p, vec_ok);",
          "emu::launch(kernel, grid, kThreads, smem, p, vec_ok);"),
     ]:

@@ -27,6 +27,7 @@
 
 #include "attention_stats_launch.h"
 #include "element_type.h"
+#include "warp_primitives.cuh"
 
 namespace recon_fast::cuda {
 namespace {
@@ -65,29 +66,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { 
 template <typename S, int kDPad>
 __host__ __device__ constexpr int smem_ld() { return kDPad + 16 / static_cast<int>(sizeof(S)); }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-#else
-  *static_cast<int4*>(dst) = *static_cast<const int4*>(src);
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-#endif
-}
-
 // Copies rows [row0, row0 + kRows) of a [len, dim] matrix (row stride `stride` elements, last dim
 // contiguous) into shared memory as S, zero beyond len and beyond dim up to kDPad. The 16-byte
 // cp.async path needs dim and the stride in whole 16-byte chunks and an aligned base; anything
@@ -120,29 +98,6 @@ __device__ __forceinline__ void load_rows(S* dst, const T* src, int64_t stride, 
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#else
-  (void)d; (void)a; (void)b0; (void)b1;
-  __trap();  // the host refuses devices below compute capability 8.0
-#endif
-}
-
 // The online state of one query row, per lane (the quad's lanes hold disjoint keys).
 struct RowState {
   float m;               // running max of s2 (shared by the quad)
@@ -150,19 +105,6 @@ struct RowState {
   int argmax;            // first key holding m (shared by the quad)
   float s_self, s_prev;  // s2 at j = i' and j = i' - 1, where this lane saw them
 };
-
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ int quad_min(int v) {
-  v = min(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return min(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
 
 template <typename T, int kDPad>
 __global__ void __launch_bounds__(kThreads)
