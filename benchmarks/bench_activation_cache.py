@@ -38,7 +38,7 @@ import pytest
 import torch
 
 import resident_memory
-from bench_dataset import tiny_documents, tiny_llama_and_tokenizer, word_documents
+from bench_dataset import record_pairs, tiny_documents, tiny_llama_and_tokenizer, word_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 SAELENS_PYTHON = Path(os.environ.get("RECON_FAST_SAELENS_PYTHON", ROOT / ".venv-saelens" / "bin" / "python"))
@@ -96,13 +96,8 @@ def interleaved(benchmark, record_measure, group, model, tokenizer, documents, s
 
     benchmark.group = group
     benchmark.pedantic(pair, rounds=rounds, iterations=1, warmup_rounds=1)
-    record_measure(group, "plain forward (median)", statistics.median(plain_rates), "tok/s", baseline=True)
-    record_measure(group, "cache_activations (median)", statistics.median(cached_rates), "tok/s")
-    ratio_group = f"{group}: cache_activations tok/s / plain tok/s, per pair"
-    record_measure(ratio_group, f"median pair ({len(windows)} windows, {tokens} tokens)", statistics.median(ratios),
-                   "x")
-    record_measure(ratio_group, "lowest pair", min(ratios), "x")
-    record_measure(ratio_group, "highest pair", max(ratios), "x")
+    record_pairs(record_measure, group, "cache_activations", plain_rates, cached_rates, ratios,
+                 median_label=f"median pair ({len(windows)} windows, {tokens} tokens)")
     return statistics.median(ratios)
 
 

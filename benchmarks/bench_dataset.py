@@ -41,6 +41,18 @@ RSS_DOCS = int(os.environ.get("RECON_BENCH_DATASET_DOCS", "2000"))
 RSS_SETTINGS = {"max_tokens": 64, "batch_tokens": 2048, "window": 256, "docs_per_shard": 128}
 
 
+def record_pairs(record_measure, group: str, tool: str, plain_rates: list[float], tool_rates: list[float],
+                 ratios: list[float], median_label: str = "median pair") -> str:
+    """The figures of interleaved (plain forward, tool) pairs: each side's median tok/s in `group`,
+    and the per-pair ratios' median, lowest and highest in the group it returns."""
+    record_measure(group, "plain forward (median)", statistics.median(plain_rates), "tok/s", baseline=True)
+    record_measure(group, f"{tool} (median)", statistics.median(tool_rates), "tok/s")
+    ratio_group = f"{group}: {tool} tok/s / plain tok/s, per pair"
+    record_measure(ratio_group, median_label, statistics.median(ratios), "x")
+    record_measure(ratio_group, "lowest pair", min(ratios), "x")
+    record_measure(ratio_group, "highest pair", max(ratios), "x")
+    return ratio_group
+
 def tiny_llama_and_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -104,12 +116,7 @@ def interleaved(benchmark, record_measure, group, model, tokenizer, documents, s
 
     benchmark.group = group
     benchmark.pedantic(pair, rounds=rounds, iterations=1, warmup_rounds=1)
-    record_measure(group, "plain forward (median)", statistics.median(plain_rates), "tok/s", baseline=True)
-    record_measure(group, "trace_dataset (median)", statistics.median(traced_rates), "tok/s")
-    ratio_group = f"{group}: trace_dataset tok/s / plain tok/s, per pair"
-    record_measure(ratio_group, "median pair", statistics.median(ratios), "x")
-    record_measure(ratio_group, "lowest pair", min(ratios), "x")
-    record_measure(ratio_group, "highest pair", max(ratios), "x")
+    ratio_group = record_pairs(record_measure, group, "trace_dataset", plain_rates, traced_rates, ratios)
     record_measure(ratio_group, f"padding: padded / real tokens - 1 ({len(batches)} batches, {tokens} tokens)",
                    padded / tokens - 1, "")
 
