@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 
 pa = pytest.importorskip("pyarrow")
 
-from test_dataset import single_threaded  # noqa: E402
+from test_dataset import single_threaded, torchrun_cli  # noqa: E402
 from tiny_models import VOCAB, make_model  # noqa: E402
 
 from recon_fast import cli  # noqa: E402
@@ -293,12 +292,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_output(assets, sin
 
 
 def torchrun(folder: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "recon_fast.cli", "cache-activations", "--data", str(folder / "docs.jsonl"), "--out", str(out),
-               "--model", str(folder / "model"), *SETTINGS, *extra]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                   "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    return torchrun_cli("cache-activations", folder, out, *SETTINGS, *extra, env=env)
 
 
 def test_two_ranks_killed_and_resumed_write_what_one_process_writes(assets, single, tmp_path):

@@ -101,9 +101,15 @@ def with_attention(assets):
 
 
 def torchrun(folder: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return torchrun_cli("trace-dataset", folder, out, *SETTINGS, *extra, env=env)
+
+
+def torchrun_cli(subcommand: str, folder: Path, out: Path, *options: str,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """`recon-fast SUBCOMMAND` over folder's docs.jsonl and model, as two gloo ranks on the CPU."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "recon_fast.cli", "trace-dataset", "--data", str(folder / "docs.jsonl"), "--out", str(out),
-               "--model", str(folder / "model"), *SETTINGS, *extra]
+               "-m", "recon_fast.cli", subcommand, "--data", str(folder / "docs.jsonl"), "--out", str(out),
+               "--model", str(folder / "model"), *options]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                    "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
