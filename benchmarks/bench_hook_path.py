@@ -22,7 +22,7 @@ import torch
 
 from recon_fast import Tracer
 from recon_fast.kernels import token_stats as ops
-from recon_fast.trace import stats_arena
+from recon_fast.trace import module_hooks, stats_arena
 from recon_fast.trace.stats_arena import StatsArena
 
 CALLS = 2000  # hook calls per timing: a 135M model's 365 hooks, five forward passes
@@ -67,16 +67,30 @@ def tiny_llama():
 
 
 @contextlib.contextmanager
+def _forward_hooks_only():
+    """Tracers made inside hook every module with a forward hook (none parked as its forward:
+    module_hooks.TracedForward), as before issue 17 and as a build without it does."""
+    wrapper = module_hooks.TracedForward
+    module_hooks.TracedForward = None
+    try:
+        yield
+    finally:
+        module_hooks.TracedForward = wrapper
+
+
+@contextlib.contextmanager
 def _dispatcher_path():
-    """The hook path as it was before the direct launchers, grouped launches and the C++ recorder
-    (issue 17): the Python recorder, every queued output written by its own token_stats_rows call
-    through the dispatcher. Runs and arenas made inside take it."""
+    """The hook path as it was before the direct launchers, grouped launches, the C++ recorder and
+    the parked hooks (issue 17): forward hooks, the Python recorder, every queued output written
+    by its own token_stats_rows call through the dispatcher. Tracers, runs and arenas made inside
+    take it."""
     grouped_op, eager_rows_op, recorder = stats_arena._grouped_op, stats_arena._eager_rows_op, ops.TokenStatsRecorder
     stats_arena._grouped_op = lambda device_type: None
     stats_arena._eager_rows_op = lambda device_type, overload: stats_arena._direct(overload)
     ops.TokenStatsRecorder = None
     try:
-        yield
+        with _forward_hooks_only():
+            yield
     finally:
         stats_arena._grouped_op, stats_arena._eager_rows_op, ops.TokenStatsRecorder = grouped_op, eager_rows_op, recorder
 
@@ -99,11 +113,13 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     machine hits all alike. Untraced three ways: a hook-free copy of the model (what runs without
     recon-fast); the floor, a copy with an empty Python forward hook on each module the Tracer
     hooks (what any hook-based tracer pays before doing anything); and the model itself with the
-    Tracer's hooks attached but idle (the untraced side of bench_tracer's interleaved pairs, which
-    so leaves out nn.Module's hook calls). Traced two ways in the same rounds: the hook path as it
-    is (direct launchers, one grouped launch per decoder layer) and as it was before issue 17
-    (one token_stats_rows call through the dispatcher per output); and, when asked for, another
-    checkout's Tracer on its own copy of the model (_baseline_tracer)."""
+    Tracer's hooks attached but idle (the untraced side of bench_tracer's interleaved pairs: here
+    its wrappers of the modules' forwards, module_hooks). Traced three ways in the same rounds,
+    each Tracer on its own copy of the model (a Tracer reuses its last run's layout): the hook
+    path as it is (hooks parked as the modules' forwards, the C++ recorder, direct launchers, one
+    grouped launch per decoder layer); the same with forward hooks; and as it was before issue
+    17 (forward hooks, the Python recorder, one token_stats_rows call through the dispatcher per
+    output); and, when asked for, another checkout's Tracer (_baseline_tracer)."""
     model = tiny_llama
     plain = copy.deepcopy(model)
     baseline = _baseline_tracer(copy.deepcopy(plain))
@@ -113,11 +129,18 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     tracer = Tracer(model)
     tracer.add_hooks_all()
     hooks = len(tracer.hooks)
+    with _forward_hooks_only():
+        hooked = Tracer(copy.deepcopy(plain))
+        hooked.add_hooks_all()
+    with _dispatcher_path():
+        before = Tracer(copy.deepcopy(plain))
+        before.add_hooks_all()
     floor = copy.deepcopy(plain)
     empty = [module.register_forward_hook(lambda module, args, output: None)
              for name, module in floor.named_modules() if name in tracer.hooks]
     assert len(empty) == hooks
-    kinds = ["hook-free", "empty hooks", "idle hooks", "traced", "traced before", "baseline checkout"]
+    kinds = ["hook-free", "empty hooks", "idle hooks", "traced", "traced, forward hooks", "traced before",
+             "baseline checkout"]
     rounds = []  # seconds of each kind, per round
     group = f"host-bound Llama (30 layers, hidden 64, {hooks} hooks), T=8, traced/untraced interleaved"
 
@@ -129,8 +152,10 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
                 times.append(time.perf_counter())
         tracer.run(ids)
         times.append(time.perf_counter())
+        hooked.run(ids)
+        times.append(time.perf_counter())
         with _dispatcher_path():
-            tracer.run(ids)
+            before.run(ids)
         times.append(time.perf_counter())
         if baseline is not None:
             baseline.run(ids)
@@ -144,7 +169,8 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
         benchmark.group = group
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
-        tracer.clear_hooks()
+        for traced in (tracer, hooked, before):
+            traced.clear_hooks()
         if baseline is not None:
             baseline.clear_hooks()
         for handle in empty:
@@ -159,6 +185,7 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     record_measure(group, "hook-free: lowest ratio", min(over_plain), "x")
     record_measure(group, "hook-free: median ratio", statistics.median(over_plain), "x")
     record_measure(group, "hook-free: highest ratio", max(over_plain), "x")
+    record_measure(group, "forward hooks: median ratio", statistics.median(ratios("traced, forward hooks")), "x")
     record_measure(group, "before issue 17: median ratio", statistics.median(ratios("traced before")), "x")
     record_measure(group, "over the floor: median ratio", statistics.median(ratios("traced", "empty hooks")), "x")
     record_measure(group, "idle hooks: median ratio", statistics.median(ratios("traced", "idle hooks")), "x")

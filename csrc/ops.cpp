@@ -2,8 +2,9 @@
 // import loads this library so the registrations run. Backends add implementations in cpu/ and
 // cuda/ with TORCH_LIBRARY_IMPL. The module also carries the eager hot path's direct launchers
 // (token_stats_direct.cpp), which reach the same kernels without the dispatcher, the hooks'
-// Recorder (token_stats_recorder.cpp), which calls them for a whole traced pass, and the names
-// of the ops' output channels.
+// Recorder (token_stats_recorder.cpp), which calls them for a whole traced pass, the wrapper of a
+// module's forward that calls the Recorder (traced_forward.cpp), and the names of the ops' output
+// channels.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -11,6 +12,7 @@
 #include "token_stats_direct.h"
 #include "token_stats_problem.h"
 #include "token_stats_recorder.h"
+#include "traced_forward.h"
 
 namespace {
 
@@ -77,4 +79,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "csrc's kTokenStatNames and kAttentionStatNames, which recon_fast/kernels/stats_tables.py must list.");
   // The hooks' eager path for one traced pass (token_stats_recorder.h).
   recon_fast::direct::bind_recorder(m);
+  // The hooks' wrapper of a module's forward, which keeps nn.Module's fast path (traced_forward.h).
+  recon_fast::direct::bind_traced_forward(m);
 }

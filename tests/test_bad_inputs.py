@@ -17,13 +17,13 @@ from recon_fast.attribution import direct_logit_attribution
 from recon_fast.attribution.logit_lens import logit_lens
 from recon_fast.cli import loading
 
-from tiny_models import VOCAB, make_model, save_model_folder
+from tiny_models import VOCAB, make_model, save_model_folder, tracer_hooks_on
 
 CUDA = torch.cuda.is_available()
 
 
 def hook_counts(model: torch.nn.Module) -> tuple[int, int]:
-    return (sum(len(m._forward_hooks) for m in model.modules()),
+    return (tracer_hooks_on(model),
             sum(len(m._forward_pre_hooks) for m in model.modules()))
 
 

@@ -22,7 +22,7 @@ from recon_fast.trace import stats_capture
 from recon_fast.trace.session import Session
 from recon_fast.trace.stats_arena import StatsArena
 
-from tiny_models import make_model
+from tiny_models import make_model, tracer_hooks_on
 
 
 def _outputs(device: str) -> dict[str, object]:
@@ -140,7 +140,7 @@ def test_hooks_are_silent_outside_a_run_and_a_run_leaves_no_cycle():
     gc.disable()
     try:
         del tracer
-        assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+        assert tracer_hooks_on(model) == 0
     finally:
         gc.enable()
 

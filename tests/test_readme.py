@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from tiny_models import tracer_hooks_on
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -37,7 +38,7 @@ def test_the_usage_block_runs_as_written(smollm2, monkeypatch, tmp_path):
     for needed in ("load_model", "with Tracer(", "RawSlices", "stream_to=", "attention=", "to_pandas"):
         assert needed in block, needed
     def hooks():  # the session's model may carry hooks of earlier tests (the original tool's)
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+        return tracer_hooks_on(model) + sum(len(m._forward_pre_hooks) for m in model.modules())
 
     before = hooks()
     namespace = {}

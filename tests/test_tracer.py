@@ -11,7 +11,7 @@ from recon_fast import ActivityCube, RawSlices, Tracer
 from recon_fast.kernels.token_stats import STATS
 from recon_fast.trace import presets
 
-from tiny_models import ARCHS, VOCAB, capture_outputs, make_model, per_token_float64
+from tiny_models import ARCHS, VOCAB, capture_outputs, make_model, per_token_float64, tracer_hooks_on
 
 
 def assert_cube_layer_close(cube_stats: np.ndarray, tensor: torch.Tensor, metrics=STATS):
@@ -24,7 +24,7 @@ def assert_cube_layer_close(cube_stats: np.ndarray, tensor: torch.Tensor, metric
 
 
 def all_module_hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
+    return tracer_hooks_on(model)
 
 
 def ids(batch=1, length=9, seed=0):

@@ -74,6 +74,17 @@ def perturb_vectors(model: torch.nn.Module, seed: int = 1, scale: float = 0.5) -
     return model
 
 
+def tracer_hooks_on(model: torch.nn.Module) -> int:
+    """The hooks on model's modules, either kind: forward hooks, and Tracer hooks parked as a
+    module's forward (recon_fast.trace.module_hooks: a TracedForward that still records)."""
+    from recon_fast.trace.module_hooks import TracedForward
+
+    parked = sum(1 for m in model.modules()
+                 if TracedForward is not None and isinstance(m.__dict__.get("forward"), TracedForward)
+                 and not m.__dict__["forward"].inert)
+    return sum(len(m._forward_hooks) for m in model.modules()) + parked
+
+
 def capture_outputs(model: torch.nn.Module, names: list[str], call) -> list[tuple[str, torch.Tensor]]:
     """Runs call() with plain forward hooks on `names`; returns (name, output copy) in firing order."""
     modules = dict(model.named_modules())

@@ -22,7 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from recon_fast.kernels import token_stats as token_stats_op
 from recon_fast.kernels.token_stats import NUM_STATS, token_stats
+from recon_fast.trace import module_hooks
 from recon_fast.trace.model_inputs import model_device
 from recon_fast.trace.session import Call, Session, extract_tensor
 from recon_fast.trace.stats_arena import ArenaSlot, _rows_op_for
@@ -45,6 +47,8 @@ class HookSink:
 
     def __init__(self):
         self.record: Callable[[str, object], None] | None = None  # eager: set while a run records
+        # Eager: what the parked hooks (module_hooks.TracedForward) record into; None without it.
+        self.forwards = module_hooks.ForwardSink() if module_hooks.ForwardSink is not None else None
         self.active = False  # compiled: a run records (guarded on: one graph each way)
         self.token_ids = True
         self.buffer: torch.Tensor | None = None  # compiled: float32 [capacity, NUM_STATS], reused
@@ -54,6 +58,20 @@ class HookSink:
         self.skipped: list[dict] = []
         self.compiled_hooks: frozenset[str] | None = None  # the hooks of the last compiled run
         self.recorded = False  # a compiled run with these hooks recorded calls
+
+    def arm(self, record: Callable[[str, object], None], log: object) -> None:
+        """An eager run begins: the hooks call record(name, output); the parked ones call the
+        session's C++ recorder (`log`, when it is one) directly, else record."""
+        self.record = record
+        if self.forwards is not None:
+            native = token_stats_op.TokenStatsRecorder
+            self.forwards.record = log if native is not None and isinstance(log, native) else record
+
+    def disarm(self) -> None:
+        """The eager run is over: hooks and wrappers only call through."""
+        self.record = None
+        if self.forwards is not None:
+            self.forwards.record = None
 
     def record_compiled(self, name: str, output) -> None:
         """The hook's body as dynamo traces it: the general rules, each taken once at compile time."""

@@ -44,11 +44,12 @@ from recon_fast.cube.cube import ActivityCube
 from recon_fast.cube.provenance import ModelProvenance
 from recon_fast.kernels import token_stats as token_stats_op
 from recon_fast.kernels.token_stats import STATS
-from recon_fast.trace import attention_capture, compiled_capture, presets
+from recon_fast.trace import attention_capture, compiled_capture, module_hooks, presets
 from recon_fast.trace.attention_capture import full_attention_kind
 from recon_fast.trace.attention_stats_capture import attention_stats_kind, check_model
 from recon_fast.trace.layout import LayerCache, run_layout
 from recon_fast.trace.model_inputs import ModelCall, model_dtype, prepare_call
+from recon_fast.trace.module_hooks import ModuleHook
 from recon_fast.trace.raw_capture import RawSlices, raw_slices_kind
 from recon_fast.trace.session import Capture, CaptureKind, Layout, Session, axis_hooks
 from recon_fast.trace.stats_arena import GROUP_BYTES, InPlaceEdit, StatsArena
@@ -129,7 +130,9 @@ class Tracer:
         self._eager: set[str] = set()  # modules whose outputs were edited in place after their hook
         self._sink = compiled_capture.HookSink()  # what the hooks record into, for the Tracer's life
         self._on_hook: Callable[[str], None] | None = None  # on_hook
-        self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self.hooks: dict[str, ModuleHook] = {}  # each a forward hook or parked as a wrapper (module_hooks)
+        self._parked: module_hooks.ParkedHooks | None = None  # worked out again when the hooks change
+        self._prepended: list = []  # where parked modules' hook dicts report hooks prepended before ours
         # The hooks hold the Tracer weakly, so a Tracer nobody holds is collected and its hooks
         # come off the model with it.
         self._finalizer = weakref.finalize(self, _remove_handles, self.hooks)
@@ -166,8 +169,10 @@ class Tracer:
         if name in self.hooks:
             return
         module = presets.resolve_module(self.model, name)
-        self.hooks[name] = module.register_forward_hook(self._make_hook(name))
-        self._group_ends = None  # worked out again at the next run
+        # A compiled model's graph calls the hooks (dynamo cannot trace into the wrapper).
+        sink = None if self._is_compiled() else self._sink.forwards
+        self.hooks[name] = ModuleHook(module, name, self._make_hook(name), sink, self._prepended)
+        self._group_ends = self._parked = None  # worked out again at the next run
 
     def add_hooks_by_type(self, module_type: type) -> None:
         for name, module in self.model.named_modules():
@@ -193,6 +198,7 @@ class Tracer:
     def clear_hooks(self) -> None:
         _remove_handles(self.hooks)
         self._detached.clear()
+        self._parked = None
 
     def __enter__(self) -> "Tracer":
         return self
@@ -274,6 +280,7 @@ class Tracer:
                 self._eager.update(exc.modules)
             self._detached = list(dict.fromkeys([*self._detached, *self.hooks]))
             _remove_handles(self.hooks)
+            self._parked = None
             raise
 
     @property
@@ -317,11 +324,18 @@ class Tracer:
                 self.add_hook(name)
         if not self.hooks and not any(c.hookless for c in session.captures):
             raise RuntimeError("no hooks: add some with add_hook, add_preset, add_hooks_all or add_hooks")
+        if self._parked is None:
+            self._parked = module_hooks.ParkedHooks(self.hooks.values())
         if self._is_compiled():
+            self._parked.unpark(self._parked.hooks)  # the graph calls the hooks
+            self._parked = None
             return self._traced_compiled(forward, call, session)
+        if self._parked.check_before_run(self._prepended):
+            self._parked = None  # some went back to forward hooks
         record = self._recorder(session)
         helpers = axis_hooks(self.model, session, mode, self._is_encoder_decoder())
-        self._session, self._sink.record = session, record
+        self._session = session
+        self._sink.arm(record, session.log)
         start = time.perf_counter()
         try:
             with torch.no_grad(), contextlib.ExitStack() as recording:
@@ -330,7 +344,8 @@ class Tracer:
                 output = forward()
                 session.arena.launch()  # the last group, before the run's time is taken
         finally:
-            self._session = self._sink.record = None
+            self._session = None
+            self._sink.disarm()
             if session.log is not None:
                 session.log.close()  # lets go of the session, the arena and the callbacks
             for handle in helpers:

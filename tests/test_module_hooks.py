@@ -1,0 +1,229 @@
+"""A Tracer's hooks parked as their module's forward (recon_fast.trace.module_hooks: a C
+TracedForward instead of a forward hook, so nn.Module keeps its fast path): the same cube as
+forward hooks on every model family; what a forward hook would see where other hooks exist (one
+registered before ours replaces the output; global hooks; a wrapper that replaced ours); the
+module's forward as it was once the hooks come off; copies and signatures."""
+
+import copy
+import inspect
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recon_fast import Tracer
+from recon_fast.trace import module_hooks
+from recon_fast.trace.module_hooks import TracedForward
+
+from test_grouped_tracing import FAMILIES, _inputs
+from tiny_models import VOCAB, make_model, tracer_hooks_on
+
+pytestmark = pytest.mark.skipif(TracedForward is None, reason="no compiled recon_fast._C.TracedForward")
+
+
+def _ids(seed=0):
+    return torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def _parked(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m.__dict__.get("forward"), TracedForward)]
+
+
+def _hook_only_cube(model, monkeypatch, *args, layers=None, **kwargs):
+    """The cube with every hook a forward hook (what a build without TracedForward does)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(module_hooks, "TracedForward", None)
+        with Tracer(model) as tracer:
+            tracer.add_hooks(layers) if layers is not None else tracer.add_hooks_all()
+            assert not _parked(model)
+            tracer.run(*args, **kwargs)
+            return tracer.cube
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parked_hooks_give_the_forward_hooks_cube(family, monkeypatch):
+    model, args, kwargs = _inputs(family)
+    hooks_cube = _hook_only_cube(model, monkeypatch, *args, **kwargs)
+    with Tracer(model) as tracer:
+        tracer.add_hooks_all()
+        assert _parked(model) == list(tracer.hooks)  # every hooked module, none by a forward hook
+        assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+        tracer.run(*args, **kwargs)
+        cube = tracer.cube
+    assert not _parked(model) and tracer_hooks_on(model) == 0
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the class's forward again
+    assert cube.layer_names == hooks_cube.layer_names
+    np.testing.assert_array_equal(cube.data, hooks_cube.data)
+    assert cube.meta.get("skipped") == hooks_cube.meta.get("skipped")
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return x * 2.0
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Scale() for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _energy(cube, layer: str) -> np.ndarray:
+    return cube.data[cube.layer_names.index(layer), ..., 0]
+
+
+def test_a_hook_registered_before_the_tracer_is_seen_and_one_after_is_not():
+    model, x = Chain(), torch.ones(1, 4, 8)
+    earlier = model.layers[0].register_forward_hook(lambda m, a, out: out * 10.0)  # e.g. steering
+    with Tracer(model, layers=["layers.0", "layers.1"]) as tracer:
+        later = model.layers[1].register_forward_hook(lambda m, a, out: out * 100.0)
+        assert _parked(model) == ["layers.1"]  # layers.0 had a hook: ours stays a forward hook after it
+        tracer.run(x)
+        cube = tracer.cube
+    earlier.remove()
+    later.remove()
+    norm = np.sqrt(8.0)
+    np.testing.assert_allclose(_energy(cube, "layers.0"), 20.0 * norm)  # after the earlier hook
+    np.testing.assert_allclose(_energy(cube, "layers.1"), 40.0 * norm)  # before the later one
+    assert tracer_hooks_on(model) == 0
+
+
+def test_hooks_added_after_the_tracer_run_where_torch_puts_them(monkeypatch):
+    """Prepended (prepend=True, e.g. an injected outlier the tracer should see) before ours,
+    appended after: the same cube as with the Tracer's forward hook, and the order torch gives."""
+
+    def with_later_hooks(park: bool):
+        model, x = Chain(), torch.ones(1, 4, 8)
+        with monkeypatch.context() as patch:
+            if not park:
+                patch.setattr(module_hooks, "TracedForward", None)
+            tracer = Tracer(model, layers=["layers.0", "layers.1"])
+        assert len(_parked(model)) == (2 if park else 0)
+        layer = model.layers[0]
+        handles = [layer.register_forward_hook(lambda m, a, out: out + 1.0),
+                   layer.register_forward_hook(lambda m, a, out: out * 10.0, prepend=True),
+                   layer.register_forward_hook(lambda m, a, out: out - 5.0, prepend=True)]
+        tracer.run(x)
+        order = [key - tracer.hooks["layers.0"].id for key in layer._forward_hooks]
+        assert _parked(model) == (["layers.1"] if park else [])  # layers.0 got prepended hooks: a forward hook
+        cube = tracer.cube
+        for handle in handles:
+            handle.remove()
+        tracer.clear_hooks()
+        assert tracer_hooks_on(model) == 0
+        return cube, order
+
+    parked, order = with_later_hooks(True)
+    hooked, hook_order = with_later_hooks(False)
+    assert order == hook_order == [4, 3, 0, 2]  # (1: layers.1's hook)
+    np.testing.assert_array_equal(parked.data, hooked.data)
+    np.testing.assert_allclose(_energy(parked, "layers.0"), (2.0 - 5.0) * 10.0 * -np.sqrt(8.0))
+
+
+def test_a_global_forward_hook_sends_parked_hooks_back_to_forward_hooks():
+    model, x = Chain(), torch.ones(1, 4, 8)
+    with Tracer(model, layers=["layers.0", "layers.1"]) as tracer:
+        assert _parked(model) == ["layers.0", "layers.1"]
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: out + 1.0 if isinstance(m, Scale) else None)
+        try:
+            tracer.run(x)
+        finally:
+            handle.remove()
+        assert not _parked(model)
+        cube = tracer.cube
+    # Global hooks run before the module's own: the tracer sees their output.
+    np.testing.assert_allclose(_energy(cube, "layers.0"), 3.0 * np.sqrt(8.0))
+    np.testing.assert_allclose(_energy(cube, "layers.1"), 7.0 * np.sqrt(8.0))
+
+
+def test_a_wrapper_that_replaced_ours_sends_it_back_to_a_forward_hook_without_double_records():
+    model, x = Chain(), torch.ones(1, 4, 8)
+    tracer = Tracer(model, layers=["layers.0", "layers.1", "layers.2"])
+    ours = model.layers[1].forward
+    model.layers[1].forward = lambda *args, **kwargs: ours(*args, **kwargs)  # keeps calling ours
+    model.layers[2].__dict__.pop("forward")  # or removes it, restoring the class's
+    tracer.run(x)
+    assert _parked(model) == ["layers.0"]  # layers.1: someone else's forward; layers.2: none
+    assert ours.inert
+    assert tracer.cube.layer_names == ["layers.0", "layers.1", "layers.2"]  # each once
+    np.testing.assert_allclose(tracer.cube.data[:, 0, :, 0], np.sqrt(8.0) * np.array([[2.0] * 4, [4.0] * 4, [8.0] * 4]))
+    tracer.clear_hooks()
+    assert tracer_hooks_on(model) == 0 and "forward" in model.layers[1].__dict__  # theirs is left alone
+
+
+def test_clearing_hooks_restores_a_forward_attribute_the_module_had():
+    model = Chain()
+    own = model.layers[0].forward  # e.g. accelerate's hook keeps its forward as an attribute
+    model.layers[0].forward = lambda x: own(x) + 1.0
+    before = model.layers[0].__dict__["forward"]
+    with Tracer(model, layers=["layers.0", "layers.1", "layers.2"]) as tracer:
+        assert model.layers[0].__dict__["forward"] is not before
+        tracer.run(torch.ones(1, 2, 4))
+        np.testing.assert_allclose(_energy(tracer.cube, "layers.0"), 3.0 * 2.0)
+    assert model.layers[0].__dict__["forward"] is before
+    assert all("forward" not in layer.__dict__ for layer in model.layers[1:])
+
+
+def test_compiling_after_the_hooks_are_set_moves_them_back_to_forward_hooks():
+    model = make_model("llama")
+    tokens = _ids()
+    with Tracer(model) as tracer:
+        tracer.add_hooks_all()
+        eager_cube = (tracer.run(tokens), tracer.cube)[1]
+        assert _parked(model)
+        model.compile()
+        tracer.run(tokens)  # its first compiled run: nothing was compiled without the hooks
+        assert not _parked(model) and sum(len(m._forward_hooks) for m in model.modules()) == len(tracer.hooks)
+        assert tracer.cube.layer_names == eager_cube.layer_names
+        np.testing.assert_allclose(tracer.cube.data, eager_cube.data, rtol=1e-5, atol=1e-6)
+        tracer.add_hook("lm_head")  # already there; and new hooks on a compiled model are forward hooks
+        assert not _parked(model)
+
+
+def test_a_traced_model_copies_and_pickles_untraced_and_keeps_its_signatures():
+    model = make_model("gpt2")
+    tokens = _ids()
+    plain_signature = inspect.signature(model.transformer.h[0].forward)
+    with Tracer(model) as tracer:
+        tracer.add_hooks_all()
+        assert inspect.signature(model.transformer.h[0].forward) == plain_signature
+        tracer.run(tokens)
+        names = tracer.cube.layer_names
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert not _parked(copied) and tracer_hooks_on(copied) == 0
+            with torch.no_grad():
+                torch.testing.assert_close(copied(tokens).logits, model(tokens).logits)
+            tracer.run(tokens)
+            assert tracer.cube.layer_names == names  # the model keeps its hooks, each recorded once
+
+
+def test_an_error_in_recording_reaches_the_caller_and_leaves_no_hooks():
+    model, x = Chain(), torch.ones(1, 4, 8)
+    tracer = Tracer(model, layers=["layers.0", "layers.1", "layers.2"])
+
+    def fails(name, output):
+        raise ValueError(f"recording {name} failed")
+
+    tracer._recorder = lambda session: fails
+    with pytest.raises(ValueError, match="recording layers.0 failed"):
+        tracer.run(x)
+    assert tracer_hooks_on(model) == 0 and tracer._hook_path is None
+
+
+def test_idle_wrappers_only_call_through():
+    model, x = Chain(), torch.ones(1, 4, 8)
+    with Tracer(model, layers=["layers.0", "layers.1", "layers.2"]) as tracer:
+        assert len(_parked(model)) == 3
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), x * 8.0)
+        assert tracer._session is None
+        with pytest.raises(RuntimeError, match="no cube in memory"):
+            tracer.cube
