@@ -116,8 +116,9 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     Tracer's hooks attached but idle (the untraced side of bench_tracer's interleaved pairs: here
     its wrappers of the modules' forwards, module_hooks). Traced three ways in the same rounds,
     each Tracer on its own copy of the model (a Tracer reuses its last run's layout): the hook
-    path as it is (hooks parked as the modules' forwards, the C++ recorder, direct launchers, one
-    grouped launch per decoder layer); the same with forward hooks; and as it was before issue
+    path as it is (hooks parked as the modules' forwards, the C++ recorder, direct launchers;
+    on the CPU each output computed at its hook, grouped=None); the same with forward hooks;
+    and as it was before issue
     17 (forward hooks, the Python recorder, one token_stats_rows call through the dispatcher per
     output); and, when asked for, another checkout's Tracer (_baseline_tracer)."""
     model = tiny_llama

@@ -1,4 +1,4 @@
-"""Grouped launches (Tracer(grouped=True), the default): each hook queues its output and one launch
+"""Grouped launches (Tracer(grouped=True), the default on CUDA): each hook queues its output and one launch
 computes a decoder layer's (or group_bytes' worth); the same numbers as computing each output at
 its hook and as a float64 reference on every model family the tests use; outputs edited in place
 after their hook stop the run with their name and are then computed at their hook; the memory
@@ -114,7 +114,7 @@ def test_an_output_edited_in_place_later_stops_the_run_naming_it_then_is_compute
     x = torch.randn(1, 5, 8)
     with torch.no_grad():
         first = model[0](x)  # what the hook of module "0" sees
-    tracer = Tracer(model, layers=["0", "2"])
+    tracer = Tracer(model, layers=["0", "2"], grouped=True)
     with pytest.raises(InPlaceEdit, match=r"output of 0 was changed in place after its hook"):
         tracer.run(x)
     tracer.run(x)  # now "0" is computed at its hook
@@ -134,14 +134,14 @@ def test_under_inference_mode_outputs_are_computed_at_their_hook_and_in_place_ed
     x = torch.randn(1, 5, 8)
     with torch.no_grad():
         first = model[0](x)
-    tracer = Tracer(model, layers=["0", "2"])
+    tracer = Tracer(model, layers=["0", "2"], grouped=True)
     with torch.inference_mode():
         tracer.run(x)
     np.testing.assert_allclose(tracer.cube.layer(0), token_stats_ref(first, float64=True).numpy(), rtol=2e-5,
                                atol=1e-6)
     llama = make_model("llama")
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-    grouped, immediate = Tracer(llama), Tracer(llama, grouped=False)
+    grouped, immediate = Tracer(llama, grouped=True), Tracer(llama, grouped=False)
     for tracer in (grouped, immediate):
         tracer.add_hooks_all()
         with torch.inference_mode():
@@ -155,13 +155,13 @@ def test_the_memory_cap_bounds_what_a_group_holds(monkeypatch):
     groups = Groups(monkeypatch)
     widest = 2 * 16 * 96 * 4  # bytes of the largest output (the MLP's [2, 16, 96] float32)
     cap = 3 * widest
-    tracer = Tracer(model, group_bytes=cap)
+    tracer = Tracer(model, group_bytes=cap, grouped=True)
     tracer.add_hooks_all()
     tracer.run(tokens)
     capped, arena = groups.launches, groups.arenas[-1]
     assert arena.peak_pending_bytes <= cap + widest  # launched as soon as it reaches the cap
     assert arena.pending_bytes == 0  # all let go
-    uncapped = Tracer(model)
+    uncapped = Tracer(model, grouped=True)
     uncapped.add_hooks_all()
     groups.clear()
     uncapped.run(tokens)
@@ -211,3 +211,14 @@ def test_grouping_keeps_the_forward_peak_memory():
         tracer.clear_hooks()
         assert peak <= 1.05 * forward_peak, (grouped, peak, forward_peak)
         assert weights + peak <= 1.05 * (weights + forward_peak), (grouped, peak, forward_peak)
+
+
+@pytest.mark.parametrize("device, grouped", [("cpu", False), pytest.param("cuda", True, marks=pytest.mark.cuda)])
+def test_by_default_outputs_are_grouped_on_cuda_and_computed_at_their_hook_elsewhere(device, grouped, monkeypatch):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    groups = Groups(monkeypatch)
+    tracer = Tracer(make_model("llama").to(device))
+    tracer.add_hooks_all()
+    tracer.run(torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)))
+    assert (groups.launches > 0) is grouped and tracer.grouped is None

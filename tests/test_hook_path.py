@@ -62,7 +62,8 @@ FAST = {"float32 [B, T, D]", "bfloat16 [B, T, D]", "float16 [1, T, D]", "first o
 
 def _recorded(tracer: Tracer, outputs: dict, token_ids: bool, fast: bool) -> tuple[Session, list]:
     session = Session(StatsArena(initial_rows=8), token_ids=token_ids)  # small: chunks grow on the way
-    record = tracer._recorder(session) if fast else (lambda name, out: stats_capture.record_call(session, name, out))
+    device = next(iter(outputs.values())).device
+    record = tracer._recorder(session, device) if fast else (lambda name, out: stats_capture.record_call(session, name, out))
     for name, output in outputs.items():
         record(name, output)
     host = session.arena.to_host()
@@ -86,7 +87,7 @@ def _use(recorder: str, monkeypatch) -> None:
 def test_fast_path_records_what_the_general_path_records(device, token_ids, recorder, monkeypatch):
     _use(recorder, monkeypatch)
     outputs = _outputs(device)
-    tracer = Tracer(nn.Linear(2, 2))
+    tracer = Tracer(nn.Linear(2, 2), grouped=True)  # as record_call by default
     general, general_rows = _recorded(tracer, outputs, token_ids, fast=False)
     taken = []
     record_call = stats_capture.record_call
@@ -149,7 +150,7 @@ def test_hooks_are_silent_outside_a_run_and_a_run_leaves_no_cycle():
 def test_fast_path_never_syncs():
     tracer = Tracer(nn.Linear(2, 2))
     session = Session(StatsArena(initial_rows=64), token_ids=True)
-    record = tracer._recorder(session)
+    record = tracer._recorder(session, torch.device("cuda"))
     activations = [torch.randn(2, 64, 48, device="cuda", dtype=dt) for dt in (torch.float32, torch.bfloat16)]
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -300,7 +301,7 @@ def test_a_recorder_left_open_is_collected_with_its_session():
         pytest.skip("the compiled library has no C++ recorder")
     tracer = Tracer(nn.Linear(2, 2))
     session = Session(StatsArena(), token_ids=True)
-    record = tracer._recorder(session)
+    record = tracer._recorder(session, torch.device("cpu"))
     record("a", torch.randn(1, 3, 4))
     gone = weakref.ref(session)
     del session, record

@@ -212,7 +212,7 @@ def test_an_error_in_recording_reaches_the_caller_and_leaves_no_hooks():
     def fails(name, output):
         raise ValueError(f"recording {name} failed")
 
-    tracer._recorder = lambda session: fails
+    tracer._recorder = lambda session, device: fails
     with pytest.raises(ValueError, match="recording layers.0 failed"):
         tracer.run(x)
     assert tracer_hooks_on(model) == 0 and tracer._hook_path is None
