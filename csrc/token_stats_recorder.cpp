@@ -8,6 +8,7 @@
 
 #include <utility>
 
+#include "garbage_collected.h"
 #include "token_stats_direct.h"
 
 namespace recon_fast::direct {
@@ -264,20 +265,7 @@ void Recorder::clear() {
 
 void bind_recorder(py::module_& m) {
   // Garbage-collected: the session holds its Recorder, whose fallback holds the session.
-  auto gc = py::custom_type_setup([](PyHeapTypeObject* heap_type) {
-    PyTypeObject* type = &heap_type->ht_type;
-    type->tp_flags |= Py_TPFLAGS_HAVE_GC;
-    type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
-      Py_VISIT(Py_TYPE(self));
-      if (!py::detail::is_holder_constructed(self)) return 0;
-      return py::cast<const Recorder&>(py::handle(self)).traverse(visit, arg);
-    };
-    type->tp_clear = [](PyObject* self) {
-      if (py::detail::is_holder_constructed(self)) py::cast<Recorder&>(py::handle(self)).clear();
-      return 0;
-    };
-  });
-  py::class_<Recorder>(m, "Recorder", gc,
+  py::class_<Recorder>(m, "Recorder", garbage_collected<Recorder>(),
                        "The tracer's eager hook path for one pass: Recorder(arena, fallback, group_ends, eager,\n"
                        "grouped)(name, output) records a module output as stats_capture.fast_recorder would.")
       .def(py::init<py::object, py::object, py::object, py::object, bool>(), py::arg("arena"), py::arg("fallback"),

@@ -6,6 +6,7 @@
 #include <structmember.h>
 #include <torch/csrc/Exceptions.h>
 
+#include "garbage_collected.h"
 #include "token_stats_recorder.h"
 
 namespace recon_fast::direct {
@@ -207,20 +208,8 @@ py::list displaced_forwards(py::sequence forwards) {
 }  // namespace
 
 void bind_traced_forward(py::module_& m) {
-  auto gc = py::custom_type_setup([](PyHeapTypeObject* heap_type) {
-    PyTypeObject* type = &heap_type->ht_type;
-    type->tp_flags |= Py_TPFLAGS_HAVE_GC;
-    type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
-      Py_VISIT(Py_TYPE(self));
-      if (!py::detail::is_holder_constructed(self)) return 0;
-      return py::cast<const ForwardSink&>(py::handle(self)).traverse(visit, arg);
-    };
-    type->tp_clear = [](PyObject* self) {
-      if (py::detail::is_holder_constructed(self)) py::cast<ForwardSink&>(py::handle(self)).clear();
-      return 0;
-    };
-  });
-  py::class_<ForwardSink>(m, "ForwardSink", gc,
+  // Garbage-collected: its record (a run's Recorder and its callbacks) can lead back to the Tracer holding it.
+  py::class_<ForwardSink>(m, "ForwardSink", garbage_collected<ForwardSink>(),
                           "What the TracedForwards of one Tracer record into: record is None (outside a run),\n"
                           "a Recorder (called in C++) or any record(name, output) callable.")
       .def(py::init<>())
