@@ -109,6 +109,9 @@ second-torch-check:
 		xs = [torch.randn(3, 64), torch.randn(2, 5, 33).double()]; a, b = torch.zeros(13, 5), torch.zeros(13, 5); \
 		C.token_stats_rows_grouped_into(xs, a, [0, 3]); torch.ops.recon_fast.token_stats_rows_grouped(xs, b, [0, 3]); \
 		assert torch.equal(a, b), 'direct launcher != op'; \
+		lin, sink, seen = torch.nn.Linear(2, 2), C.ForwardSink(), []; \
+		lin.forward = C.TracedForward(lin.forward, 'lin', sink, lin.__dict__); sink.record = lambda n, o: seen.append(n); \
+		assert lin(torch.ones(1, 2)).shape == (1, 2) and seen == ['lin'], 'TracedForward did not record'; \
 		print(f'second-torch-check: built against torch {torch.__version__} (CUDA {torch.version.cuda}), linked and loaded {path}')"
 
 bench: setup
