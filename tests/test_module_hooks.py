@@ -227,3 +227,21 @@ def test_idle_wrappers_only_call_through():
         assert tracer._session is None
         with pytest.raises(RuntimeError, match="no cube in memory"):
             tracer.cube
+
+
+def test_a_model_compiled_by_hand_while_hooks_are_parked_runs_right_outside_the_tracer():
+    """torch.compile(model) of a model whose hooks are parked (the Tracer holds the eager model):
+    dynamo cannot trace into the C wrapper and breaks its graph there, but the outputs are the
+    model's, and the Tracer's own runs still trace the eager model."""
+    model = make_model("llama")
+    tokens = _ids()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    with Tracer(model) as tracer:
+        tracer.add_hooks_all()
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(tokens).logits, expected, rtol=1e-4, atol=1e-5)
+        tracer.run(tokens)
+        assert _parked(model) and len(tracer.cube.layer_names) > 0
+    torch._dynamo.reset()

@@ -21,9 +21,12 @@ module's hook dict is a HookDict, which notes prepended hooks. Before each run
 since and before the others, when its module got a prepended hook, when a global forward hook
 exists, or when its wrapper is no longer the module's forward (something replaced or removed it,
 e.g. accelerate's remove_hook_from_module restoring the forward it saved). The wrapper is then
-made inert, so that if it is still called inside another wrapper it only calls through. One
-difference is left: a parent that calls a child's forward() directly (not the module itself) is
-recorded by the wrapper, not by a hook.
+made inert, so that if it is still called inside another wrapper it only calls through. Two
+differences are left: a parent that calls a child's forward() directly (not the module itself) is
+recorded by the wrapper, not by a hook; and a model compiled by hand (torch.compile(model), the
+Tracer holding the eager model) and called outside the Tracer while hooks are parked breaks its
+graph at each parked module (dynamo cannot trace into a C callable; the outputs are right):
+compile it before adding hooks, or give the Tracer the compiled model, and they are forward hooks.
 """
 
 from __future__ import annotations
