@@ -7,6 +7,7 @@ module's forward as it was once the hooks come off; copies and signatures."""
 import copy
 import inspect
 import pickle
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -54,6 +55,7 @@ def test_parked_hooks_give_the_forward_hooks_cube(family, monkeypatch):
         cube = tracer.cube
     assert not _parked(model) and tracer_hooks_on(model) == 0
     assert all("forward" not in m.__dict__ for m in model.modules())  # the class's forward again
+    assert all(type(m._forward_hooks) is OrderedDict for m in model.modules())  # as torch made them
     assert cube.layer_names == hooks_cube.layer_names
     np.testing.assert_array_equal(cube.data, hooks_cube.data)
     assert cube.meta.get("skipped") == hooks_cube.meta.get("skipped")

@@ -141,8 +141,11 @@ class ModuleHook:
         if self.wrapper is not None:
             self._take_off_wrapper()
         # The module's hook dict may be a HookDict made after the handle: removed from it by id.
-        self.module._forward_hooks.pop(self.handle.id, None)
+        hooks = self.module._forward_hooks
+        hooks.pop(self.handle.id, None)
         self.handle.remove()
+        if isinstance(hooks, HookDict) and not hooks:  # no handle needs it now: the module as found
+            self.module.__dict__["_forward_hooks"] = OrderedDict()
 
     def _take_off_wrapper(self) -> None:
         wrapper, self.wrapper = self.wrapper, None
