@@ -36,12 +36,14 @@ namespace {
 struct TracedForwardObject {
   PyObject_HEAD
   vectorcallfunc vectorcall;
-  PyObject* forward;   // the callable it replaced (the bound forward, or an earlier wrapper)
+  PyObject* module;    // the module it is the forward of
+  PyObject* previous;  // the module's own forward attribute it replaced (accelerate's), or null:
+                       // then the class's forward, looked up at each call as self.forward would
   PyObject* name;      // the module's name, as the recorder logs it
-  PyObject* sink;      // the Tracer's ForwardSink
+  PyObject* sink;      // the Tracer's ForwardSink; null once detached
   PyObject* owner;     // the module's __dict__, where it sits as "forward" while in place
+  PyObject* copy_as;   // copy_as(module): what a copy of the module gets as its forward
   ForwardSink* state;  // sink's C++ object (sink keeps it alive)
-  char inert;          // its hook was taken off or moved back to a forward hook: it only calls through
 };
 
 PyTypeObject traced_forward_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
@@ -51,31 +53,54 @@ PyObject* forward_string() {
   return text;
 }
 
+// The forward it calls, as a new reference: the replaced attribute, or the class's forward bound to
+// the module (a class patched since, or a __class__ swapped, is followed, as by a forward hook).
+PyObject* bound_forward(TracedForwardObject* self) {
+  if (self->previous != nullptr) return Py_NewRef(self->previous);
+  PyTypeObject* type = Py_TYPE(self->module);
+  PyObject* function = _PyType_Lookup(type, forward_string());  // borrowed
+  if (function == nullptr) {
+    PyErr_Format(PyExc_AttributeError, "'%s' object has no attribute 'forward'", type->tp_name);
+    return nullptr;
+  }
+  descrgetfunc bind = Py_TYPE(function)->tp_descr_get;
+  if (bind == nullptr) return Py_NewRef(function);
+  return bind(function, self->module, reinterpret_cast<PyObject*>(type));
+}
+
 PyObject* traced_forward_call(PyObject* callable, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
   auto* self = reinterpret_cast<TracedForwardObject*>(callable);
-  if (self->forward == nullptr) {
+  if (self->module == nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "TracedForward: called after it was cleared");
     return nullptr;
   }
-  PyObject* output = PyObject_Vectorcall(self->forward, args, nargsf, kwnames);
-  if (output == nullptr || self->inert || !self->state->armed()) return output;
+  PyObject* forward = bound_forward(self);
+  if (forward == nullptr) return nullptr;
+  PyObject* output = PyObject_Vectorcall(forward, args, nargsf, kwnames);
+  Py_DECREF(forward);
+  if (output == nullptr || self->sink == nullptr || !self->state->armed()) return output;
   // Dropped on the error path (the recorder raised): the module's output never reaches the caller.
   py::object held = py::reinterpret_steal<py::object>(output);
   HANDLE_TH_ERRORS
   self->state->deliver(self->name, output);
-  return held.release().ptr();
   END_HANDLE_TH_ERRORS
+  return held.release().ptr();
 }
 
 PyObject* traced_forward_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
-  static const char* keywords[] = {"forward", "name", "sink", "owner", nullptr};
-  PyObject *forward, *name, *sink, *owner;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUOO!:TracedForward", const_cast<char**>(keywords), &forward,
-                                   &name, &sink, &PyDict_Type, &owner)) {
+  static const char* keywords[] = {"module", "name", "sink", "previous", "copy_as", nullptr};
+  PyObject *module, *name, *sink, *previous, *copy_as;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUOOO:TracedForward", const_cast<char**>(keywords), &module,
+                                   &name, &sink, &previous, &copy_as)) {
     return nullptr;
   }
-  if (!PyCallable_Check(forward)) {
-    PyErr_Format(PyExc_TypeError, "TracedForward: forward must be callable, got %s", Py_TYPE(forward)->tp_name);
+  if (previous != Py_None && !PyCallable_Check(previous)) {
+    PyErr_Format(PyExc_TypeError, "TracedForward: previous must be None or callable, got %s",
+                 Py_TYPE(previous)->tp_name);
+    return nullptr;
+  }
+  if (!PyCallable_Check(copy_as)) {
+    PyErr_Format(PyExc_TypeError, "TracedForward: copy_as must be callable, got %s", Py_TYPE(copy_as)->tp_name);
     return nullptr;
   }
   ForwardSink* state = nullptr;
@@ -86,38 +111,43 @@ PyObject* traced_forward_new(PyTypeObject* type, PyObject* args, PyObject* kwarg
                  Py_TYPE(sink)->tp_name);
     return nullptr;
   }
+  PyObject* owner = PyObject_GenericGetDict(module, nullptr);
+  if (owner == nullptr) return nullptr;
   auto* self = reinterpret_cast<TracedForwardObject*>(type->tp_alloc(type, 0));
-  if (self == nullptr) return nullptr;
+  if (self == nullptr) {
+    Py_DECREF(owner);
+    return nullptr;
+  }
   self->vectorcall = traced_forward_call;
-  Py_INCREF(forward);
-  Py_INCREF(name);
-  Py_INCREF(sink);
-  Py_INCREF(owner);
-  self->forward = forward;
-  self->name = name;
-  self->sink = sink;
+  self->module = Py_NewRef(module);
+  self->previous = previous == Py_None ? nullptr : Py_NewRef(previous);
+  self->name = Py_NewRef(name);
+  self->sink = Py_NewRef(sink);
   self->owner = owner;
+  self->copy_as = Py_NewRef(copy_as);
   self->state = state;
-  self->inert = 0;
   return reinterpret_cast<PyObject*>(self);
 }
 
 int traced_forward_traverse(PyObject* object, visitproc visit, void* arg) {
   auto* self = reinterpret_cast<TracedForwardObject*>(object);
-  Py_VISIT(self->forward);
+  Py_VISIT(self->module);
+  Py_VISIT(self->previous);
   Py_VISIT(self->name);
   Py_VISIT(self->sink);
   Py_VISIT(self->owner);
+  Py_VISIT(self->copy_as);
   return 0;
 }
 
 int traced_forward_clear(PyObject* object) {
   auto* self = reinterpret_cast<TracedForwardObject*>(object);
-  Py_CLEAR(self->forward);
+  Py_CLEAR(self->module);
+  Py_CLEAR(self->previous);
   Py_CLEAR(self->name);
-  Py_CLEAR(self->sink);
+  Py_CLEAR(self->sink);  // state went with it: never read without sink
   Py_CLEAR(self->owner);
-  self->inert = 1;  // state went with sink
+  Py_CLEAR(self->copy_as);
   return 0;
 }
 
@@ -136,54 +166,63 @@ PyObject* traced_forward_in_place(PyObject* object, PyObject*) {
   return PyBool_FromLong(in_place(reinterpret_cast<TracedForwardObject*>(object)));
 }
 
-// copy.deepcopy and pickle take the forward it replaced: a copied model is not traced (a copy of
-// its hooks' dict would record into the same Tracer; this records nothing instead). The usual
-// forward, the class's bound to the module, is rebuilt as getattr(module, "forward"): a bound
-// method pickles by its function's name, which for a module without a forward of its own
-// (ModuleList's _forward_unimplemented) is no attribute of the module.
+// Its hook was taken off or moved back to a forward hook: from now on it only calls through, and
+// lets go of the Tracer's sink (it may stay inside a wrapper that replaced it, or be put back by one).
+PyObject* traced_forward_detach(PyObject* object, PyObject*) {
+  Py_CLEAR(reinterpret_cast<TracedForwardObject*>(object)->sink);
+  Py_RETURN_NONE;
+}
+
+PyObject* traced_forward_detached(PyObject* object, void*) {
+  return PyBool_FromLong(reinterpret_cast<TracedForwardObject*>(object)->sink == nullptr);
+}
+
+PyObject* traced_forward_wrapped(PyObject* object, void*) {
+  auto* self = reinterpret_cast<TracedForwardObject*>(object);
+  if (self->module == nullptr) Py_RETURN_NONE;
+  return bound_forward(self);
+}
+
+// copy.deepcopy and pickle: a copy of the module is not traced (a copy of its hooks' dict would
+// record into the same Tracer; this records nothing). It gets the forward it replaced, or
+// copy_as(module) (module_hooks.ClassForward: the class's forward, the module held weakly).
 PyObject* traced_forward_reduce(PyObject* object, PyObject*) {
   auto* self = reinterpret_cast<TracedForwardObject*>(object);
-  if (self->forward == nullptr) {
+  if (self->module == nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "TracedForward: copied after it was cleared");
     return nullptr;
   }
-  if (PyMethod_Check(self->forward)) {
-    PyObject* module = PyMethod_GET_SELF(self->forward);
-    PyObject* class_forward = PyObject_GetAttr(reinterpret_cast<PyObject*>(Py_TYPE(module)), forward_string());
-    if (class_forward == nullptr) return nullptr;
-    const bool usual = class_forward == PyMethod_GET_FUNCTION(self->forward);
-    Py_DECREF(class_forward);
-    if (usual) {
-      PyObject* builtins = PyEval_GetBuiltins();  // borrowed
-      PyObject* get_attribute = PyDict_GetItemString(builtins, "getattr");  // borrowed
-      return Py_BuildValue("(O(OO))", get_attribute, module, forward_string());
-    }
-  }
+  if (self->previous == nullptr) return Py_BuildValue("(O(O))", self->copy_as, self->module);
   PyObject* copy_module = PyImport_ImportModule("copy");
   if (copy_module == nullptr) return nullptr;
   PyObject* shallow_copy = PyObject_GetAttrString(copy_module, "copy");
   Py_DECREF(copy_module);
   if (shallow_copy == nullptr) return nullptr;
-  return Py_BuildValue("(N(O))", shallow_copy, self->forward);
+  return Py_BuildValue("(N(O))", shallow_copy, self->previous);
 }
 
 PyObject* traced_forward_repr(PyObject* object) {
   auto* self = reinterpret_cast<TracedForwardObject*>(object);
   return PyUnicode_FromFormat("<TracedForward of %R%s>", self->name ? self->name : Py_None,
-                              self->inert ? " (inert)" : "");
+                              self->sink ? "" : " (detached)");
 }
 
 PyMemberDef traced_forward_members[] = {
-    {"__wrapped__", T_OBJECT, offsetof(TracedForwardObject, forward), READONLY,
-     "The forward it calls (inspect.signature follows it)."},
     {"name", T_OBJECT, offsetof(TracedForwardObject, name), READONLY, "The module's name."},
-    {"inert", T_BOOL, offsetof(TracedForwardObject, inert), 0,
-     "True: it only calls through (its hook was taken off or moved back to a forward hook)."},
+    {nullptr}};
+
+PyGetSetDef traced_forward_getset[] = {
+    {"__wrapped__", traced_forward_wrapped, nullptr, "The forward it calls now (inspect.signature follows it).",
+     nullptr},
+    {"detached", traced_forward_detached, nullptr, "True once detach() was called: it only calls through.",
+     nullptr},
     {nullptr}};
 
 PyMethodDef traced_forward_methods[] = {
     {"in_place", traced_forward_in_place, METH_NOARGS, "Whether it is still its module's forward attribute."},
-    {"__reduce__", traced_forward_reduce, METH_NOARGS, "Copies and pickles as the forward it replaced."},
+    {"detach", traced_forward_detach, METH_NOARGS, "From now on it only calls through (lets go of the sink)."},
+    {"__reduce__", traced_forward_reduce, METH_NOARGS,
+     "Copies and pickles as the forward it replaced, or copy_as(module)."},
     {nullptr}};
 
 // The indices of the wrappers in `forwards` (TracedForwards) that are no longer their module's
@@ -220,9 +259,10 @@ void bind_traced_forward(py::module_& m) {
   type->tp_basicsize = sizeof(TracedForwardObject);
   type->tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL;
   type->tp_doc =
-      "TracedForward(forward, name, sink, owner): a module's forward attribute that calls `forward`\n"
-      "and hands its output to sink.record(name, output) while a run records; owner is the\n"
-      "module's __dict__.";
+      "TracedForward(module, name, sink, previous, copy_as): the module's forward attribute; it calls\n"
+      "`previous` (the forward attribute it replaced) or else the class's forward, and hands the output\n"
+      "to sink.record(name, output) while a run records. copy_as(module): what a copy of the module\n"
+      "gets as its forward.";
   type->tp_vectorcall_offset = offsetof(TracedForwardObject, vectorcall);
   type->tp_call = PyVectorcall_Call;
   type->tp_new = traced_forward_new;
@@ -232,6 +272,7 @@ void bind_traced_forward(py::module_& m) {
   type->tp_repr = traced_forward_repr;
   type->tp_members = traced_forward_members;
   type->tp_methods = traced_forward_methods;
+  type->tp_getset = traced_forward_getset;
   if (PyType_Ready(type) < 0) throw py::error_already_set();
   Py_INCREF(type);
   m.add_object("TracedForward", py::handle(reinterpret_cast<PyObject*>(type)));

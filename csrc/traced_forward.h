@@ -3,9 +3,10 @@
 // hook dicts, the global hooks, the backward-hook checks): on the host-bound proxy (365 hooks,
 // T=8) that costs 1.07-1.09x the hook-free forward before a hook does anything. A TracedForward
 // is instead the module's `forward` instance attribute (so _call_impl keeps its fast path): a C
-// callable (vectorcall) that calls the forward it replaced and hands the output to the run's
-// recorder, which its ForwardSink holds: the C++ Recorder, called directly, any other
-// record(name, output) callable, or nothing outside a run. recon_fast/trace/module_hooks.py
+// callable (vectorcall) that calls the class's forward (looked up at each call, as self.forward
+// would be) or the forward attribute it replaced, and hands the output to the run's recorder,
+// which its ForwardSink holds: the C++ Recorder, called directly, any other record(name, output)
+// callable, or nothing outside a run. recon_fast/trace/module_hooks.py
 // decides which modules take it and puts the forward hook back where it would not see what a
 // hook sees.
 #pragma once

@@ -5,8 +5,10 @@ registered before ours replaces the output; global hooks; a wrapper that replace
 module's forward as it was once the hooks come off; copies and signatures."""
 
 import copy
+import gc
 import inspect
 import pickle
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -154,7 +156,7 @@ def test_a_wrapper_that_replaced_ours_sends_it_back_to_a_forward_hook_without_do
     model.layers[2].__dict__.pop("forward")  # or removes it, restoring the class's
     tracer.run(x)
     assert _parked(model) == ["layers.0"]  # layers.1: someone else's forward; layers.2: none
-    assert ours.inert
+    assert ours.detached
     assert tracer.cube.layer_names == ["layers.0", "layers.1", "layers.2"]  # each once
     np.testing.assert_allclose(tracer.cube.data[:, 0, :, 0], np.sqrt(8.0) * np.array([[2.0] * 4, [4.0] * 4, [8.0] * 4]))
     tracer.clear_hooks()
@@ -247,3 +249,87 @@ def test_a_model_compiled_by_hand_while_hooks_are_parked_runs_right_outside_the_
         tracer.run(tokens)
         assert _parked(model) and len(tracer.cube.layer_names) > 0
     torch._dynamo.reset()
+
+
+def test_a_class_forward_patched_while_hooks_are_parked_is_followed():
+    class Double(nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    model, x = nn.Sequential(Double()), torch.ones(1, 3, 4)
+    with Tracer(model, layers=["0"]) as tracer:
+        assert _parked(model) == ["0"]
+        Double.forward = lambda self, x: x * 100.0  # e.g. a kernel library swapping a class's forward
+        torch.testing.assert_close(tracer.run(x), x * 100.0)
+        np.testing.assert_allclose(_energy(tracer.cube, "0"), 200.0)
+        model[0].__class__ = Scale  # and a swapped class
+        torch.testing.assert_close(tracer.run(x), x * 2.0)
+
+
+def test_only_one_tracer_parks_on_a_module_and_either_comes_off_cleanly():
+    model, x = Chain(), torch.ones(1, 4, 8)
+    first = Tracer(model, layers=["layers.0"])
+    second = Tracer(model, layers=["layers.0"])
+    assert _parked(model) == ["layers.0"] and len(model.layers[0]._forward_hooks) == 1  # the second's hook
+    first.clear_hooks()
+    handle = model.layers[0].register_forward_hook(lambda m, a, out: out * 0.0, prepend=True)
+    second.run(x)
+    np.testing.assert_array_equal(_energy(second.cube, "layers.0"), 0.0)  # the prepended hook ran first
+    handle.remove()
+    second.clear_hooks()
+    assert tracer_hooks_on(model) == 0 and "forward" not in model.layers[0].__dict__
+    assert type(model.layers[0]._forward_hooks) is OrderedDict
+    # The other way round: the parked one outlives the forward hook.
+    first, second = Tracer(model, layers=["layers.0"]), Tracer(model, layers=["layers.0"])
+    second.clear_hooks()
+    first.run(x)
+    np.testing.assert_allclose(_energy(first.cube, "layers.0"), 2.0 * np.sqrt(8.0))
+    first.clear_hooks()
+    assert tracer_hooks_on(model) == 0 and type(model.layers[0]._forward_hooks) is OrderedDict
+
+
+def test_copies_of_a_traced_model_free_without_the_cycle_collector_and_keep_foreign_forwards():
+    class Scaler:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def run(self, x):
+            return self.layer.__class__.forward(self.layer, x) * 3.0
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[0].forward = Scaler(model[0]).run  # a bound method of another object, as some wrappers set
+    x = torch.ones(1, 2, 4)
+    with torch.no_grad():
+        expected = model(x)
+    with Tracer(model, layers=["0", "1"]):
+        assert _parked(model) == ["0", "1"]
+        copied = copy.deepcopy(model)
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), expected)
+        weight = weakref.ref(copied[1].weight)
+        gc.disable()
+        try:
+            del copied
+            assert weight() is None  # no reference cycle through a copied forward
+        finally:
+            gc.enable()
+
+
+def test_a_detached_wrapper_put_back_by_someone_else_only_calls_through():
+    model, x = Chain(), torch.ones(1, 4, 8)
+    tracer = Tracer(model, layers=["layers.0"])
+    ours = model.layers[0].__dict__["forward"]
+    model.layers[0]._old_forward = ours  # accelerate's add_hook_to_module keeps the forward it replaces
+    model.layers[0].forward = lambda *args, **kwargs: model.layers[0]._old_forward(*args, **kwargs)
+    tracer.run(x)  # ours was replaced: a forward hook from now on
+    assert ours.detached and len(tracer.cube.layer_names) == 1
+    tracer.clear_hooks()
+    model.layers[0].forward = model.layers[0]._old_forward  # remove_hook_from_module puts it back
+    del model.layers[0]._old_forward
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x * 8.0)
+    assert tracer_hooks_on(model) == 0
+    gone = weakref.ref(tracer._sink.forwards)
+    del tracer
+    gc.collect()
+    assert gone() is None  # the wrapper left on the module holds no Tracer's sink

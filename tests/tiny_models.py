@@ -81,7 +81,7 @@ def tracer_hooks_on(model: torch.nn.Module) -> int:
 
     parked = sum(1 for m in model.modules()
                  if TracedForward is not None and isinstance(m.__dict__.get("forward"), TracedForward)
-                 and not m.__dict__["forward"].inert)
+                 and not m.__dict__["forward"].detached)
     return sum(len(m._forward_hooks) for m in model.modules()) + parked
 
 

@@ -21,9 +21,14 @@ module's hook dict is a HookDict, which notes prepended hooks. Before each run
 since and before the others, when its module got a prepended hook, when a global forward hook
 exists, or when its wrapper is no longer the module's forward (something replaced or removed it,
 e.g. accelerate's remove_hook_from_module restoring the forward it saved). The wrapper is then
-made inert, so that if it is still called inside another wrapper it only calls through. Two
-differences are left: a parent that calls a child's forward() directly (not the module itself) is
-recorded by the wrapper, not by a hook; and a model compiled by hand (torch.compile(model), the
+detached (it lets go of the Tracer's sink), so that if it is still called inside another wrapper,
+or put back by one, it only calls through. The wrapper calls the class's forward as `self.forward`
+would, looked up at each call (a class patched later, or a __class__ swapped, is followed), or the
+forward attribute it replaced. Only one Tracer parks on a module: another one's hook on it is a
+forward hook. Three differences are left: a parent that calls a child's forward() directly (not
+the module itself) is recorded by the wrapper, not by a hook; a shallow copy of the module (its
+__dict__ copied: copy.copy, nn.DataParallel's replicas) calls the original module, so a Tracer of
+an nn.DataParallel hooks with forward hooks; and a model compiled by hand (torch.compile(model), the
 Tracer holding the eager model) and called outside the Tracer while hooks are parked breaks its
 graph at each parked module (dynamo cannot trace into a C callable; the outputs are right):
 compile it before adding hooks, or give the Tracer the compiled model, and they are forward hooks.
@@ -32,6 +37,7 @@ compile it before adding hooks, or give the Tracer the compiled model, and they 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -54,6 +60,29 @@ def global_forward_hooks() -> bool:
     return bool(module_globals._global_forward_hooks)
 
 
+class ClassForward:
+    """What a copy (copy.deepcopy, pickle) of a module with a parked hook gets as its forward
+    attribute: the class's forward, looked up at each call, with the module held weakly (a bound
+    method there would keep every copied module in a reference cycle). Not traced."""
+
+    __slots__ = ("_module", "__weakref__")
+
+    def __init__(self, module: nn.Module):
+        self._module = weakref.ref(module)
+
+    def __call__(self, *args, **kwargs):
+        module = self._module()
+        return type(module).forward(module, *args, **kwargs)
+
+    @property
+    def __wrapped__(self):  # inspect.signature follows it
+        module = self._module()
+        return type(module).forward.__get__(module)
+
+    def __reduce__(self):
+        return ClassForward, (self._module(),)
+
+
 class HookDict(OrderedDict):
     """A parked module's _forward_hooks: an OrderedDict, as torch's, that notes the hooks moved to
     the front (register_forward_hook(prepend=True)) and tells `alerts` (the Tracer's list), since
@@ -63,6 +92,7 @@ class HookDict(OrderedDict):
         super().__init__()
         self.alerts = alerts
         self.prepended: set[int] = set()
+        self.parked = False  # a Tracer's hook on the module is parked (only one Tracer parks there)
 
     def move_to_end(self, key, last: bool = True) -> None:
         super().move_to_end(key, last)
@@ -89,8 +119,9 @@ class ModuleHook:
         self.handle = module.register_forward_hook(hook)
         self.wrapper = None  # the TracedForward, while parked
         self._previous = _ABSENT
+        alerts = alerts if alerts is not None else []
         if sink is not None and self._fit_for_wrapper():
-            self._park(name, sink, alerts if alerts is not None else [])
+            self._park(name, sink, alerts)
 
     @property
     def id(self) -> int:
@@ -104,6 +135,10 @@ class ModuleHook:
         module = self.module
         if TracedForward is None or list(module._forward_hooks) != [self.handle.id] or global_forward_hooks():
             return False
+        # Another Tracer's wrapper (parked, or left detached inside someone's): ours is a forward hook.
+        hooks = module._forward_hooks
+        if isinstance(module.__dict__.get("forward"), TracedForward) or (isinstance(hooks, HookDict) and hooks.parked):
+            return False
         if isinstance(module, torch.jit.ScriptModule):  # its forward is compiled
             return False
         # A forward defined as a property (or any data descriptor) would not be replaced by an
@@ -114,7 +149,8 @@ class ModuleHook:
     def _park(self, name: str, sink, alerts: list) -> None:
         module = self.module
         self._previous = module.__dict__.get("forward", _ABSENT)
-        self.wrapper = TracedForward(module.forward, name, sink, module.__dict__)
+        previous = None if self._previous is _ABSENT else self._previous
+        self.wrapper = TracedForward(module, name, sink, previous, ClassForward)
         module.__dict__["forward"] = self.wrapper
         # Its hook dict held only our hook: from now on a HookDict, empty (nn.Module's fast path).
         hooks = module._forward_hooks
@@ -122,7 +158,8 @@ class ModuleHook:
             del hooks[self.handle.id]
             hooks.alerts, hooks.prepended = alerts, set()
         else:
-            module.__dict__["_forward_hooks"] = HookDict(alerts)
+            hooks = module.__dict__["_forward_hooks"] = HookDict(alerts)
+        hooks.parked = True
 
     def unpark(self) -> None:
         """Back to a forward hook: after the hooks prepended since it was parked, before those
@@ -138,24 +175,30 @@ class ModuleHook:
             OrderedDict.move_to_end(hooks, key, last=False)
 
     def remove(self) -> None:
+        hooks = self.module._forward_hooks
         if self.wrapper is not None:
             self._take_off_wrapper()
         # The module's hook dict may be a HookDict made after the handle: removed from it by id.
-        hooks = self.module._forward_hooks
         hooks.pop(self.handle.id, None)
         self.handle.remove()
-        if isinstance(hooks, HookDict) and not hooks:  # no handle needs it now: the module as found
-            self.module.__dict__["_forward_hooks"] = OrderedDict()
+        if isinstance(hooks, HookDict) and not hooks.parked:
+            if not hooks:  # no handle needs it now: the module as found
+                self.module.__dict__["_forward_hooks"] = OrderedDict()
+            else:  # others' hooks, whose handles hold it: it stays, telling no Tracer
+                hooks.alerts, hooks.prepended = [], set()
 
     def _take_off_wrapper(self) -> None:
         wrapper, self.wrapper = self.wrapper, None
-        wrapper.inert = True
+        wrapper.detach()
+        hooks = self.module._forward_hooks
+        if isinstance(hooks, HookDict):
+            hooks.parked = False
         if wrapper.in_place():
             if self._previous is _ABSENT:
                 del self.module.__dict__["forward"]
             else:
                 self.module.__dict__["forward"] = self._previous
-        # Not in place: whatever replaced it may still call it; inert, it only calls through.
+        # Not in place: whatever replaced it may still call it; detached, it only calls through.
         self._previous = _ABSENT
 
 

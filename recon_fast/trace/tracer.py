@@ -172,8 +172,10 @@ class Tracer:
         if name in self.hooks:
             return
         module = presets.resolve_module(self.model, name)
-        # A compiled model's graph calls the hooks (dynamo cannot trace into the wrapper).
-        sink = None if self._is_compiled() else self._sink.forwards
+        # A compiled model's graph calls the hooks (dynamo cannot trace into the wrapper), and
+        # nn.DataParallel's replicas copy a module's __dict__ (the wrapper would run the original).
+        parkable = not self._is_compiled() and not isinstance(self.model, nn.DataParallel)
+        sink = self._sink.forwards if parkable else None
         self.hooks[name] = ModuleHook(module, name, self._make_hook(name), sink, self._prepended)
         self._group_ends = self._parked = None  # worked out again at the next run
 
