@@ -110,7 +110,7 @@ second-torch-check:
 		C.token_stats_rows_grouped_into(xs, a, [0, 3]); torch.ops.recon_fast.token_stats_rows_grouped(xs, b, [0, 3]); \
 		assert torch.equal(a, b), 'direct launcher != op'; \
 		lin, sink, seen = torch.nn.Linear(2, 2), C.ForwardSink(), []; \
-		lin.forward = C.TracedForward(lin.forward, 'lin', sink, lin.__dict__); sink.record = lambda n, o: seen.append(n); \
+		lin.forward = C.TracedForward(lin, 'lin', sink, None, type); sink.record = lambda n, o: seen.append(n); \
 		assert lin(torch.ones(1, 2)).shape == (1, 2) and seen == ['lin'], 'TracedForward did not record'; \
 		print(f'second-torch-check: built against torch {torch.__version__} (CUDA {torch.version.cuda}), linked and loaded {path}')"
 
