@@ -4,34 +4,35 @@ every call of the module down nn.Module's hook path.
 
 Why: one forward hook on a module makes each of its calls take _call_impl's slow path (the hook
 dicts, the global hooks, the backward-hook checks). On the host-bound proxy (365 hooks, T=8) an
-empty Python hook on every module costs 1.07-1.09x the hook-free forward; a C wrapper of forward
-costs ~1.01x. The wrapper calls the forward it replaced and hands the output to the run's
-recorder, as the hook would.
+empty Python hook on every module costs 1.06-1.09x the hook-free forward; the C wrapper ~1.01x.
+It calls the class's forward, looked up at each call as `self.forward` would be (a class patched
+later, or a __class__ swapped, is followed), or the forward attribute it replaced (accelerate's),
+and hands the output to the run's recorder, as the hook would.
 
 When a module takes the wrapper ("parked": its forward hook is registered, so it keeps its place
 among the module's hooks, then taken out of the module's hook dict):
-- the compiled library has TracedForward, and the Tracer is not tracing a compiled model (dynamo
-  would break its graph at a C callable; compiled runs use the hooks: unpark);
-- the module has no other forward hook and there is no global forward hook (a hook registered
-  before ours may replace the output, and ours must see what it returns).
+- the compiled library has TracedForward, and the Tracer's model is neither compiled (dynamo would
+  break its graph at a C callable; compiled runs use the hooks) nor an nn.DataParallel (replicas
+  copy a module's __dict__, and the wrapper would run the original);
+- the module has no other forward hook, no other Tracer parks there, and there is no global
+  forward hook (a hook registered before ours may replace the output, and ours must see what it
+  returns).
 A hook added to the module later is registered after ours: appended, it runs after ours, so the
 wrapper records what the hook would; prepended (prepend=True), it must run before ours. A parked
-module's hook dict is a HookDict, which notes prepended hooks. Before each run
-(check_before_run), a parked hook goes back to being a forward hook, after the hooks prepended
-since and before the others, when its module got a prepended hook, when a global forward hook
-exists, or when its wrapper is no longer the module's forward (something replaced or removed it,
-e.g. accelerate's remove_hook_from_module restoring the forward it saved). The wrapper is then
-detached (it lets go of the Tracer's sink), so that if it is still called inside another wrapper,
-or put back by one, it only calls through. The wrapper calls the class's forward as `self.forward`
-would, looked up at each call (a class patched later, or a __class__ swapped, is followed), or the
-forward attribute it replaced. Only one Tracer parks on a module: another one's hook on it is a
-forward hook. Three differences are left: a parent that calls a child's forward() directly (not
-the module itself) is recorded by the wrapper, not by a hook; a shallow copy of the module (its
-__dict__ copied: copy.copy, nn.DataParallel's replicas) calls the original module, so a Tracer of
-an nn.DataParallel hooks with forward hooks; and a model compiled by hand (torch.compile(model), the
-Tracer holding the eager model) and called outside the Tracer while hooks are parked breaks its
-graph at each parked module (dynamo cannot trace into a C callable; the outputs are right):
-compile it before adding hooks, or give the Tracer the compiled model, and they are forward hooks.
+module's hook dict is a HookDict, which notes prepended hooks. Before each run (ParkedHooks.
+check_before_run) a parked hook goes back to being a forward hook, after the hooks prepended since
+and before the others, when its module got a prepended hook, when a global forward hook exists, or
+when its wrapper is no longer the module's forward (something replaced or removed it, e.g.
+accelerate's remove_hook_from_module restoring the forward it saved). The wrapper is then detached
+(it lets go of the Tracer's sink): still called inside another wrapper, or put back by one, it
+only calls through.
+
+Differences left: a parent that calls a child's forward() directly (not the module itself) is
+recorded by the wrapper, where a hook would not fire; a shallow copy of the module (copy.copy)
+calls the original module; and a model compiled by hand (torch.compile(model), the Tracer holding
+the eager model) and called outside the Tracer while hooks are parked breaks its graph at each
+parked module (its outputs are right): compile it before adding hooks, or give the Tracer the
+compiled model, and they are forward hooks. Copies (deepcopy, pickle) are not traced.
 """
 
 from __future__ import annotations
