@@ -63,6 +63,25 @@ def test_parked_hooks_give_the_forward_hooks_cube(family, monkeypatch):
     assert cube.meta.get("skipped") == hooks_cube.meta.get("skipped")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parked_hooks_give_the_forward_hooks_cube_on_cuda(dtype, monkeypatch):
+    """The same on a GPU, where the run's outputs are grouped (grouped=None) and the recorder
+    writes through the CUDA launchers."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = make_model("llama").to("cuda", dtype)
+    tokens = _ids().cuda()
+    hooks_cube = _hook_only_cube(model, monkeypatch, tokens)
+    with Tracer(model) as tracer:
+        tracer.add_hooks_all()
+        assert _parked(model) == list(tracer.hooks)
+        tracer.run(tokens)
+        cube = tracer.cube
+    assert cube.layer_names == hooks_cube.layer_names
+    np.testing.assert_array_equal(cube.data, hooks_cube.data)
+
+
 class Scale(nn.Module):
     def forward(self, x):
         return x * 2.0
