@@ -205,12 +205,8 @@ def test_a_token_statistic_with_its_formula_reaches_every_file_with_no_other_edi
         streamed = json.load(open(out + "/s.json"))
         cube.to_html(out + "/c.html")
         texts = [" ".join(f"t{{j}}" for j in range(2, 2 + n)) for n in (3, 5, 4)]
-        from transformers import PreTrainedTokenizerFast
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        core = Tokenizer(models.WordLevel({{f"t{{i}}": i for i in range(VOCAB)}}, unk_token="t1"))
-        core.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t0", eos_token="t0", unk_token="t1",
-                                      pad_token="t0")
+        from tiny_models import word_tokenizer
+        tok = word_tokenizer()
         manifest = trace_dataset(model, tok, texts, out + "/ds", max_tokens=16, batch_tokens=64)
         import pyarrow.parquet as pq
         columns = pq.read_table(out + "/ds/activations").column_names
@@ -268,12 +264,8 @@ def test_an_attention_statistic_with_its_formula_reaches_every_file_with_no_othe
             assert np.array_equal(back.attention_data, cube.attention_data, equal_nan=True), name
         doc = json.load(open(out + "/c.json"))
         cube.to_html(out + "/c.html")
-        from transformers import PreTrainedTokenizerFast
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        core = Tokenizer(models.WordLevel({{f"t{{i}}": i for i in range(VOCAB)}}, unk_token="t1"))
-        core.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t0", eos_token="t0", unk_token="t1",
-                                      pad_token="t0")
+        from tiny_models import word_tokenizer
+        tok = word_tokenizer()
         texts = [" ".join(f"t{{j}}" for j in range(2, 2 + n)) for n in (3, 5, 4)]
         manifest = trace_dataset(model, tok, texts, out + "/ds", max_tokens=16, batch_tokens=64, attention="stats")
         import pyarrow.parquet as pq
