@@ -128,10 +128,6 @@ class ModuleHook:
     def id(self) -> int:
         return self.handle.id
 
-    @property
-    def parked(self) -> bool:
-        return self.wrapper is not None
-
     def _fit_for_wrapper(self) -> bool:
         module = self.module
         if TracedForward is None or list(module._forward_hooks) != [self.handle.id] or global_forward_hooks():
@@ -229,10 +225,11 @@ class ParkedHooks:
                 alerted = {id(d) for d in alerts if d.has_prepended()}
                 unparked += [h for h in hooks if id(h.module._forward_hooks) in alerted and h not in unparked]
         alerts.clear()
-        self.unpark(unparked)
+        for hook in unparked:
+            hook.unpark()
         return bool(unparked)
 
-    @staticmethod
-    def unpark(hooks: Iterable[ModuleHook]) -> None:
-        for hook in hooks:
+    def unpark_all(self) -> None:
+        """Every parked hook back to a forward hook (a compiled run's graph calls the hooks)."""
+        for hook in self.hooks:
             hook.unpark()

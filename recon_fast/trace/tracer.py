@@ -334,7 +334,7 @@ class Tracer:
         if self._parked is None:
             self._parked = module_hooks.ParkedHooks(self.hooks.values())
         if self._is_compiled():
-            self._parked.unpark(self._parked.hooks)  # the graph calls the hooks
+            self._parked.unpark_all()
             self._parked = None
             return self._traced_compiled(forward, call, session)
         if self._parked.check_before_run(self._prepended):
