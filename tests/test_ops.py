@@ -180,6 +180,25 @@ def test_nan_and_inf_stay_in_their_row(device, dtype, dim):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fast_careful_and_non_finite_rows_mixed_across_row_blocks(device, dtype):
+    # The CPU kernel finishes rows 16 at a time and redoes the careful and non-finite ones one by
+    # one: 37 rows (two whole blocks and a part) where every third has an outlier first element
+    # and two hold NaN/Inf, at positions that are not block-aligned.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(37, 300, generator=g) + 0.25
+    x[::3, 0] = 2000.0
+    x[17, 5] = float("nan")
+    x[34, 0] = float("inf")
+    x = x.to(dtype).to(device)
+    got = token_stats(x).cpu()
+    finite_rows = [r for r in range(37) if r not in (17, 34)]
+    assert_stats_close(got[finite_rows], x[finite_rows].cpu())
+    assert_stats_close(got, x.cpu())
+    assert torch.isnan(got[17]).all() and got[34, 0] == float("inf")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_single_element_rows_give_nan_std_like_torch(device):
     x = torch.tensor([[2.0], [-3.0]], device=device)
     got = token_stats(x).cpu()
