@@ -6,10 +6,12 @@
 
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstring>
 #include <utility>
 
 #include "garbage_collected.h"
 #include "token_stats_direct.h"
+#include "token_stats_problem.h"
 
 namespace recon_fast::direct {
 
@@ -88,8 +90,9 @@ void Recorder::record(py::handle name, py::handle output) {
     const int64_t held = other_bytes_ + own_bytes_;
     if (held > peak_) peak_ = held;
     if (held >= group_bytes_) launch_group();
-  } else {
+  } else if (!copy_repeat(x, row0, rows)) {
     write(x, row0);
+    remember_written(x, row0);
   }
   if (queued && contains(group_ends_, name)) launch_group();
   log_.push_back({py::reinterpret_borrow<py::object>(name), axis, batch, tokens, chunk, row0, rows, step, device, {}});
@@ -99,6 +102,40 @@ void Recorder::record(py::handle name, py::handle output) {
 void Recorder::write(const at::Tensor& x, int64_t row0) {
   py::gil_scoped_release no_gil;  // as the direct launcher's binding does
   token_stats_rows_into(x, last_, row0);
+}
+
+bool Recorder::copy_repeat(const at::Tensor& x, int64_t row0, int64_t rows) {
+  // The weak reference keeps the TensorImpl's memory, so equal addresses while it is alive mean
+  // the same tensor object; the view (its data, shape and strides) is checked as well, since a
+  // few in-place ops (resize_, as_strided_) change it without moving the version.
+  if (last_written_._unsafe_get_target() != x.unsafeGetTensorImpl() || last_written_.expired() ||
+      x._version() != last_written_version_ || index_ != last_written_chunk_ ||
+      x.data_ptr() != last_written_data_ || x.sizes() != c10::IntArrayRef(last_written_sizes_) ||
+      x.strides() != c10::IntArrayRef(last_written_strides_)) {
+    return false;
+  }
+  float* stats = last_.data_ptr<float>();
+  constexpr int64_t kStats = kNumStats;  // floats in a chunk row
+  std::memcpy(stats + row0 * kStats, stats + last_written_row0_ * kStats, sizeof(float) * kStats * rows);
+  ++repeats_;
+  return true;
+}
+
+void Recorder::remember_written(const at::Tensor& x, int64_t row0) {
+  // Only where a row copy is a memcpy: a CPU chunk, [capacity, 5] contiguous.
+  if (!x.is_cpu() || x.is_inference() || !last_.is_contiguous()) return;
+  last_written_ = decltype(last_written_)(x.getIntrusivePtr());
+  last_written_version_ = x._version();
+  last_written_row0_ = row0;
+  last_written_chunk_ = index_;
+  last_written_data_ = x.data_ptr();
+  last_written_sizes_.assign(x.sizes().begin(), x.sizes().end());
+  last_written_strides_.assign(x.strides().begin(), x.strides().end());
+}
+
+void Recorder::forget_written() {
+  last_written_.reset();
+  last_written_chunk_ = -1;
 }
 
 bool Recorder::lend(py::handle x) {
@@ -148,6 +185,7 @@ bool Recorder::lend(py::handle x) {
 void Recorder::give_back() {
   if (!holding_) return;
   holding_ = false;
+  forget_written();  // the arena may write or move the chunk's rows until it lends it again
   py::list pending;
   for (Pending& p : pending_) {
     py::object x = py::reinterpret_steal<py::object>(THPVariable_Wrap(p.x));
@@ -163,8 +201,9 @@ void Recorder::give_back() {
   if (peak_ > arena_.attr("peak_pending_bytes").cast<int64_t>()) arena_.attr("peak_pending_bytes") = peak_;
   arena_.attr("launches") = arena_.attr("launches").cast<int64_t>() + launches_;
   arena_.attr("launched") = arena_.attr("launched").cast<int64_t>() + launched_;
+  arena_.attr("repeats") = arena_.attr("repeats").cast<int64_t>() + repeats_;
   arena_.attr("_lent") = py::none();
-  own_bytes_ = other_bytes_ = launches_ = launched_ = 0;
+  own_bytes_ = other_bytes_ = launches_ = launched_ = repeats_ = 0;
 }
 
 void Recorder::launch_group() {
@@ -259,6 +298,7 @@ int Recorder::traverse(visitproc visit, void* arg) const {
 
 void Recorder::clear() {
   pending_.clear();
+  forget_written();
   holding_ = false;
   arena_ = fallback_ = group_ends_ = eager_ = on_hook = chunks_ = py::none();
 }

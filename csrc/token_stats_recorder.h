@@ -77,6 +77,9 @@ class __attribute__((visibility("hidden"))) Recorder {
     py::object call;  // a Python recorder's Call (add); null for the calls taken here
   };
 
+  bool copy_repeat(const at::Tensor& x, int64_t row0, int64_t rows);  // see last_written_
+  void remember_written(const at::Tensor& x, int64_t row0);
+  void forget_written();
   bool lend(py::handle x);      // asks the arena for x's device cursor; false: not one served here
   void launch_group();          // the arena's launch(): every device's queued group
   void launch_own();            // the lent device's group, one grouped launch
@@ -96,7 +99,18 @@ class __attribute__((visibility("hidden"))) Recorder {
   std::vector<Pending> pending_;
   int64_t own_bytes_ = 0;    // of pending_
   int64_t other_bytes_ = 0;  // queued on other devices when lent (they cannot change meanwhile)
-  int64_t peak_ = 0, group_bytes_ = 0, launches_ = 0, launched_ = 0;
+  int64_t peak_ = 0, group_bytes_ = 0, launches_ = 0, launched_ = 0, repeats_ = 0;
+
+  // The last output written at its hook on the CPU, held weakly (its TensorImpl cannot be reused
+  // for another tensor while this is held, and its storage is not kept). Modules often return a
+  // child's output itself (a Llama MLP returns down_proj's tensor, its attention o_proj's as the
+  // first item): when a call brings that tensor again, unchanged (same _version) and viewed the
+  // same way, its rows are copied from the earlier call's rows instead of read again.
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> last_written_{
+      c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+  int64_t last_written_version_ = -1, last_written_row0_ = -1, last_written_chunk_ = -1;
+  const void* last_written_data_ = nullptr;
+  c10::SmallVector<int64_t, 4> last_written_sizes_, last_written_strides_;
 
   std::vector<at::Device> refused_;      // devices the arena did not lend (no direct launchers)
   std::vector<at::Device> device_keys_;  // the devices of the log's entries

@@ -131,6 +131,9 @@ class StatsArena:
         self.peak_pending_bytes = 0  # the most they held at once in this arena's life
         self.launches = 0  # grouped launches made
         self.launched = 0  # activations they computed
+        # Calls whose output was the tensor an earlier call had just written, unchanged: their rows
+        # were copied, not computed again (the C++ Recorder's at-hook path on the CPU).
+        self.repeats = 0
         self._lent = None  # the C++ Recorder holding a device's cursor (_lend), if one does
 
     def _take_back(self) -> None:

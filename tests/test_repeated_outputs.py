@@ -1,0 +1,122 @@
+"""A module that returns its child's output itself (a Llama MLP returns down_proj's tensor, its
+attention o_proj's as the first item): on the CPU, at the hook, the C++ recorder copies the
+child's rows for it instead of reading the activation again (StatsArena.repeats counts them).
+The copy must be taken only for the very same, unchanged tensor viewed the same way."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recon_fast import Tracer
+from recon_fast.kernels.token_stats import token_stats_ref
+from recon_fast.trace.stats_arena import StatsArena
+
+from tiny_models import VOCAB, make_model
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.recon_fast, "token_stats_rows"), reason="no extension")
+
+
+@pytest.fixture
+def arenas(monkeypatch):
+    made: list[StatsArena] = []
+    init = StatsArena.__init__
+
+    def spied_init(arena, *args, **kwargs):
+        init(arena, *args, **kwargs)
+        made.append(arena)
+
+    monkeypatch.setattr(StatsArena, "__init__", spied_init)
+    return made
+
+
+def _same_tensor_as_previous_call(model, call) -> int:
+    """How many module calls return (as output or its first item) the very tensor the call before
+    them returned: the copies an at-hook recorder may make. Counted in a run of its own, with plain
+    hooks on every module, so that the Tracer's run keeps its parked hooks. Only the outputs the C++
+    recorder takes count (a plain tensor, or a tuple starting with one; a ModelOutput goes to the
+    Python recorder)."""
+    previous, count, handles = [None], [0], []
+
+    def hook(module, inputs, output):
+        t = output[0] if type(output) is tuple and output else output
+        if type(t) is not torch.Tensor or t.dim() != 3:
+            return
+        count[0] += t is previous[0]
+        previous[0] = t
+
+    handles = [m.register_forward_hook(hook) for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    return count[0]
+
+
+def test_llama_modules_returning_a_childs_tensor_get_its_rows_copied(arenas):
+    model = make_model("llama")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = _same_tensor_as_previous_call(model, lambda: model(ids))
+    assert expected >= 2 * model.config.num_hidden_layers  # mlp and self_attn in every layer
+    tracer = Tracer(model, grouped=False)
+    tracer.add_hooks_all()
+    tracer.run(ids)
+    assert sum(arena.repeats for arena in arenas) == expected
+    names = tracer.cube.layer_names
+    for layer in range(model.config.num_hidden_layers):
+        mlp, down = names.index(f"model.layers.{layer}.mlp"), names.index(f"model.layers.{layer}.mlp.down_proj")
+        np.testing.assert_array_equal(tracer.cube.layer(mlp), tracer.cube.layer(down))
+    # Grouped, every output is read (queued outputs are not compared): the same numbers.
+    grouped = Tracer(model, grouped=True)
+    grouped.add_hooks_all()
+    arenas.clear()
+    grouped.run(ids)
+    assert sum(arena.repeats for arena in arenas) == 0
+    np.testing.assert_array_equal(grouped.cube.data, tracer.cube.data)
+
+
+class ReturnsItsChildsOutput(nn.Module):
+    """Returns the inner Linear's output itself, after `change` (in place, or not at all)."""
+
+    def __init__(self, change=None):
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.change = change
+
+    def forward(self, x):
+        y = self.inner(x)
+        return self.change(y) if self.change else y
+
+
+def _restrided_keeping_version(y):
+    # Every in-place view change in torch moves the version; were one not to (here the version is
+    # set back by hand), the new view must still be told apart from the one whose rows were written.
+    version = y._version
+    y.as_strided_((1, 5, 4), (40, 8, 2))
+    torch._C._autograd._unsafe_set_version_counter((y,), (version,))
+    return y
+
+
+@pytest.mark.parametrize("change, repeats", [
+    (None, 1),
+    (lambda y: y.mul_(3.0), 0),  # edited in place: its version moved
+    (lambda y: _restrided_keeping_version(y), 0),  # viewed anew in place, version unmoved
+    (lambda y: y[:, 1:], 0),  # another tensor (a view)
+], ids=["unchanged", "edited", "restrided", "view"])
+def test_only_the_same_unchanged_tensor_is_copied(change, repeats, arenas):
+    torch.manual_seed(0)
+    model = nn.Sequential(ReturnsItsChildsOutput(change)).eval()
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        inner = model[0].inner(x).clone()
+        outer = model(x).clone()
+    tracer = Tracer(model, grouped=False)
+    tracer.add_hooks_all()
+    tracer.run(x)
+    assert tracer.cube.layer_names == ["0.inner", "0"]
+    assert sum(arena.repeats for arena in arenas) == repeats
+    for layer, seen in ((0, inner), (1, outer)):
+        got = tracer.cube.layer(layer)[:, : seen.shape[1]]
+        np.testing.assert_allclose(got, token_stats_ref(seen, float64=True).numpy(), rtol=2e-5, atol=1e-6)
