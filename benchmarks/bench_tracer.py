@@ -14,6 +14,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from original_recon_trace import OriginalReconTracer  # noqa: E402
 
 LENGTHS = [int(t) for t in os.environ.get("RECON_BENCH_TOKENS", "128,512,2048").split(",")]
+# Rounds of the interleaved ratio: each is ~1% apart from the next on a shared 2-core machine, so
+# a figure to compare with a 2% target wants 20 or more.
+ROUNDS = int(os.environ.get("RECON_BENCH_ROUNDS", "9"))
 
 
 @pytest.fixture(scope="module")
@@ -87,29 +90,42 @@ def test_traced_over_untraced_interleaved(benchmark, record_measure, smollm2, le
     tracer = Tracer(model)
     tracer.add_hooks_all()
     ratios: dict[str, list[float]] = {"grouped": [], "immediate": []}
+    fastest = {None: float("inf"), True: float("inf"), False: float("inf")}
     group = f"SmolLM2 traced/untraced interleaved, T={length}"
 
+    order = [None, True, False]  # None: the untraced forward; reversed every round (drift cancels)
+
     def round_():
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(ids)
-        untraced = time.perf_counter() - start
-        for grouped in (True, False):
-            tracer.grouped = grouped
+        times = {}
+        for side in order:
+            tracer.grouped = side
             start = time.perf_counter()
-            tracer.run(ids)
-            ratios["grouped" if grouped else "immediate"].append((time.perf_counter() - start) / untraced)
+            if side is None:
+                with torch.no_grad():
+                    model(ids)
+            else:
+                tracer.run(ids)
+            times[side] = time.perf_counter() - start
+            fastest[side] = min(fastest[side], times[side])
+        order.reverse()
+        for grouped in (True, False):
+            ratios["grouped" if grouped else "immediate"].append(times[grouped] / times[None])
         tracer.grouped = None  # the default: at the hook on the CPU, grouped on CUDA
 
     try:
         round_()  # warm-up
         for values in ratios.values():
             values.clear()
+        fastest.update(dict.fromkeys(fastest, float("inf")))
         benchmark.group = group
-        benchmark.pedantic(round_, rounds=9, iterations=1)
+        benchmark.pedantic(round_, rounds=ROUNDS, iterations=1)
     finally:
         tracer.clear_hooks()
     for name, values in ratios.items():
         record_measure(group, f"{name}: lowest round", min(values), "x")
         record_measure(group, f"{name}: median round (the overhead)", statistics.median(values), "x")
         record_measure(group, f"{name}: highest round", max(values), "x")
+        # Contention on a shared machine only ever slows a run down: the fastest run of each side
+        # is the least disturbed, and their ratio a second estimate beside the median.
+        record_measure(group, f"{name}: fastest traced / fastest untraced", fastest[name == "grouped"] / fastest[None],
+                       "x")
