@@ -16,6 +16,10 @@ CASES = [
     ("cpu", (8192, 4096), torch.float32),
     ("cpu", (8192, 4096), torch.bfloat16),
     ("cpu", (32768, 576), torch.float32),
+    # One hook's output of SmolLM2-135M at T=512 (k/v_proj, hidden, MLP): in cache, as at the hook.
+    ("cpu", (512, 192), torch.float32),
+    ("cpu", (512, 576), torch.float32),
+    ("cpu", (512, 1536), torch.float32),
     ("cuda", (32768, 4096), torch.bfloat16),
     ("cuda", (8192, 4096), torch.float32),
     ("cuda", (32768, 576), torch.float32),
