@@ -12,7 +12,7 @@ from recon_fast import Tracer
 from recon_fast.kernels.token_stats import token_stats_ref
 from recon_fast.trace.stats_arena import StatsArena
 
-from tiny_models import VOCAB, make_model
+from tiny_models import VOCAB, forward_hooks, make_model
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.recon_fast, "token_stats_rows"), reason="no extension")
 
@@ -36,7 +36,7 @@ def _same_tensor_as_previous_call(model, call) -> int:
     hooks on every module, so that the Tracer's run keeps its parked hooks. Only the outputs the C++
     recorder takes count (a plain tensor, or a tuple starting with one; a ModelOutput goes to the
     Python recorder)."""
-    previous, count, handles = [None], [0], []
+    previous, count = [None], [0]
 
     def hook(module, inputs, output):
         t = output[0] if type(output) is tuple and output else output
@@ -45,13 +45,8 @@ def _same_tensor_as_previous_call(model, call) -> int:
         count[0] += t is previous[0]
         previous[0] = t
 
-    handles = [m.register_forward_hook(hook) for name, m in model.named_modules() if name]
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks((m, hook) for name, m in model.named_modules() if name), torch.no_grad():
+        call()
     return count[0]
 
 

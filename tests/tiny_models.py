@@ -3,6 +3,8 @@ handle, and an independent way to see what their modules output (plain torch hoo
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from original_recon_trace import first_tensor  # the original tool's rule, written once for the tests
 from transformers import (
@@ -85,23 +87,31 @@ def tracer_hooks_on(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules()) + parked
 
 
+@contextlib.contextmanager
+def forward_hooks(pairs):
+    """Plain forward hooks, one per (module, hook) pair, for the block's duration."""
+    handles = [module.register_forward_hook(hook) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture_outputs(model: torch.nn.Module, names: list[str], call) -> list[tuple[str, torch.Tensor]]:
     """Runs call() with plain forward hooks on `names`; returns (name, output copy) in firing order."""
     modules = dict(model.named_modules())
     seen: list[tuple[str, torch.Tensor]] = []
-    handles = []
-    for name in names:
-        def hook(module, inputs, output, name=name):
+
+    def hook_for(name):
+        def hook(module, inputs, output):
             t = first_tensor(output)
             if t is not None:
                 seen.append((name, t.detach().clone()))
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        for h in handles:
-            h.remove()
+        return hook
+
+    with forward_hooks((modules[name], hook_for(name)) for name in names), torch.no_grad():
+        call()
     return seen
 
 
