@@ -2,6 +2,7 @@
 // mirrors recon_fast/trace/stats_capture.py: fast_recorder and stats_arena.StatsArena.defer /
 // write / launch, which stay the path for everything this one hands back (other outputs, devices
 // without direct launchers, a build without this class) and the reference its tests hold it to.
+// One addition is this class's own: a repeated output's rows copied on the CPU (copy_repeat).
 #include "token_stats_recorder.h"
 
 #include <torch/csrc/autograd/python_variable.h>
@@ -106,12 +107,13 @@ void Recorder::write(const at::Tensor& x, int64_t row0) {
 
 bool Recorder::copy_repeat(const at::Tensor& x, int64_t row0, int64_t rows) {
   // The weak reference keeps the TensorImpl's memory, so equal addresses while it is alive mean
-  // the same tensor object; the view (its data, shape and strides) is checked as well, since a
-  // few in-place ops (resize_, as_strided_) change it without moving the version.
+  // the same tensor object. What it holds is checked too: `x.data = ...` swaps a tensor's storage,
+  // dtype or view without moving its version. (Writes that bypass the version counter, through
+  // .data or numpy, are not seen: the copy trusts the version, as grouped launches do.)
   if (last_written_._unsafe_get_target() != x.unsafeGetTensorImpl() || last_written_.expired() ||
       x._version() != last_written_version_ || index_ != last_written_chunk_ ||
-      x.data_ptr() != last_written_data_ || x.sizes() != c10::IntArrayRef(last_written_sizes_) ||
-      x.strides() != c10::IntArrayRef(last_written_strides_)) {
+      x.scalar_type() != last_written_dtype_ || x.const_data_ptr() != last_written_data_ ||
+      x.sizes() != c10::IntArrayRef(last_written_sizes_) || x.strides() != c10::IntArrayRef(last_written_strides_)) {
     return false;
   }
   float* stats = last_.data_ptr<float>();
@@ -128,7 +130,8 @@ void Recorder::remember_written(const at::Tensor& x, int64_t row0) {
   last_written_version_ = x._version();
   last_written_row0_ = row0;
   last_written_chunk_ = index_;
-  last_written_data_ = x.data_ptr();
+  last_written_dtype_ = x.scalar_type();
+  last_written_data_ = x.const_data_ptr();  // not data_ptr(): that would materialise a copy-on-write tensor
   last_written_sizes_.assign(x.sizes().begin(), x.sizes().end());
   last_written_strides_.assign(x.strides().begin(), x.strides().end());
 }

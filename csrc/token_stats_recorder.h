@@ -110,6 +110,7 @@ class __attribute__((visibility("hidden"))) Recorder {
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
   int64_t last_written_version_ = -1, last_written_row0_ = -1, last_written_chunk_ = -1;
   const void* last_written_data_ = nullptr;
+  c10::ScalarType last_written_dtype_ = c10::ScalarType::Undefined;
   c10::SmallVector<int64_t, 4> last_written_sizes_, last_written_strides_;
 
   std::vector<at::Device> refused_;      // devices the arena did not lend (no direct launchers)

@@ -120,7 +120,8 @@ def test_an_output_edited_in_place_later_stops_the_run_naming_it_then_is_compute
     tracer.run(x)  # now "0" is computed at its hook
     np.testing.assert_allclose(tracer.cube.layer(0), token_stats_ref(first, float64=True).numpy(), rtol=2e-5,
                                atol=1e-6)
-    # grouped=False never waits, so it is right the first time.
+    # grouped=False never waits, so it is right the first time (the edit moved the version: "2"
+    # reads the edited tensor, no rows are copied).
     fresh = Tracer(model, layers=["0", "2"], grouped=False)
     fresh.run(x)
     np.testing.assert_array_equal(fresh.cube.data, tracer.cube.data)

@@ -179,23 +179,37 @@ def test_nan_and_inf_stay_in_their_row(device, dtype, dim):
     assert got[3, 0] == float("inf") and got[3, 1] == float("inf") and torch.isnan(got[3, 2])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+def _cpu_kernels(device):
+    """The CPU kernels to run a test under (the widest the processor takes, and the baseline)."""
+    return ["native", "default"] if device == "cpu" else ["native"]
+
+
+@pytest.mark.parametrize("device, kernel", [(d, k) for d in DEVICES for k in _cpu_kernels(d)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fast_careful_and_non_finite_rows_mixed_across_row_blocks(device, dtype):
+def test_fast_careful_and_non_finite_rows_mixed_across_row_blocks(device, kernel, dtype, monkeypatch):
     # The CPU kernel finishes rows 16 at a time and redoes the careful and non-finite ones one by
     # one: 37 rows (two whole blocks and a part) where every third has an outlier first element
-    # and two hold NaN/Inf, at positions that are not block-aligned.
+    # and two hold NaN/Inf, at positions that are not block-aligned; out is written transposed.
+    if kernel == "default":
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+        assert ops.cpu_kernel() == "default"
     g = torch.Generator().manual_seed(6)
     x = torch.randn(37, 300, generator=g) + 0.25
     x[::3, 0] = 2000.0
     x[17, 5] = float("nan")
     x[34, 0] = float("inf")
     x = x.to(dtype).to(device)
-    got = token_stats(x).cpu()
+    out = torch.full((5, 37), -7.0, device=device).t()  # stat stride 37, row stride 1
+    got = token_stats(x, out=out).cpu()
     finite_rows = [r for r in range(37) if r not in (17, 34)]
     assert_stats_close(got[finite_rows], x[finite_rows].cpu())
     assert_stats_close(got, x.cpu())
     assert torch.isnan(got[17]).all() and got[34, 0] == float("inf")
+    # More than a block of one-element rows, the last block partial: std NaN (torch's n - 1 = 0).
+    single = torch.linspace(-3, 3, 21).reshape(21, 1).to(dtype).to(device)
+    got = token_stats(single).cpu()
+    assert torch.isnan(got[:, 2]).all()
+    assert torch.equal(got[:, 1], single.cpu().float()[:, 0]) and torch.equal(got[:, 3], got[:, 4])
 
 
 @pytest.mark.parametrize("device", DEVICES)

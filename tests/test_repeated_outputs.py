@@ -85,25 +85,34 @@ class ReturnsItsChildsOutput(nn.Module):
         return self.change(y) if self.change else y
 
 
-def _restrided_keeping_version(y):
+def _restrided_keeping_version(y, size, stride):
     # Every in-place view change in torch moves the version; were one not to (here the version is
     # set back by hand), the new view must still be told apart from the one whose rows were written.
     version = y._version
-    y.as_strided_((1, 5, 4), (40, 8, 2))
+    y.as_strided_(size, stride)
     torch._C._autograd._unsafe_set_version_counter((y,), (version,))
     return y
 
 
-@pytest.mark.parametrize("change, repeats", [
-    (None, 1),
-    (lambda y: y.mul_(3.0), 0),  # edited in place: its version moved
-    (lambda y: _restrided_keeping_version(y), 0),  # viewed anew in place, version unmoved
-    (lambda y: y[:, 1:], 0),  # another tensor (a view)
-], ids=["unchanged", "edited", "restrided", "view"])
-def test_only_the_same_unchanged_tensor_is_copied(change, repeats, arenas):
+def _retyped_through_data(y):
+    # `.data =` swaps what the tensor holds (here float16 bits read as bfloat16: same storage,
+    # sizes and strides) and leaves its version where it was.
+    y.data = y.data.view(torch.bfloat16)
+    return y
+
+
+@pytest.mark.parametrize("change, repeats, dtype", [
+    (None, 1, torch.float32),
+    (lambda y: y.mul_(3.0), 0, torch.float32),  # edited in place: its version moved
+    (lambda y: _restrided_keeping_version(y, (1, 5, 4), (40, 8, 2)), 0, torch.float32),
+    (lambda y: _restrided_keeping_version(y, (1, 5, 8), (40, 1, 5)), 0, torch.float32),  # same sizes
+    (_retyped_through_data, 0, torch.float16),
+    (lambda y: y[:, 1:], 0, torch.float32),  # another tensor (a view)
+], ids=["unchanged", "edited", "restrided", "transposed-in-place", "retyped", "view"])
+def test_only_the_same_unchanged_tensor_is_copied(change, repeats, dtype, arenas):
     torch.manual_seed(0)
-    model = nn.Sequential(ReturnsItsChildsOutput(change)).eval()
-    x = torch.randn(1, 5, 8)
+    model = nn.Sequential(ReturnsItsChildsOutput(change)).eval().to(dtype)
+    x = torch.randn(1, 5, 8, dtype=dtype)
     with torch.no_grad():
         inner = model[0].inner(x).clone()
         outer = model(x).clone()
@@ -112,6 +121,25 @@ def test_only_the_same_unchanged_tensor_is_copied(change, repeats, arenas):
     tracer.run(x)
     assert tracer.cube.layer_names == ["0.inner", "0"]
     assert sum(arena.repeats for arena in arenas) == repeats
+    rtol = 2e-5 if dtype == torch.float32 else 1e-3  # half outputs: the hook's exact numbers, torch's float64
     for layer, seen in ((0, inner), (1, outer)):
         got = tracer.cube.layer(layer)[:, : seen.shape[1]]
-        np.testing.assert_allclose(got, token_stats_ref(seen, float64=True).numpy(), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(got, token_stats_ref(seen, float64=True).numpy(), rtol=rtol, atol=1e-6)
+
+
+def test_a_repeat_after_a_new_chunk_is_computed(arenas, monkeypatch):
+    # The arena's chunk of 5 rows is full after the inner call: the outer call's rows start a new
+    # chunk, and the recorder forgets what it wrote when it hands the cursor back for that.
+    init = StatsArena.__init__
+    monkeypatch.setattr(StatsArena, "__init__", lambda arena, *a, **k: init(arena, initial_rows=5))
+    torch.manual_seed(0)
+    model = nn.Sequential(ReturnsItsChildsOutput()).eval()
+    x = torch.randn(1, 5, 8)
+    tracer = Tracer(model, grouped=False)
+    tracer.add_hooks_all()
+    tracer.run(x)
+    assert sum(arena.repeats for arena in arenas) == 0
+    with torch.no_grad():
+        expected = token_stats_ref(model[0].inner(x), float64=True).numpy()
+    for layer in (0, 1):
+        np.testing.assert_allclose(tracer.cube.layer(layer), expected, rtol=2e-5, atol=1e-6)

@@ -65,6 +65,43 @@ struct WideLoad {
   }
 };
 
+// The folds of fold_lanes, on vectors and on lanes (min/max by compare-select, as in the loop).
+struct Sum {
+  template <typename T> T operator()(const T& a, const T& b) const { return a + b; }
+};
+struct Min {
+  template <typename T> Vectorized<T> operator()(const Vectorized<T>& a, const Vectorized<T>& b) const {
+    return at::vec::clamp_max(a, b);
+  }
+  template <typename T> T operator()(const T& a, const T& b) const { return std::min(a, b); }
+};
+struct Max {
+  template <typename T> Vectorized<T> operator()(const Vectorized<T>& a, const Vectorized<T>& b) const {
+    return at::vec::clamp_min(a, b);
+  }
+  template <typename T> T operator()(const T& a, const T& b) const { return std::max(a, b); }
+};
+
+// The lanes of v folded into one value with op. ATen's shuffle-based fold exists for float under
+// AVX2/AVX-512 (a little faster than a store and a loop, ~2 ns a row); for other types and the
+// baseline build its generic version stores and reloads lane by lane (3x slower for double), so
+// they keep the store and the scalar loop. Only finite values reach here (NaN rows are redone).
+template <typename acc_t, typename Op>
+inline acc_t fold_lanes(const Vectorized<acc_t>& v, Op op) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return at::vec::vec_reduce_all<acc_t>([&](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) { return op(a, b); },
+                                          v);
+  }
+#endif
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  alignas(64) acc_t lanes[W];
+  v.store(lanes);
+  acc_t r = lanes[0];
+  for (int64_t j = 1; j < W; ++j) r = op(r, lanes[j]);
+  return r;
+}
+
 // One chunk of the fast path: shifted sums and min/max, in one read.
 template <typename scalar_t, typename acc_t>
 ChunkSums<acc_t> shifted_chunk(const scalar_t* x, int64_t n, acc_t shift) {
@@ -74,7 +111,7 @@ ChunkSums<acc_t> shifted_chunk(const scalar_t* x, int64_t n, acc_t shift) {
   const Vec neg_k(-shift), one(acc_t(1));
   // The loop is bound by its floating-point ops (5 per vector), not by their latency: the sum adds
   // a pair before its chain (two chains, one FMA each per step), the squares have a chain per
-  // vector, and min/max fold the four vectors before theirs. 13 vectors are live, inside AVX2's
+  // vector, and min/max fold the four vectors before theirs. 14 vectors are live, inside AVX2's
   // 16 registers. min/max use compare-select: rows holding NaN never reach the end of this path.
   Vec a0(0), a1(0), q0(0), q1(0), q2(0), q3(0);
   Vec lo(std::numeric_limits<acc_t>::infinity()), hi(-std::numeric_limits<acc_t>::infinity());
@@ -95,13 +132,8 @@ ChunkSums<acc_t> shifted_chunk(const scalar_t* x, int64_t n, acc_t shift) {
     q0 = at::vec::fmadd(v0, v0, q0), q1 = at::vec::fmadd(v1, v1, q1);
     q2 = at::vec::fmadd(v2, v2, q2), q3 = at::vec::fmadd(v3, v3, q3);
   }
-  // Lanes folded in registers (a store and a scalar loop per sum cost ~8 ns a row).
-  const auto add = [](const Vec& u, const Vec& v) { return u + v; };
-  const auto vmin = [](const Vec& u, const Vec& v) { return at::vec::clamp_max(u, v); };
-  const auto vmax = [](const Vec& u, const Vec& v) { return at::vec::clamp_min(u, v); };
-  ChunkSums<acc_t> r{at::vec::vec_reduce_all<acc_t>(add, a0 + a1),
-                     at::vec::vec_reduce_all<acc_t>(add, (q0 + q2) + (q1 + q3)),
-                     at::vec::vec_reduce_all<acc_t>(vmin, lo), at::vec::vec_reduce_all<acc_t>(vmax, hi)};
+  ChunkSums<acc_t> r{fold_lanes(a0 + a1, Sum{}), fold_lanes((q0 + q2) + (q1 + q3), Sum{}), fold_lanes(lo, Min{}),
+                     fold_lanes(hi, Max{})};
   for (; i < n; ++i) {
     const acc_t v = static_cast<acc_t>(x[i]);
     const acc_t d = v - shift;
