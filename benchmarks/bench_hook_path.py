@@ -109,8 +109,8 @@ def _baseline_tracer(model):
 
 def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     """The tracer's host cost per hook and per run, where nothing else hides it: medians of
-    per-round ratios, the forwards of a round running back to back so that drift on a shared
-    machine hits all alike. Untraced three ways: a hook-free copy of the model (what runs without
+    per-round ratios, the forwards of a round running back to back (in an order reversed every
+    round) so that drift on a shared machine hits all alike. Untraced three ways: a hook-free copy of the model (what runs without
     recon-fast); the floor, a copy with an empty Python forward hook on each module the Tracer
     hooks (what any hook-based tracer pays before doing anything); and the model itself with the
     Tracer's hooks attached but idle (the untraced side of bench_tracer's interleaved pairs: here
@@ -145,23 +145,30 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
     rounds = []  # seconds of each kind, per round
     group = f"host-bound Llama (30 layers, hidden 64, {hooks} hooks), T=8, traced/untraced interleaved"
 
-    def one_round():
-        times = [time.perf_counter()]
-        with torch.no_grad():
-            for untraced in (plain, floor, model):
-                untraced(ids)
-                times.append(time.perf_counter())
-        tracer.run(ids)
-        times.append(time.perf_counter())
-        hooked.run(ids)
-        times.append(time.perf_counter())
+    def untraced(module):
+        def forward():
+            with torch.no_grad():
+                module(ids)
+        return forward
+
+    def traced_before():
         with _dispatcher_path():
             before.run(ids)
-        times.append(time.perf_counter())
-        if baseline is not None:
-            baseline.run(ids)
-            times.append(time.perf_counter())
-        rounds.append(dict(zip(kinds, [b - a for a, b in zip(times, times[1:])])))
+
+    sides = [untraced(plain), untraced(floor), untraced(model), lambda: tracer.run(ids), lambda: hooked.run(ids),
+             traced_before] + ([lambda: baseline.run(ids)] if baseline is not None else [])
+    # The order is reversed every round: in one fixed order each side inherits the caches of the
+    # one before it, a bias of ~1-2% that bench_tracer's T=512 figure showed.
+    order = list(zip(kinds, sides))
+
+    def one_round():
+        times = {}
+        for kind, side in order:
+            start = time.perf_counter()
+            side()
+            times[kind] = time.perf_counter() - start
+        order.reverse()
+        rounds.append(times)
 
     try:
         for _ in range(3):  # warm-up
