@@ -58,12 +58,19 @@ def test_compiled_traced_over_untraced(benchmark, record_measure, name):
         with torch.no_grad():
             plain(ids)
 
-    def one_round():
-        start = time.perf_counter()
-        untraced()
-        middle = time.perf_counter()
+    def traced_run():
         tracer.run(ids)
-        rounds.append((middle - start, time.perf_counter() - middle))
+
+    order = [untraced, traced_run]  # reversed every round: no side always goes first
+
+    def one_round():
+        seconds = {}
+        for side in order:
+            start = time.perf_counter()
+            side()
+            seconds[side] = time.perf_counter() - start
+        order.reverse()
+        rounds.append((seconds[untraced], seconds[traced_run]))
 
     try:
         # The first compile of a process also pays inductor's one-time start-up: a throwaway first.

@@ -99,11 +99,14 @@ def test_traced_over_untraced_gpu(benchmark, record_measure, shape, length):
         tracer.run(ids)
 
     times = {"untraced": [], "hooks": [], "run()": []}
+    # Reversed every round: in one fixed order each side inherits the state the one before it left
+    # (on the CPU that bias was 1-2%, benchmarks/RESULTS.md, issue 17's third stop).
+    order = [("untraced", untraced), ("hooks", hooks_only), ("run()", full_run)]
 
     def pairs():
-        times["untraced"].append(timed(untraced))
-        times["hooks"].append(timed(hooks_only))
-        times["run()"].append(timed(full_run))
+        for name, side in order:
+            times[name].append(timed(side))
+        order.reverse()
 
     try:
         pairs()  # warm-up: kernels chosen, caches filled
