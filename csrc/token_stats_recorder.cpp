@@ -111,14 +111,14 @@ bool Recorder::copy_repeat(const at::Tensor& x, int64_t row0, int64_t rows) {
   // dtype or view without moving its version. (Writes that bypass the version counter, through
   // .data or numpy, are not seen: the copy trusts the version, as grouped launches do.)
   if (last_written_._unsafe_get_target() != x.unsafeGetTensorImpl() || last_written_.expired() ||
-      x._version() != last_written_version_ || index_ != last_written_chunk_ ||
-      x.scalar_type() != last_written_dtype_ || x.const_data_ptr() != last_written_data_ ||
+      x._version() != last_written_version_ || x.scalar_type() != last_written_dtype_ || x.const_data_ptr() != last_written_data_ ||
       x.sizes() != c10::IntArrayRef(last_written_sizes_) || x.strides() != c10::IntArrayRef(last_written_strides_)) {
     return false;
   }
+  // Both rows are in the chunk being written: a new chunk is lent only after give_back(), which
+  // forgets the tensor.
   float* stats = last_.data_ptr<float>();
-  constexpr int64_t kStats = kNumStats;  // floats in a chunk row
-  std::memcpy(stats + row0 * kStats, stats + last_written_row0_ * kStats, sizeof(float) * kStats * rows);
+  std::memcpy(stats + row0 * kNumStats, stats + last_written_row0_ * kNumStats, sizeof(float) * kNumStats * rows);
   ++repeats_;
   return true;
 }
@@ -129,17 +129,13 @@ void Recorder::remember_written(const at::Tensor& x, int64_t row0) {
   last_written_ = decltype(last_written_)(x.getIntrusivePtr());
   last_written_version_ = x._version();
   last_written_row0_ = row0;
-  last_written_chunk_ = index_;
   last_written_dtype_ = x.scalar_type();
   last_written_data_ = x.const_data_ptr();  // not data_ptr(): that would materialise a copy-on-write tensor
   last_written_sizes_.assign(x.sizes().begin(), x.sizes().end());
   last_written_strides_.assign(x.strides().begin(), x.strides().end());
 }
 
-void Recorder::forget_written() {
-  last_written_.reset();
-  last_written_chunk_ = -1;
-}
+void Recorder::forget_written() { last_written_.reset(); }
 
 bool Recorder::lend(py::handle x) {
   const at::Tensor& tensor = THPVariable_Unpack(x.ptr());

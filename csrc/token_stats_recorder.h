@@ -108,7 +108,7 @@ class __attribute__((visibility("hidden"))) Recorder {
   // same way, its rows are copied from the earlier call's rows instead of read again.
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> last_written_{
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
-  int64_t last_written_version_ = -1, last_written_row0_ = -1, last_written_chunk_ = -1;
+  int64_t last_written_version_ = -1, last_written_row0_ = -1;
   const void* last_written_data_ = nullptr;
   c10::ScalarType last_written_dtype_ = c10::ScalarType::Undefined;
   c10::SmallVector<int64_t, 4> last_written_sizes_, last_written_strides_;

@@ -91,7 +91,8 @@ class Tracer:
                computed at its hook from then on. False: every output at its hook. None (the
                default): grouped when the run's inputs go to a CUDA device, else at the hook (on
                the CPU a call costs no launch, and an output computed at its hook is still in
-               cache: SmolLM2 at T=512, 1.035x its forward at the hook against 1.048x grouped).
+               cache: SmolLM2 at T=512, 1.007-1.021x its forward at the hook against 1.019-1.044x
+               grouped, benchmarks/RESULTS.md).
     A compiled model (model.compile() or torch.compile(model)) is traced in its graph: the same
     cube, no graph break, no recompilation from the second run on.
 
