@@ -41,7 +41,7 @@ def _compile_seconds(model, call) -> float:
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_compiled_traced_over_untraced(benchmark, record_measure, name):
+def test_compiled_traced_over_untraced(benchmark, record_measure, alternating, name):
     shape, tokens = SHAPES[name]
     ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
@@ -58,19 +58,11 @@ def test_compiled_traced_over_untraced(benchmark, record_measure, name):
         with torch.no_grad():
             plain(ids)
 
-    def traced_run():
-        tracer.run(ids)
-
-    order = [untraced, traced_run]  # reversed every round: no side always goes first
+    timed_round = alternating({"untraced": untraced, "traced": lambda: tracer.run(ids)})
 
     def one_round():
-        seconds = {}
-        for side in order:
-            start = time.perf_counter()
-            side()
-            seconds[side] = time.perf_counter() - start
-        order.reverse()
-        rounds.append((seconds[untraced], seconds[traced_run]))
+        seconds = timed_round()
+        rounds.append((seconds["untraced"], seconds["traced"]))
 
     try:
         # The first compile of a process also pays inductor's one-time start-up: a throwaway first.

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import os
 import statistics
-import time
 
 import pytest
 import torch
@@ -107,7 +106,7 @@ def _baseline_tracer(model):
     return tracer
 
 
-def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
+def test_host_bound_traced_over_untraced(benchmark, record_measure, alternating, tiny_llama):
     """The tracer's host cost per hook and per run, where nothing else hides it: medians of
     per-round ratios, the forwards of a round running back to back (in an order reversed every
     round) so that drift on a shared machine hits all alike. Untraced three ways: a hook-free copy of the model (what runs without
@@ -157,18 +156,10 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, tiny_llama):
 
     sides = [untraced(plain), untraced(floor), untraced(model), lambda: tracer.run(ids), lambda: hooked.run(ids),
              traced_before] + ([lambda: baseline.run(ids)] if baseline is not None else [])
-    # The order is reversed every round: in one fixed order each side inherits the caches of the
-    # one before it, a bias of ~1-2% that bench_tracer's T=512 figure showed.
-    order = list(zip(kinds, sides))
+    timed_round = alternating(dict(zip(kinds, sides)))
 
     def one_round():
-        times = {}
-        for kind, side in order:
-            start = time.perf_counter()
-            side()
-            times[kind] = time.perf_counter() - start
-        order.reverse()
-        rounds.append(times)
+        rounds.append(timed_round())
 
     try:
         for _ in range(3):  # warm-up

@@ -76,56 +76,52 @@ def test_export_throughput(record, tmp_path):
 
 
 @pytest.mark.parametrize("length", [128, 512])
-def test_traced_over_untraced_interleaved(benchmark, record_measure, smollm2, length):
+def test_traced_over_untraced_interleaved(benchmark, record_measure, alternating, smollm2, length):
     """The tracing overhead as the median of per-round ratios, the untraced forward and the traced
     runs alternating, so that drift on a shared machine hits every side alike: grouped launches
     (grouped=True, the default on CUDA) and every output computed at its hook (grouped=False, the
     default elsewhere), one Tracer. The untraced side is the model with the Tracer's hooks idle
     (parked as the modules' forwards, module_hooks: ~1.01x the hook-free forward)."""
     import statistics
-    import time
 
     model, tokenizer = smollm2
     ids = _ids(tokenizer, length)
     tracer = Tracer(model)
     tracer.add_hooks_all()
-    ratios: dict[str, list[float]] = {"grouped": [], "immediate": []}
-    fastest = {None: float("inf"), True: float("inf"), False: float("inf")}
     group = f"SmolLM2 traced/untraced interleaved, T={length}"
 
-    order = [None, True, False]  # None: the untraced forward; reversed every round (drift cancels)
+    def untraced():
+        with torch.no_grad():
+            model(ids)
+
+    def traced(grouped):
+        def run():
+            tracer.grouped = grouped
+            tracer.run(ids)
+        return run
+
+    timed_round = alternating({"untraced": untraced, "grouped": traced(True), "immediate": traced(False)})
+    seconds: dict[str, list[float]] = {"untraced": [], "grouped": [], "immediate": []}
 
     def round_():
-        times = {}
-        for side in order:
-            tracer.grouped = side
-            start = time.perf_counter()
-            if side is None:
-                with torch.no_grad():
-                    model(ids)
-            else:
-                tracer.run(ids)
-            times[side] = time.perf_counter() - start
-            fastest[side] = min(fastest[side], times[side])
-        order.reverse()
-        for grouped in (True, False):
-            ratios["grouped" if grouped else "immediate"].append(times[grouped] / times[None])
-        tracer.grouped = None  # the default: at the hook on the CPU, grouped on CUDA
+        for name, value in timed_round().items():
+            seconds[name].append(value)
 
     try:
         round_()  # warm-up
-        for values in ratios.values():
+        for values in seconds.values():
             values.clear()
-        fastest.update(dict.fromkeys(fastest, float("inf")))
         benchmark.group = group
         benchmark.pedantic(round_, rounds=ROUNDS, iterations=1)
     finally:
+        tracer.grouped = None  # the default: at the hook on the CPU, grouped on CUDA
         tracer.clear_hooks()
-    for name, values in ratios.items():
-        record_measure(group, f"{name}: lowest round", min(values), "x")
-        record_measure(group, f"{name}: median round (the overhead)", statistics.median(values), "x")
-        record_measure(group, f"{name}: highest round", max(values), "x")
+    for name in ("grouped", "immediate"):
+        ratios = [t / u for t, u in zip(seconds[name], seconds["untraced"])]
+        record_measure(group, f"{name}: lowest round", min(ratios), "x")
+        record_measure(group, f"{name}: median round (the overhead)", statistics.median(ratios), "x")
+        record_measure(group, f"{name}: highest round", max(ratios), "x")
         # Contention on a shared machine only ever slows a run down: the fastest run of each side
         # is the least disturbed, and their ratio a second estimate beside the median.
-        record_measure(group, f"{name}: fastest traced / fastest untraced", fastest[name == "grouped"] / fastest[None],
+        record_measure(group, f"{name}: fastest traced / fastest untraced", min(seconds[name]) / min(seconds["untraced"]),
                        "x")

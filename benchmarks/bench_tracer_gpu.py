@@ -81,7 +81,7 @@ def peak_growth(fn) -> int:
 
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_traced_over_untraced_gpu(benchmark, record_measure, shape, length):
+def test_traced_over_untraced_gpu(benchmark, record_measure, alternating, shape, length):
     model = model_of(shape)
     ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
     tracer = Tracer(model)
@@ -99,14 +99,11 @@ def test_traced_over_untraced_gpu(benchmark, record_measure, shape, length):
         tracer.run(ids)
 
     times = {"untraced": [], "hooks": [], "run()": []}
-    # Reversed every round: in one fixed order each side inherits the state the one before it left
-    # (on the CPU that bias was 1-2%, benchmarks/RESULTS.md, issue 17's third stop).
-    order = [("untraced", untraced), ("hooks", hooks_only), ("run()", full_run)]
+    timed_round = alternating({"untraced": untraced, "hooks": hooks_only, "run()": full_run}, timer=timed)
 
     def pairs():
-        for name, side in order:
-            times[name].append(timed(side))
-        order.reverse()
+        for name, seconds in timed_round().items():
+            times[name].append(seconds)
 
     try:
         pairs()  # warm-up: kernels chosen, caches filled

@@ -4,6 +4,7 @@ of ratios measured side by side in the same run (each group's baseline is 1.00).
 from __future__ import annotations
 
 import platform
+import time
 from collections import defaultdict
 
 import pytest
@@ -36,6 +37,33 @@ def synchronized(fn, device: str, inner: int = 1):
         return result
 
     return run
+
+
+def wall_seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@pytest.fixture
+def alternating():
+    """alternating(sides, timer=wall_seconds) -> one_round: each call of one_round() times every
+    side of `sides` ({name: fn}) once and returns {name: seconds}, in the order reversed from the
+    call before. In one fixed order each side inherits what the side before it left (caches, the
+    allocator's state): a bias of 1-2% on this project's CPU figures (benchmarks/RESULTS.md, issue
+    17's third stop). timer(fn) -> seconds (on CUDA, one that synchronizes)."""
+
+    def make(sides: dict, timer=wall_seconds):
+        order = list(sides.items())
+
+        def one_round() -> dict[str, float]:
+            seconds = {name: timer(fn) for name, fn in order}
+            order.reverse()
+            return seconds
+
+        return one_round
+
+    return make
 
 
 _rows: dict[str, list[tuple[str, float, float | None, bool]]] = defaultdict(list)
