@@ -1,4 +1,5 @@
-"""Shared fixtures: devices to test on, and the real SmolLM2 model loaded once per session."""
+"""Shared fixtures: devices to test on, the real SmolLM2 model loaded once per session, and the
+stats arenas a test's runs make."""
 
 import os
 import shutil
@@ -36,3 +37,20 @@ def smollm2():
         return load_model()
     except ModelNotFound as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture
+def arenas(monkeypatch):
+    """The StatsArenas made during the test, in order (each run makes one): their counters say how
+    its statistics were computed (launches, launched, repeats)."""
+    from recon_fast.trace.stats_arena import StatsArena
+
+    made = []
+    init = StatsArena.__init__
+
+    def spied_init(arena, *args, **kwargs):
+        init(arena, *args, **kwargs)
+        made.append(arena)
+
+    monkeypatch.setattr(StatsArena, "__init__", spied_init)
+    return made

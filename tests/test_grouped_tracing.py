@@ -18,18 +18,12 @@ from tiny_models import ARCHS, LLAMA_LIKE, VOCAB, SmallCNN, SmallLSTM, capture_o
 
 
 class Groups:
-    """Spies on the arenas made: their grouped launches (StatsArena.launches, whether the arena or
-    the hooks' C++ recorder made them) and the activations these computed (launched)."""
+    """The grouped launches of the arenas made (the `arenas` fixture's list; StatsArena.launches,
+    whether the arena or the hooks' C++ recorder made them) and the activations these computed
+    (launched)."""
 
-    def __init__(self, monkeypatch):
-        self.arenas: list[StatsArena] = []
-        init = StatsArena.__init__
-
-        def spied_init(arena, *args, **kwargs):
-            init(arena, *args, **kwargs)
-            self.arenas.append(arena)
-
-        monkeypatch.setattr(StatsArena, "__init__", spied_init)
+    def __init__(self, arenas: list[StatsArena]):
+        self.arenas = arenas
 
     def clear(self) -> None:
         self.arenas.clear()
@@ -63,10 +57,10 @@ FAMILIES = [*ARCHS, "neox-sequential", *LLAMA_LIKE, "t5", "vit", "cnn", "lstm"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_grouped_equals_immediate_equals_float64(family, monkeypatch):
+def test_grouped_equals_immediate_equals_float64(family, arenas):
     model, args, kwargs = _inputs(family)
     cubes = {}
-    groups = Groups(monkeypatch)
+    groups = Groups(arenas)
     for grouped in (True, False):
         groups.clear()
         tracer = Tracer(model, grouped=grouped)
@@ -150,10 +144,10 @@ def test_under_inference_mode_outputs_are_computed_at_their_hook_and_in_place_ed
     np.testing.assert_array_equal(grouped.cube.data, immediate.cube.data)
 
 
-def test_the_memory_cap_bounds_what_a_group_holds(monkeypatch):
+def test_the_memory_cap_bounds_what_a_group_holds(arenas):
     model = make_model("llama")
     tokens = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
-    groups = Groups(monkeypatch)
+    groups = Groups(arenas)
     widest = 2 * 16 * 96 * 4  # bytes of the largest output (the MLP's [2, 16, 96] float32)
     cap = 3 * widest
     tracer = Tracer(model, group_bytes=cap, grouped=True)
@@ -215,10 +209,10 @@ def test_grouping_keeps_the_forward_peak_memory():
 
 
 @pytest.mark.parametrize("device, grouped", [("cpu", False), pytest.param("cuda", True, marks=pytest.mark.cuda)])
-def test_by_default_outputs_are_grouped_on_cuda_and_computed_at_their_hook_elsewhere(device, grouped, monkeypatch):
+def test_by_default_outputs_are_grouped_on_cuda_and_computed_at_their_hook_elsewhere(device, grouped, arenas):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    groups = Groups(monkeypatch)
+    groups = Groups(arenas)
     tracer = Tracer(make_model("llama").to(device))
     tracer.add_hooks_all()
     tracer.run(torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)))

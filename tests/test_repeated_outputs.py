@@ -9,25 +9,13 @@ import torch
 from torch import nn
 
 from recon_fast import Tracer
+from recon_fast.kernels import token_stats as ops
 from recon_fast.kernels.token_stats import token_stats_ref
 from recon_fast.trace.stats_arena import StatsArena
 
 from tiny_models import VOCAB, forward_hooks, make_model
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.recon_fast, "token_stats_rows"), reason="no extension")
-
-
-@pytest.fixture
-def arenas(monkeypatch):
-    made: list[StatsArena] = []
-    init = StatsArena.__init__
-
-    def spied_init(arena, *args, **kwargs):
-        init(arena, *args, **kwargs)
-        made.append(arena)
-
-    monkeypatch.setattr(StatsArena, "__init__", spied_init)
-    return made
+pytestmark = pytest.mark.skipif(ops.TokenStatsRecorder is None, reason="no compiled recon_fast._C.Recorder")
 
 
 def _same_tensor_as_previous_call(model, call) -> int:
