@@ -18,6 +18,11 @@ namespace recon_fast::direct {
 
 namespace {
 
+// Work below this many elements runs with the GIL held: letting it go and taking it back cost the
+// host-bound proxy's 365 small writes ~0.1 us each (issue 17), more than such a write itself, and
+// no other thread gets anything done in that time.
+constexpr int64_t kReleaseGilElements = int64_t{1} << 16;
+
 // The tensor of a module output the fast path takes: the output itself, or the first item of a
 // tuple, when it is a plain torch.Tensor (subclasses, Parameters included, take the Python path).
 PyObject* plain_tensor(PyObject* output) {
@@ -101,6 +106,7 @@ void Recorder::record(py::handle name, py::handle output) {
 }
 
 void Recorder::write(const at::Tensor& x, int64_t row0) {
+  if (x.numel() < kReleaseGilElements) return token_stats_rows_into(x, last_, row0);
   py::gil_scoped_release no_gil;  // as the direct launcher's binding does
   token_stats_rows_into(x, last_, row0);
 }
@@ -232,7 +238,11 @@ void Recorder::launch_own() {
     xs.push_back(p.x);
     row0s.push_back(p.row0);
   }
-  {
+  int64_t elements = 0;
+  for (const at::Tensor& x : xs) elements += x.numel();
+  if (elements < kReleaseGilElements) {
+    token_stats_rows_grouped_into(xs, last_, row0s);
+  } else {
     py::gil_scoped_release no_gil;
     token_stats_rows_grouped_into(xs, last_, row0s);
   }

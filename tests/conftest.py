@@ -54,3 +54,23 @@ def arenas(monkeypatch):
 
     monkeypatch.setattr(StatsArena, "__init__", spied_init)
     return made
+
+
+@pytest.fixture
+def baseline_cpu_kernel():
+    """token_stats' baseline CPU kernel for one test: ATEN_CPU_CAPABILITY=default, which the
+    library reads at load and again at each cpu_kernel() call (not at every token_stats call: a
+    host-bound forward calls it once per hook); afterwards the variable as it was, read again."""
+    from recon_fast.kernels import token_stats as ops
+
+    saved = os.environ.get("ATEN_CPU_CAPABILITY")
+    os.environ["ATEN_CPU_CAPABILITY"] = "default"
+    try:
+        assert ops.cpu_kernel() == "default"
+        yield
+    finally:
+        if saved is None:
+            del os.environ["ATEN_CPU_CAPABILITY"]
+        else:
+            os.environ["ATEN_CPU_CAPABILITY"] = saved
+        ops.cpu_kernel()

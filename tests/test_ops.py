@@ -186,13 +186,12 @@ def _cpu_kernels(device):
 
 @pytest.mark.parametrize("device, kernel", [(d, k) for d in DEVICES for k in _cpu_kernels(d)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fast_careful_and_non_finite_rows_mixed_across_row_blocks(device, kernel, dtype, monkeypatch):
+def test_fast_careful_and_non_finite_rows_mixed_across_row_blocks(device, kernel, dtype, request):
     # The CPU kernel finishes rows 16 at a time and redoes the careful and non-finite ones one by
     # one: 37 rows (two whole blocks and a part) where every third has an outlier first element
     # and two hold NaN/Inf, at positions that are not block-aligned; out is written transposed.
     if kernel == "default":
-        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
-        assert ops.cpu_kernel() == "default"
+        request.getfixturevalue("baseline_cpu_kernel")
     g = torch.Generator().manual_seed(6)
     x = torch.randn(37, 300, generator=g) + 0.25
     x[::3, 0] = 2000.0
@@ -260,14 +259,12 @@ def test_bad_out_is_named(make_out, message):
         token_stats(torch.randn(4, 8), out=make_out())
 
 
-def test_both_cpu_kernels_agree_with_reference(monkeypatch):
+@pytest.mark.parametrize("kernel", ["native", "default"])
+def test_both_cpu_kernels_agree_with_reference(kernel, request):
+    if kernel == "default":
+        request.getfixturevalue("baseline_cpu_kernel")
     x = sample_input((33,), 1000, torch.float32, "cpu")
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
-    assert ops.cpu_kernel() == "default"
     assert_stats_close(token_stats(x), x)
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
-    if ops.cpu_kernel() == "avx2":
-        assert_stats_close(token_stats(x), x)
 
 
 def test_fallback_warns_once_and_still_answers(monkeypatch):

@@ -29,7 +29,7 @@ at::Tensor attention_stats_cpu(const at::Tensor& q, const at::Tensor& k, double 
   const AttentionStatsProblem& p = plan.problem;
   if (plan.out.numel() == 0) return plan.out;
 
-  const bool avx2 = avx2_kernel_compiled() && processor_has_avx2() && !baseline_requested();
+  const bool avx2 = avx2_kernel_compiled() && processor_has_avx2() && !baseline_requested_now();  // once per call
   const auto pack = avx2 ? attention_pack_keys_avx2 : attention_pack_keys_default;
   const auto items = avx2 ? attention_stats_items_avx2 : attention_stats_items_default;
 

@@ -36,7 +36,9 @@ void run_rows(const TokenStatsProblem& p) {
 
 void token_stats_cpu(const at::Tensor& x, at::Tensor& out) { run_rows(plan_token_stats(x, out).problem); }
 
+// The op reads ATEN_CPU_CAPABILITY again, so that a change to it takes effect (see baseline_requested).
 std::string cpu_kernel_name() {
+  reread_baseline_request();
   return select_kernel() == token_stats_rows_avx2 && avx2_kernel_compiled() ? "avx2" : "default";
 }
 
