@@ -3,12 +3,14 @@
 // cuda/ with TORCH_LIBRARY_IMPL. The module also carries the eager hot path's direct launchers
 // (token_stats_direct.cpp), which reach the same kernels without the dispatcher, the hooks'
 // Recorder (token_stats_recorder.cpp), which calls them for a whole traced pass, the wrapper of a
-// module's forward that calls the Recorder (traced_forward.cpp), and the names of the ops' output
+// module's forward that calls the Recorder (traced_forward.cpp), the cube's read of the arena
+// (stats_columns.cpp), and the names of the ops' output
 // channels.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "attention_stats_problem.h"
+#include "stats_columns.h"
 #include "token_stats_direct.h"
 #include "token_stats_problem.h"
 #include "token_stats_recorder.h"
@@ -77,6 +79,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "{op: the names of its output channels in index order} for token_stats and attention_stats:\n"
       "csrc's kTokenStatNames and kAttentionStatNames, which recon_fast/kernels/stats_tables.py must list.");
+  m.def("copy_stat_columns", &recon_fast::direct::copy_stat_columns, py::arg("rows"), py::arg("out"),
+        py::arg("columns"),
+        "The columns of the arena's host rows (float32 [n, 5]) into out (C-contiguous float32, n * len(columns)\n"
+        "values); whether every row's energy is finite.");
   // The hooks' eager path for one traced pass (token_stats_recorder.h).
   recon_fast::direct::bind_recorder(m);
   // The hooks' wrapper of a module's forward, which keeps nn.Module's fast path (traced_forward.h).

@@ -85,6 +85,11 @@ def _direct_devices() -> frozenset[str]:
 _DIRECT_DEVICES = _direct_devices()
 
 
+# The cube's read of the arena's host rows in one call (the library's copy_stat_columns), or None
+# without a library that has it: then numpy does it (recon_fast/trace/stats_capture.py).
+copy_stat_columns = getattr(_library.module, "copy_stat_columns", None)
+
+
 def direct_available(device_type: str) -> bool:
     """Whether token_stats_rows_into and token_stats_rows_grouped_into serve tensors on this
     device type (then the eager hook path calls them instead of the ops)."""

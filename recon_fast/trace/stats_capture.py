@@ -18,7 +18,7 @@ from torch import nn
 from recon_fast.cube import export
 from recon_fast.kernels import token_stats as token_stats_op
 from recon_fast.kernels.stats_tables import column_picker
-from recon_fast.kernels.token_stats import STATS
+from recon_fast.kernels.token_stats import STATS, copy_stat_columns
 from recon_fast.trace.session import Call, Capture, Layer, Layout, Session, TracerSettings, extract_tensor
 from recon_fast.trace.stats_arena import StatsArena
 
@@ -183,8 +183,10 @@ class TokenStatsCapture:
         self._shape_to(layout)
         data = self.data(layout.layers, layout.memo)
         meta = {"nonfinite": self.nonfinite.summary()} if self.nonfinite.first is not None else {}
-        return {"layer_names": [layer.name for layer in layout.layers], "data": data,
-                "layer_extras": layout.extras, "meta": meta}
+        names = layout.memo.get("layer names")
+        if names is None:  # the same for every run with these layers (a copy for each cube)
+            names = layout.memo["layer names"] = [layer.name for layer in layout.layers]
+        return {"layer_names": list(names), "data": data, "layer_extras": layout.extras, "meta": meta}
 
     def stream_part(self, layout: Layout, shell: ActivityCube, path: str) -> Iterator[dict]:
         self._shape_to(layout)
@@ -227,15 +229,20 @@ class TokenStatsCapture:
             if not whole:
                 data[i] = self.layer(i, layers[i], host)
                 continue
-            rows = host.span(layers[i].calls[0].slot, layers[j - 1].calls[0].slot).numpy()
-            rows = rows.reshape(j - i, batch, length, host_cols)
-            if not np.isfinite(rows[..., 0]).all():  # rare: then layer by layer, in order
+            span = host.span(layers[i].calls[0].slot, layers[j - 1].calls[0].slot)
+            block = data[i:j]
+            if copy_stat_columns is not None:
+                finite = copy_stat_columns(span, block, self.columns)
+            else:
+                rows = span.numpy().reshape(j - i, batch, length, host_cols)
+                finite = bool(np.isfinite(rows[..., 0]).all())
+                # One copy: a list of columns would make numpy gather into a temporary first.
+                block[...] = rows[..., self.picked]
+            if not finite:  # rare: then layer by layer, in order
+                rows = span.numpy().reshape(j - i, batch, length, host_cols)
                 counted = ~padding if padding is not None else np.ones((batch, length), dtype=bool)
                 for k in range(i, j):
                     self.nonfinite.check(k, layers[k].name, rows[k - i, ..., 0], counted)
-            block = data[i:j]
-            # One copy: a list of columns would make numpy gather into a temporary first.
-            block[...] = rows[..., self.picked]
             if padding is not None:
                 block[:, padding] = np.nan
         return data
