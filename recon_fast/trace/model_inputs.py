@@ -5,6 +5,7 @@ vocabulary before the forward: shared by the Tracer and the attribution tools.""
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -25,6 +26,31 @@ def model_device(model: nn.Module) -> torch.device:
 
         return input_device(model)
     return first.device if first is not None else torch.device("cpu")
+
+
+def model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    """(model_device(model), model_dtype(model)), with one walk to the first parameter where the
+    model's `device` is that parameter's (Hugging Face's property, or no `device` at all): each
+    walk cost a traced run of the host-bound proxy ~25 us, caches cold after the forward."""
+    first = next(model.parameters(), None)
+    if first is not None and first.device.type != "meta" and _device_is_first_parameters(model):
+        return first.device, first.dtype
+    return model_device(model), (first.dtype if first is not None else None)
+
+
+# model class -> whether its `device` is its first parameter's (Hugging Face's property, or none).
+_DEVICE_IS_FIRST_PARAMETERS: dict[type, bool] = {}
+
+
+def _device_is_first_parameters(model: nn.Module) -> bool:
+    cls = type(model)
+    known = _DEVICE_IS_FIRST_PARAMETERS.get(cls)
+    if known is None:
+        attribute = getattr(cls, "device", None)
+        transformers_models = sys.modules.get("transformers.modeling_utils")
+        hf_device = getattr(getattr(transformers_models, "PreTrainedModel", None), "device", None)
+        known = _DEVICE_IS_FIRST_PARAMETERS[cls] = attribute is None or (hf_device is not None and attribute is hf_device)
+    return known and "device" not in model.__dict__
 
 
 def forward_takes(module: nn.Module, *names: str, or_kwargs: bool = False) -> bool:
@@ -118,7 +144,8 @@ class ModelCall:
                  axis of each activation is its second-to-last dim, and tokens are positions).
     decoder_ids: an encoder-decoder's [batch, decoder tokens] ids, when given.
     batch:       the batch size (dim 0 of the first input tensor).
-    device:      where the inputs went: the model's device (model_device), worked out once per call."""
+    device:      where the inputs went: the model's device (model_device), worked out once per call.
+    dtype:       the model's dtype (model_dtype), worked out with the device."""
 
     args: tuple
     kwargs: dict
@@ -126,6 +153,7 @@ class ModelCall:
     decoder_ids: torch.Tensor | None
     batch: int
     device: torch.device
+    dtype: torch.dtype | None = None
 
     def __call__(self, model: nn.Module):
         return model(*self.args, **self.kwargs)
@@ -176,12 +204,12 @@ def prepare_call(model: nn.Module, tokenizer, inputs: tuple, kwargs: dict, *, ca
         decoder_ids = None
     batch_of = ids if ids is not None else tensors[0]
     batch = batch_of.shape[0] if batch_of.dim() > 0 else 1
-    device = model_device(model)
+    device, dtype = model_placement(model)
     move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
     return ModelCall(args=tuple(move(v) for v in inputs), kwargs={k: move(v) for k, v in kwargs.items()},
                      ids=None if ids is None else ids.to(device),
                      decoder_ids=None if decoder_ids is None else decoder_ids.to(device), batch=batch,
-                     device=device)
+                     device=device, dtype=dtype)
 
 
 def _token_ids(model: nn.Module, ids, kwargs: dict, caller: str) -> torch.Tensor:

@@ -48,7 +48,7 @@ from recon_fast.trace import attention_capture, compiled_capture, module_hooks, 
 from recon_fast.trace.attention_capture import full_attention_kind
 from recon_fast.trace.attention_stats_capture import attention_stats_kind, check_model
 from recon_fast.trace.layout import LayerCache, run_layout
-from recon_fast.trace.model_inputs import ModelCall, model_dtype, prepare_call
+from recon_fast.trace.model_inputs import ModelCall, prepare_call
 from recon_fast.trace.module_hooks import ModuleHook
 from recon_fast.trace.raw_capture import RawSlices, raw_slices_kind
 from recon_fast.trace.session import Capture, CaptureKind, Layout, Session, axis_hooks
@@ -58,6 +58,18 @@ from recon_fast.trace.stats_capture import layer_ends, session_recorder, token_s
 # The capture kinds of every run (session.CaptureKind), in the order of their parts in the cube.
 CAPTURE_KINDS: tuple[CaptureKind, ...] = (token_stats_kind, full_attention_kind, attention_stats_kind,
                                           raw_slices_kind)
+
+
+_DEVICE_META: dict[torch.device, dict[str, str]] = {}
+
+
+def _device_meta(device: torch.device) -> dict[str, str]:
+    """meta's "device" and "backend" (which token_stats serves it: fixed once the library is
+    loaded), worked out once per device instead of at every run."""
+    found = _DEVICE_META.get(device)
+    if found is None:
+        found = _DEVICE_META[device] = {"device": str(device), "backend": token_stats_op.backend(device)}
+    return found
 
 
 def _remove_handles(handles: dict) -> None:
@@ -305,10 +317,6 @@ class Tracer:
         return self.cube.export_json(path)
 
     # ---- internals --------------------------------------------------------------------------
-    def _model_dtype(self) -> str | None:
-        dtype = model_dtype(self.model)
-        return str(dtype).removeprefix("torch.") if dtype is not None else None
-
     def _prepare(self, inputs: tuple, kwargs: dict) -> ModelCall:
         return prepare_call(self.model, self.tokenizer, inputs, kwargs)
 
@@ -376,15 +384,13 @@ class Tracer:
         layout = run_layout(session, call, mode, tokenizer=self.tokenizer, encoder_decoder=self._is_encoder_decoder(),
                             sequences=sequences, output=output, cache=self._layers)
         batch = call.batch
-        device = call.device
         meta = {
             "model_name": type(self.model).__name__,
             "timestamp": datetime.now().isoformat(),
             "input_shape": [batch, layout.token_length],
             "mode": mode,
-            "dtype": self._model_dtype(),
-            "device": str(device),
-            "backend": token_stats_op.backend(device),
+            "dtype": str(call.dtype).removeprefix("torch.") if call.dtype is not None else None,
+            **_device_meta(call.device),
             "seconds": round(seconds, 6),
             "hooks": len(self.hooks),
             "recon_fast_version": __version__,

@@ -1,0 +1,65 @@
+"""model_placement: the model's device and dtype from one look at its first parameter where that
+is what model_device and model_dtype would say, and their answers elsewhere; and the Tracer's
+meta["dtype"] and meta["device"] from it, run after run."""
+
+import pytest
+import torch
+from torch import nn
+
+from recon_fast import Tracer
+from recon_fast.kernels import token_stats as ops
+from recon_fast.trace.model_inputs import model_device, model_dtype, model_placement
+
+from tiny_models import VOCAB, make_model
+
+
+class OwnDevice(nn.Module):
+    """A model whose `device` is its own, not its first parameter's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu", 0)  # not the parameter's torch.device("cpu"): this one is asked
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+class Plain(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8, dtype=dtype)
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+@pytest.mark.parametrize("make", [lambda: make_model("llama"), lambda: make_model("bert"), Plain,
+                                  lambda: Plain(torch.float64), OwnDevice, nn.ReLU],
+                         ids=["llama", "bert", "plain", "plain float64", "own device", "no parameters"])
+def test_placement_is_model_device_and_model_dtype(make):
+    model = make()
+    assert model_placement(model) == (model_device(model), model_dtype(model))
+
+
+def test_a_device_of_the_models_own_is_asked():
+    assert model_placement(OwnDevice())[0] == torch.device("cpu", 0)
+    model = Plain()
+    model.device = torch.device("cpu", 0)  # an instance attribute
+    assert model_placement(model) == (torch.device("cpu", 0), torch.float32)
+
+
+def test_the_tracers_meta_follows_the_models_dtype_between_runs():
+    model = make_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    with Tracer(model) as tracer:
+        tracer.add_hooks_all()
+        tracer.run(ids)
+        assert tracer.cube.meta["dtype"] == "float32" and tracer.cube.meta["device"] == "cpu"
+        assert tracer.cube.meta["backend"] == ops.backend("cpu")
+        model.to(torch.float64)
+        tracer.run(ids)
+        assert tracer.cube.meta["dtype"] == "float64"
