@@ -13,6 +13,7 @@
 #include "garbage_collected.h"
 #include "token_stats_direct.h"
 #include "token_stats_problem.h"
+#include "token_stats_rows.h"
 
 namespace recon_fast::direct {
 
@@ -106,9 +107,44 @@ void Recorder::record(py::handle name, py::handle output) {
 }
 
 void Recorder::write(const at::Tensor& x, int64_t row0) {
-  if (x.numel() < kReleaseGilElements) return token_stats_rows_into(x, last_, row0);
+  if (x.numel() < kReleaseGilElements) {
+    if (!write_contiguous_cpu(x, row0)) token_stats_rows_into(x, last_, row0);
+    return;
+  }
   py::gil_scoped_release no_gil;  // as the direct launcher's binding does
   token_stats_rows_into(x, last_, row0);
+}
+
+bool Recorder::write_contiguous_cpu(const at::Tensor& x, int64_t row0) {
+  // The usual small output on the CPU: a contiguous [B, T, D] tensor of a dtype token_stats takes,
+  // none of the dispatch keys the direct launcher hands to the op, into the lent chunk (which the
+  // arena made a contiguous float32 [capacity, kNumStats] tensor, and record() reserved the rows
+  // in): the problem is written down here. The op's plan (its checks, the device routing, the
+  // merging of row dims) took ~30% of such a write's time in the host-bound proxy's forward
+  // (perf, issue 17); anything else takes that path, with its checks and messages.
+  if (!x.is_cpu() || !last_.is_cpu() || !x.is_contiguous() || x.is_neg() || x._is_zerotensor()) return false;
+  StatsDtype dtype;
+  switch (x.scalar_type()) {
+    case at::kFloat: dtype = StatsDtype::Float32; break;
+    case at::kDouble: dtype = StatsDtype::Float64; break;
+    case at::kHalf: dtype = StatsDtype::Float16; break;
+    case at::kBFloat16: dtype = StatsDtype::BFloat16; break;
+    default: return false;
+  }
+  TORCH_INTERNAL_ASSERT(last_.is_contiguous() && last_.scalar_type() == at::kFloat && last_.dim() == 2 &&
+                        last_.size(1) == kNumStats && row0 >= 0 && row0 + x.numel() / x.size(-1) <= last_.size(0));
+  TokenStatsProblem p;
+  p.x = x.const_data_ptr();
+  p.dtype = dtype;
+  p.dim = x.size(-1);
+  p.rows = x.numel() / p.dim;
+  p.out = last_.data_ptr<float>() + row0 * kNumStats;
+  p.x_rows.ndim = p.out_rows.ndim = 1;
+  p.x_rows.sizes[0] = p.out_rows.sizes[0] = p.rows;
+  p.x_rows.strides[0] = p.dim;
+  p.out_rows.strides[0] = kNumStats;
+  cpu::token_stats_problem_cpu(p);
+  return true;
 }
 
 bool Recorder::copy_repeat(const at::Tensor& x, int64_t row0, int64_t rows) {

@@ -85,6 +85,7 @@ class __attribute__((visibility("hidden"))) Recorder {
   void launch_own();            // the lent device's group, one grouped launch
   void new_chunk(py::handle x, int64_t rows);
   void write(const at::Tensor& x, int64_t row0);
+  bool write_contiguous_cpu(const at::Tensor& x, int64_t row0);
 
   py::object arena_, fallback_, group_ends_, eager_;
   bool grouped_;

@@ -36,6 +36,8 @@ TokenStatsGroupPlan plan_token_stats_rows_grouped(at::TensorList xs, const at::T
 // current stream of buffer's device, never a sync).
 namespace cpu {
 void token_stats_rows_cpu(const at::Tensor& x, at::Tensor& buffer, int64_t row0);
+// A problem already checked and described (the Recorder's contiguous CPU writes): one launch.
+void token_stats_problem_cpu(const TokenStatsProblem& p);
 void token_stats_rows_grouped_cpu(at::TensorList xs, at::Tensor& buffer, at::IntArrayRef row0s);
 }  // namespace cpu
 

@@ -37,6 +37,9 @@ def _outputs(device: str) -> dict[str, object]:
         "float32 [B, T, D]": randn(2, 5, 24),
         "bfloat16 [B, T, D]": randn(2, 5, 24, dtype=torch.bfloat16),
         "float16 [1, T, D]": randn(1, 7, 16, dtype=torch.float16),
+        "float64 [B, T, D]": randn(2, 3, 9, dtype=torch.float64),
+        "negative view (the op's path)": torch._neg_view(randn(2, 5, 24)),
+        "no tokens [B, 0, D]": randn(2, 0, 24),
         "first of a tuple": (randn(2, 5, 24), None),
         "strided [B, T, D]": randn(24, 5, 2).permute(2, 1, 0),
         "[1, T, D] of a batch of 2 (wpe)": randn(1, 5, 24),
@@ -56,7 +59,8 @@ def _outputs(device: str) -> dict[str, object]:
     }
 
 
-FAST = {"float32 [B, T, D]", "bfloat16 [B, T, D]", "float16 [1, T, D]", "first of a tuple", "strided [B, T, D]",
+FAST = {"float32 [B, T, D]", "bfloat16 [B, T, D]", "float16 [1, T, D]", "float64 [B, T, D]",
+        "negative view (the op's path)", "no tokens [B, 0, D]", "first of a tuple", "strided [B, T, D]",
         "[1, T, D] of a batch of 2 (wpe)"}
 
 
@@ -82,12 +86,15 @@ def _use(recorder: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("recorder", RECORDERS)
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "at-hook"])
 @pytest.mark.parametrize("token_ids", [True, False], ids=["token-ids", "positions"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_fast_path_records_what_the_general_path_records(device, token_ids, recorder, monkeypatch):
+def test_fast_path_records_what_the_general_path_records(device, token_ids, grouped, recorder, monkeypatch):
+    # At the hook on the CPU, the C++ recorder writes a contiguous output itself and hands any
+    # other (strided, a negative view) to the op: the same kernel, so the same bits either way.
     _use(recorder, monkeypatch)
     outputs = _outputs(device)
-    tracer = Tracer(nn.Linear(2, 2), grouped=True)  # as record_call by default
+    tracer = Tracer(nn.Linear(2, 2), grouped=grouped)
     general, general_rows = _recorded(tracer, outputs, token_ids, fast=False)
     taken = []
     record_call = stats_capture.record_call

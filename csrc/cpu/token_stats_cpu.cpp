@@ -44,6 +44,8 @@ std::string cpu_kernel_name() {
 
 }  // namespace
 
+void token_stats_problem_cpu(const TokenStatsProblem& p) { run_rows(p); }
+
 void token_stats_rows_cpu(const at::Tensor& x, at::Tensor& buffer, int64_t row0) {
   run_rows(plan_token_stats_rows(x, buffer, row0).problem);
 }
