@@ -25,7 +25,6 @@ from torch import nn
 from recon_fast.kernels import token_stats as token_stats_op
 from recon_fast.kernels.token_stats import NUM_STATS, token_stats
 from recon_fast.trace import module_hooks
-from recon_fast.trace.model_inputs import model_device
 from recon_fast.trace.session import Call, Session, extract_tensor
 from recon_fast.trace.stats_arena import ArenaSlot, _rows_op_for
 from recon_fast.trace.stats_capture import rows_of, untraceable
@@ -100,16 +99,15 @@ class HookSink:
 
     # ---- run by the Tracer, outside the graph ---------------------------------------------------
     def run(self, model: nn.Module, forward: Callable[[], object], session: Session, hooks: frozenset[str],
-            batch: int, tokens: int) -> object:
+            batch: int, tokens: int, device: torch.device) -> object:
         """A compiled run of `forward` (no autograd) with `hooks` in its graph, recorded into
-        `session`; returns the model's output. The buffer's rows are first guessed (each hook
-        [batch, tokens] once, twice over); a run that needs more gets a buffer of its size and runs
-        again (a new buffer: one recompile)."""
+        `session` on `device` (where the run's inputs went); returns the model's output. The
+        buffer's rows are first guessed (each hook [batch, tokens] once, twice over); a run that
+        needs more gets a buffer of its size and runs again (a new buffer: one recompile)."""
         if hooks != self.compiled_hooks:
             refresh_compiled(model)
             self.compiled_hooks, self.recorded = hooks, False
         rows = max(self.buffer.shape[0] if self.buffer is not None else 0, 2 * len(hooks) * batch * tokens)
-        device = model_device(model)
         refreshed = False
         while True:
             self.start(device, session.token_ids, rows)

@@ -67,25 +67,69 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return first.dtype if first is not None else None
 
 
+# id(tokenizer) (None: no tokenizer) -> (the tokenizer, weakly; the rows it decoded last; their
+# texts; a tokenizer's decoding settings changed in between are not seen). A Tracer run again on the same ids (a loop over one prompt, a benchmark) reuses them:
+# decoding costs a tokenizer ~1 us a token, and even str() of 128 ids cost a compiled 4-layer run
+# ~50 us with the caches a forward leaves.
+_LAST_TEXTS: dict[int, tuple] = {}
+
+
 def token_texts(tokenizer, rows: list[list[int]]) -> list[list[str]]:
     """Each token id decoded on its own, per sequence; the ids as text without a tokenizer."""
+    last = _LAST_TEXTS.get(id(tokenizer))
+    if last is not None and (tokenizer is None or last[0]() is tokenizer) and last[1] == rows:
+        return [list(texts) for texts in last[2]]
     if tokenizer is None:
-        return [[str(t) for t in row] for row in rows]
-    return [tokenizer.batch_decode([[t] for t in row]) for row in rows]
+        texts = [[str(t) for t in row] for row in rows]
+    else:
+        texts = [tokenizer.batch_decode([[t] for t in row]) for row in rows]
+    key = id(tokenizer)
+    try:  # the entry goes with its tokenizer
+        owner = weakref.ref(tokenizer, lambda _: _LAST_TEXTS.pop(key, None)) if tokenizer is not None else None
+    except TypeError:  # not weakly referenceable: never reused
+        return texts
+    _LAST_TEXTS[key] = (owner, rows, [list(t) for t in texts])
+    return texts
 
 
 def vocabulary_size(model: nn.Module) -> int | None:
     """Rows of the model's input embedding (or config.vocab_size); None when it has neither."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        embedding = None
-    rows = getattr(embedding, "num_embeddings", None)
+    rows = getattr(input_embedding(model), "num_embeddings", None)
     if isinstance(rows, int):
         return rows
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     return size if isinstance(size, int) else None
+
+
+# model -> (its input embedding, weakly, and the names of the children that lead to it). Hugging
+# Face's get_input_embeddings tries attribute after attribute (~20 us a run, caches cold after a
+# forward); the chain is walked instead, and asked again when another module sits at its end
+# (set_input_embeddings, resize_token_embeddings).
+_INPUT_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """model.get_input_embeddings(), or None where it has none."""
+    found = _INPUT_EMBEDDINGS.get(model)
+    if found is not None:
+        embedding, path = found
+        module = model
+        for name in path:
+            module = module._modules.get(name)
+            if module is None:
+                break
+        if module is not None and module is embedding():
+            return module
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        module = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        module = None
+    if isinstance(module, nn.Module):
+        path = next((name for name, child in model.named_modules() if child is module), None)
+        if path is not None:
+            _INPUT_EMBEDDINGS[model] = (weakref.ref(module), tuple(path.split(".")) if path else ())
+    return module
 
 
 def check_token_ids(model: nn.Module, ids: torch.Tensor, name: str = "input_ids") -> None:

@@ -55,6 +55,30 @@ def _grouped_op(device_type: str):
     return token_stats_op.token_stats_rows_grouped
 
 
+# (device type, and what the lookups below read) -> their answers. The same for every arena while
+# nothing they read changes (tests and benchmarks swap these functions, the library's
+# registrations and its Recorder); looked up afresh for each arena they cost a traced run of the
+# host-bound proxy ~40 us, at the first write of its forward (issue 17).
+_DEVICE_OPS: dict[tuple, tuple] = {}
+
+
+def _device_ops(device_type: str) -> tuple:
+    """(the op a compiled graph writes with, the eager write, the eager grouped write, whether the
+    hooks' C++ Recorder may write the rows) for arenas on this device type."""
+    key = (device_type, _rows_op_for, _eager_rows_op, _grouped_op, token_stats_op.TokenStatsRecorder,
+           token_stats_op.backend(device_type))
+    found = _DEVICE_OPS.get(key)
+    if found is None:
+        traced = _rows_op_for(device_type)  # looked up once per arena, not per write
+        rows_op = _eager_rows_op(device_type, traced)
+        grouped_op = _grouped_op(device_type) if traced is not None else None
+        # The hooks' C++ Recorder may write these rows: it calls the direct launchers themselves.
+        lendable = (token_stats_op.TokenStatsRecorder is not None and rows_op is token_stats_op.token_stats_rows_into
+                    and grouped_op is token_stats_op.token_stats_rows_grouped_into)
+        found = _DEVICE_OPS[key] = (traced, rows_op, grouped_op, lendable)
+    return found
+
+
 def _direct(overload):
     """The C++ function behind an OpOverload: OpOverload.__call__ only forwards to `_op` (which
     dispatches as usual), so calling it skips a Python frame, 0.3 us of every hook call. Eager
@@ -110,13 +134,7 @@ class _DeviceChunks:
         self.capacity = -1  # rows of `last`
         self.fill = 0  # rows used in `last`
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.rows_op_traced = _rows_op_for(device.type)  # looked up once per arena, not per write
-        self.rows_op = _eager_rows_op(device.type, self.rows_op_traced)
-        self.grouped_op = _grouped_op(device.type) if self.rows_op_traced is not None else None
-        # The hooks' C++ Recorder may write these rows: it calls the direct launchers themselves.
-        self.lendable = (token_stats_op.TokenStatsRecorder is not None
-                         and self.rows_op is token_stats_op.token_stats_rows_into
-                         and self.grouped_op is token_stats_op.token_stats_rows_grouped_into)
+        self.rows_op_traced, self.rows_op, self.grouped_op, self.lendable = _device_ops(device.type)
         # The group being gathered: (activation, its first row in `last`, its _version, its module)
         # per hook call, in one tuple so that a hook makes one append.
         self.pending: list[tuple[torch.Tensor, int, int, str]] = []

@@ -343,8 +343,9 @@ class Tracer:
         if self._parked is None:
             self._parked = module_hooks.ParkedHooks(self.hooks.values())
         if self._is_compiled():
-            self._parked.unpark_all()
-            self._parked = None
+            if self._parked.hooks:  # a compiled graph calls forward hooks: none stays parked
+                self._parked.unpark_all()
+                self._parked = module_hooks.ParkedHooks(())
             return self._traced_compiled(forward, call, session)
         if self._parked.check_before_run(self._prepended):
             self._parked = None  # some went back to forward hooks
@@ -375,7 +376,7 @@ class Tracer:
                              "attention=, raw= and encoder-decoders need the model before model.compile()")
         tokens = call.ids.shape[1] if call.ids is not None else 1
         start = time.perf_counter()
-        output = self._sink.run(self.model, forward, session, frozenset(self.hooks), call.batch, tokens)
+        output = self._sink.run(self.model, forward, session, frozenset(self.hooks), call.batch, tokens, call.device)
         return output, session, time.perf_counter() - start
 
     def _finish(self, session: Session, call: ModelCall, seconds: float, mode: str, output=None,
