@@ -26,6 +26,10 @@ from recon_fast.trace.stats_arena import StatsArena
 
 CALLS = 2000  # hook calls per timing: a 135M model's 365 hooks, five forward passes
 ROUNDS = 30
+# Model copies per side of the traced/untraced rounds, each side's time the mean of its copies':
+# on this project's CPU machine a copy's memory layout alone moved its ratio by up to ~2% (issue
+# 17, fourth stop), as much as the changes measured. RECON_BENCH_COPIES sets another count.
+COPIES = int(os.environ.get("RECON_BENCH_COPIES", "2"))
 
 
 def _writes(device: str):
@@ -119,47 +123,57 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, alternating,
     on the CPU each output computed at its hook, grouped=None); the same with forward hooks;
     and as it was before issue
     17 (forward hooks, the Python recorder, one token_stats_rows call through the dispatcher per
-    output); and, when asked for, another checkout's Tracer (_baseline_tracer)."""
-    model = tiny_llama
-    plain = copy.deepcopy(model)
-    baseline = _baseline_tracer(copy.deepcopy(plain))
+    output); and, when asked for, another checkout's Tracer (_baseline_tracer). Each kind runs on
+    COPIES copies of the model in every round, its time the mean of theirs."""
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the host's Python is what is measured, not intra-op threading
-    tracer = Tracer(model)
-    tracer.add_hooks_all()
-    hooks = len(tracer.hooks)
-    with _forward_hooks_only():
-        hooked = Tracer(copy.deepcopy(plain))
-        hooked.add_hooks_all()
-    with _dispatcher_path():
-        before = Tracer(copy.deepcopy(plain))
-        before.add_hooks_all()
-    floor = copy.deepcopy(plain)
-    empty = [module.register_forward_hook(lambda module, args, output: None)
-             for name, module in floor.named_modules() if name in tracer.hooks]
-    assert len(empty) == hooks
     kinds = ["hook-free", "empty hooks", "idle hooks", "traced", "traced, forward hooks", "traced before",
              "baseline checkout"]
-    rounds = []  # seconds of each kind, per round
+    sides, tracers, empty = {}, [], []
+    for copy_index in range(COPIES):
+        plain = copy.deepcopy(tiny_llama)
+        baseline = _baseline_tracer(copy.deepcopy(plain))
+        model = copy.deepcopy(plain)
+        tracer = Tracer(model)
+        tracer.add_hooks_all()
+        hooks = len(tracer.hooks)
+        with _forward_hooks_only():
+            hooked = Tracer(copy.deepcopy(plain))
+            hooked.add_hooks_all()
+        with _dispatcher_path():
+            before = Tracer(copy.deepcopy(plain))
+            before.add_hooks_all()
+        floor = copy.deepcopy(plain)
+        handles = [module.register_forward_hook(lambda module, args, output: None)
+                   for name, module in floor.named_modules() if name in tracer.hooks]
+        assert len(handles) == hooks
+        empty += handles
+        tracers += [tracer, hooked, before] + ([baseline] if baseline is not None else [])
+
+        def untraced(module):
+            def forward():
+                with torch.no_grad():
+                    module(ids)
+            return forward
+
+        def traced_before(before=before):
+            with _dispatcher_path():
+                before.run(ids)
+
+        runs = [untraced(plain), untraced(floor), untraced(model), lambda tracer=tracer: tracer.run(ids),
+                lambda hooked=hooked: hooked.run(ids), traced_before]
+        if baseline is not None:
+            runs.append(lambda baseline=baseline: baseline.run(ids))
+        sides.update({(kind, copy_index): run for kind, run in zip(kinds, runs)})
+    timed_round = alternating(sides)
+    rounds = []  # seconds of each kind, per round: the mean of its copies
     group = f"host-bound Llama (30 layers, hidden 64, {hooks} hooks), T=8, traced/untraced interleaved"
 
-    def untraced(module):
-        def forward():
-            with torch.no_grad():
-                module(ids)
-        return forward
-
-    def traced_before():
-        with _dispatcher_path():
-            before.run(ids)
-
-    sides = [untraced(plain), untraced(floor), untraced(model), lambda: tracer.run(ids), lambda: hooked.run(ids),
-             traced_before] + ([lambda: baseline.run(ids)] if baseline is not None else [])
-    timed_round = alternating(dict(zip(kinds, sides)))
-
     def one_round():
-        rounds.append(timed_round())
+        seconds = timed_round()
+        rounds.append({kind: statistics.fmean(t for (k, _), t in seconds.items() if k == kind)
+                       for kind in {k for k, _ in seconds}})
 
     try:
         for _ in range(3):  # warm-up
@@ -168,10 +182,8 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, alternating,
         benchmark.group = group
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
-        for traced in (tracer, hooked, before):
+        for traced in tracers:
             traced.clear_hooks()
-        if baseline is not None:
-            baseline.clear_hooks()
         for handle in empty:
             handle.remove()
         torch.set_num_threads(threads)
@@ -189,7 +201,7 @@ def test_host_bound_traced_over_untraced(benchmark, record_measure, alternating,
     record_measure(group, "over the floor: median ratio", statistics.median(ratios("traced", "empty hooks")), "x")
     record_measure(group, "idle hooks: median ratio", statistics.median(ratios("traced", "idle hooks")), "x")
     extras = []
-    if baseline is not None:
+    if "baseline checkout" in rounds[0]:
         record_measure(group, "baseline checkout: median ratio", statistics.median(ratios("baseline checkout")), "x")
         record_measure(group, "this / baseline checkout: median", statistics.median(ratios("traced", "baseline checkout")),
                        "x")
