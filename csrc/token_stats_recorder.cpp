@@ -25,15 +25,29 @@ namespace {
 constexpr int64_t kReleaseGilElements = int64_t{1} << 16;
 
 // The tensor of a module output the fast path takes: the output itself, or the first item of a
-// tuple, when it is a plain torch.Tensor (subclasses, Parameters included, take the Python path).
-PyObject* plain_tensor(PyObject* output) {
+// tuple, when it is a plain torch.Tensor (subclasses, Parameters included, take the Python path);
+// or, for an output neither a tuple nor a list, its last_hidden_state, as session.extract_tensor
+// reads it (a Hugging Face base model's ModelOutput inside its CausalLM: one such call a run took
+// the Python recorder, and made the arena lend its cursor twice more). `held` keeps what the
+// attribute gave alive.
+PyObject* plain_tensor(PyObject* output, py::object& held) {
   PyTypeObject* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   if (Py_TYPE(output) == tensor_type) return output;
-  if (PyTuple_CheckExact(output) && PyTuple_GET_SIZE(output) > 0) {
+  if (PyTuple_Check(output)) {
+    if (!PyTuple_CheckExact(output) || PyTuple_GET_SIZE(output) == 0) return nullptr;
     PyObject* first = PyTuple_GET_ITEM(output, 0);
-    if (Py_TYPE(first) == tensor_type) return first;
+    return Py_TYPE(first) == tensor_type ? first : nullptr;
   }
-  return nullptr;
+  if (PyList_Check(output) || PyType_IsSubtype(Py_TYPE(output), tensor_type)) return nullptr;
+  static PyObject* name = PyUnicode_InternFromString("last_hidden_state");
+  PyObject* hidden = PyObject_GetAttr(output, name);
+  if (hidden == nullptr) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
+    PyErr_Clear();  // getattr(output, "last_hidden_state", None)
+    return nullptr;
+  }
+  held = py::reinterpret_steal<py::object>(hidden);
+  return Py_TYPE(hidden) == tensor_type ? hidden : nullptr;
 }
 
 bool contains(const py::object& names, py::handle name) {
@@ -64,7 +78,8 @@ Recorder::Recorder(py::object arena, py::object fallback, py::object group_ends,
 
 void Recorder::record(py::handle name, py::handle output) {
   TORCH_CHECK(!arena_.is_none(), "Recorder: called after close() (its pass is over)");
-  PyObject* t = plain_tensor(output.ptr());
+  py::object held;
+  PyObject* t = plain_tensor(output.ptr(), held);
   if (t == nullptr) {
     fallback_(name, output);
     return;

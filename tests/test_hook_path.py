@@ -6,6 +6,7 @@ Tracer still takes its hooks with it, hooks stay silent outside a run, nothing i
 CUDA device; a run's layers are reused only by a run with the same calls, the provenance only
 while the config is unchanged, and on_hook reaches a run in progress."""
 
+import collections
 import copy
 import gc
 import weakref
@@ -43,10 +44,13 @@ def _outputs(device: str) -> dict[str, object]:
         "first of a tuple": (randn(2, 5, 24), None),
         "strided [B, T, D]": randn(24, 5, 2).permute(2, 1, 0),
         "[1, T, D] of a batch of 2 (wpe)": randn(1, 5, 24),
+        "ModelOutput-like": type("Out", (), {"last_hidden_state": randn(2, 5, 24)})(),
         # the general path
         "tuple led by a non-tensor": (None, randn(2, 5, 24), "x"),
         "list": [randn(2, 5, 24)],
-        "ModelOutput-like": type("Out", (), {"last_hidden_state": randn(2, 5, 24)})(),
+        "ModelOutput of a per-head tensor": type("Out", (), {"last_hidden_state": randn(2, 5, 4, 6)})(),
+        "named tuple": collections.namedtuple("Pair", "a b")(randn(2, 5, 24), None),
+        "no last_hidden_state": object(),
         "per-head [B, T, H, d]": randn(2, 5, 4, 6),
         "[B, D]": randn(2, 24),
         "[T, D]": randn(5, 24),
@@ -59,7 +63,7 @@ def _outputs(device: str) -> dict[str, object]:
     }
 
 
-FAST = {"float32 [B, T, D]", "bfloat16 [B, T, D]", "float16 [1, T, D]", "float64 [B, T, D]",
+FAST = {"ModelOutput-like", "float32 [B, T, D]", "bfloat16 [B, T, D]", "float16 [1, T, D]", "float64 [B, T, D]",
         "negative view (the op's path)", "no tokens [B, 0, D]", "first of a tuple", "strided [B, T, D]",
         "[1, T, D] of a batch of 2 (wpe)"}
 
@@ -315,3 +319,25 @@ def test_a_recorder_left_open_is_collected_with_its_session():
     gc.collect()
     assert gone() is None
 
+
+
+@pytest.mark.parametrize("recorder", RECORDERS)
+def test_an_output_whose_last_hidden_state_raises_raises_as_the_general_path_does(recorder, monkeypatch):
+    # getattr(output, "last_hidden_state", None) swallows AttributeError only: so does the fast path.
+    _use(recorder, monkeypatch)
+
+    class Broken:
+        @property
+        def last_hidden_state(self):
+            raise KeyError("no hidden state here")
+
+    session = Session(StatsArena(), token_ids=True)
+    record = Tracer(nn.Linear(2, 2))._recorder(session, torch.device("cpu"))
+    try:
+        with pytest.raises(KeyError, match="no hidden state here"):
+            record("m", Broken())
+        with pytest.raises(KeyError, match="no hidden state here"):
+            stats_capture.record_call(session, "m", Broken())
+    finally:
+        if session.log is not None:
+            session.log.close()

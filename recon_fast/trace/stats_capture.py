@@ -98,7 +98,8 @@ def fast_recorder(session: Session, general: Callable[[Session, str, object], No
     on a GPU) every microsecond here is paid once per hook, hundreds of times a pass, so the usual
     case is taken with what it needs bound once: a plain floating [B, T, D] tensor, alone or first
     in a tuple, that needs no grad. Its rows are the tensor as it is and it is recorded exactly as
-    `general` would. Anything else (subclasses, other ranks and dtypes) goes through `general`.
+    `general` would, as is a ModelOutput's last_hidden_state of that kind (a Hugging Face base model's
+    output inside its CausalLM). Anything else (subclasses, other ranks and dtypes) goes through `general`.
 
     grouped: the activation is queued (StatsArena.defer) and the queue launched at the hook of a
     module in `group_ends` (a decoder layer: its sub-modules' hooks fire before its own), or once
@@ -112,7 +113,10 @@ def fast_recorder(session: Session, general: Callable[[Session, str, object], No
     def record(name: str, output) -> None:
         x = output
         if x.__class__ is not tensor_type:
-            x = output[0] if output.__class__ is tuple and output else None
+            if output.__class__ is tuple:
+                x = output[0] if output else None
+            elif not isinstance(output, (tuple, list, torch.Tensor)):  # a ModelOutput: extract_tensor's rule
+                x = getattr(output, "last_hidden_state", None)
             if x.__class__ is not tensor_type:
                 general(session, name, output)
                 return
