@@ -102,3 +102,30 @@ def test_rows_op_passes_opcheck():
         pytest.skip("no compiled token_stats")
     torch.library.opcheck(torch.ops.recon_fast.token_stats_rows.default,
                           (torch.randn(2, 3, 8), torch.zeros(10, 5), 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adopted_rows_read_back_uncopied_between_written_ones(device):
+    # A compiled run's buffer: adopted as a full chunk of its own, between rows written before and after.
+    g = torch.Generator().manual_seed(1)
+    before, after = torch.randn(3, 8, generator=g).to(device), torch.randn(2, 8, generator=g).to(device)
+    buffer = torch.randn(10, 5, generator=g).to(device)
+    arena = StatsArena(initial_rows=16)
+    first = arena.write(before)
+    adopted = arena.adopt(buffer[:7])
+    last = arena.write(after)
+    assert (adopted.row0, adopted.rows) == (0, 7) and len({first.chunk, adopted.chunk, last.chunk}) == 3
+    host = arena.to_host()
+    torch.testing.assert_close(host.read(adopted), buffer[:7].cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(host.read(first), token_stats_ref(before).cpu())
+    torch.testing.assert_close(host.read(last), token_stats_ref(after).cpu())
+    if device == "cpu":  # not copied
+        assert host.read(adopted).data_ptr() == buffer.data_ptr()
+
+
+@pytest.mark.parametrize("rows, message", [(torch.zeros(4, 6), r"\[n, 5\] rows, got torch.float32 \(4, 6\)"),
+                                           (torch.zeros(4, 5, dtype=torch.float64), "float64"),
+                                           (torch.zeros(5, 4).t(), r"contiguous")])
+def test_adopt_refuses_what_is_not_arena_rows(rows, message):
+    with pytest.raises(ValueError, match=message):
+        StatsArena().adopt(rows)

@@ -36,6 +36,12 @@ def backend(device: torch.device | str = "cpu") -> str:
     return _COMPILED.backend(device)
 
 
+def compiled_serves(device_type: str) -> bool:
+    """Whether the compiled token_stats serves tensors on this device type (backend() != "torch"),
+    with two dictionary lookups: no torch.device is made."""
+    return _COMPILED.serves(device_type)
+
+
 def cpu_kernel() -> str:
     """The CPU kernel variant that would run now ("avx2" or "default"), or "torch" without one."""
     if backend("cpu") != "cpp":

@@ -148,11 +148,11 @@ class HookSink:
         return self.fill > self.buffer.shape[0]
 
     def into(self, session: Session) -> None:
-        """The run's records as an eager session's: the used rows copied into the session's arena
-        (the next run reuses the buffer), and its hook calls as the session's log (CompiledLog)."""
+        """The run's records as an eager session's: the used rows of the buffer as a chunk of the
+        session's arena, not copied (the next run writes the buffer again only after this run's
+        cube was made), and its hook calls as the session's log (CompiledLog)."""
         device = self.buffer.device
-        first, rows = session.arena.take(device, (self.fill,))  # rows: [fill, NUM_STATS]
-        rows.copy_(self.buffer[: self.fill])
+        first = session.arena.adopt(self.buffer[: self.fill])
         session.skipped.extend(self.skipped)
         session.log = CompiledLog(list(self.calls), device, first.chunk, first.row0)
 

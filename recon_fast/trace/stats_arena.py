@@ -66,7 +66,7 @@ def _device_ops(device_type: str) -> tuple:
     """(the op a compiled graph writes with, the eager write, the eager grouped write, whether the
     hooks' C++ Recorder may write the rows) for arenas on this device type."""
     key = (device_type, _rows_op_for, _eager_rows_op, _grouped_op, token_stats_op.TokenStatsRecorder,
-           token_stats_op.backend(device_type))
+           token_stats_op.compiled_serves(device_type))
     found = _DEVICE_OPS.get(key)
     if found is None:
         traced = _rows_op_for(device_type)  # looked up once per arena, not per write
@@ -264,6 +264,24 @@ class StatsArena:
         """Raises InPlaceEdit for the modules whose queued outputs were edited in place (the
         Recorder's launches call it too)."""
         raise InPlaceEdit(list(dict.fromkeys(names)))
+
+    def adopt(self, rows: torch.Tensor) -> ArenaSlot:
+        """Rows written elsewhere ([n, NUM_STATS], contiguous float32: a compiled run's buffer) as
+        a chunk of their own, full, without a copy; the slot covers them all. The caller keeps
+        them unchanged while this arena is read (a compiled run's buffer is written again by the
+        next run only, after the cube was made from this one)."""
+        if rows.dim() != 2 or rows.shape[1] != NUM_STATS or rows.dtype != torch.float32 or not rows.is_contiguous():
+            raise ValueError(f"adopt() takes contiguous float32 [n, {NUM_STATS}] rows, got {rows.dtype} "
+                             f"{tuple(rows.shape)}")
+        self._take_back()
+        chunks = self._chunks_of(rows.device)
+        if chunks.pending:  # the queued rows are in the chunk being left
+            self.launch()
+        chunks.chunks.append(rows)
+        chunks.host.append(None)
+        n = rows.shape[0]
+        chunks.last, chunks.index, chunks.capacity, chunks.fill = rows, len(chunks.chunks) - 1, n, n
+        return ArenaSlot(rows.device, chunks.index, 0, n)
 
     def take(self, device: torch.device, lead_shape: torch.Size) -> tuple[ArenaSlot, torch.Tensor]:
         """A slot for an activation with leading dims `lead_shape`, and its [*lead, NUM_STATS] view."""
