@@ -1,8 +1,13 @@
 """recon_fast.trace.model_inputs, which the Tracer asks on every run: model_placement (the model's
 device and dtype from one look at its first parameter where that is what model_device and
 model_dtype would say, their answers elsewhere; meta["dtype"] and meta["device"] run after run),
-the vocabulary of a replaced or resized embedding, and token texts reused for the same ids."""
+the vocabulary of a replaced or resized embedding (or of an instance's own get_input_embeddings),
+token texts reused for the same ids without a tokenizer, and meta's backend after the library's
+registrations change."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -91,17 +96,62 @@ class CountingTokenizer:
         return [f"<{row[0]}>" for row in rows]
 
 
-def test_token_texts_of_the_same_ids_are_reused_and_each_call_gets_its_own_lists():
+def test_token_texts_without_a_tokenizer_are_reused_and_a_tokenizer_decodes_every_time():
     from recon_fast.trace.model_inputs import token_texts
 
-    tokenizer = CountingTokenizer()
-    first = token_texts(tokenizer, [[1, 2, 3]])
-    again = token_texts(tokenizer, [[1, 2, 3]])
-    assert first == again == [["<1>", "<2>", "<3>"]] and tokenizer.decoded == 3
+    rows = [[7, 8]]
+    first = token_texts(None, rows)
+    rows[0][0] = 9  # the caller's list changed in place: not the ids seen before
+    assert first == [["7", "8"]] and token_texts(None, rows) == [["9", "8"]]
+    again = token_texts(None, [[9, 8]])
     again[0][0] = "changed"  # a cube's tokens are its own
-    assert token_texts(tokenizer, [[1, 2, 3]]) == first and tokenizer.decoded == 3
-    assert token_texts(tokenizer, [[1, 2, 4]]) == [["<1>", "<2>", "<4>"]] and tokenizer.decoded == 6
-    other = CountingTokenizer()  # another tokenizer decodes for itself
-    assert token_texts(other, [[1, 2, 4]]) == [["<1>", "<2>", "<4>"]] and other.decoded == 3
-    assert token_texts(None, [[7, 8]]) == [["7", "8"]] == token_texts(None, [[7, 8]])
-    assert token_texts(None, [[7, 9]]) == [["7", "9"]]
+    assert token_texts(None, [[9, 8]]) == [["9", "8"]]
+    tokenizer = CountingTokenizer()  # its decoding may change between runs: asked every time
+    assert token_texts(tokenizer, [[1, 2]]) == token_texts(tokenizer, [[1, 2]]) == [["<1>", "<2>"]]
+    assert tokenizer.decoded == 4
+
+
+class Wrapper(nn.Module):
+    """A wrapper whose __getattr__ hands back its inner model's attributes, `device` among them."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def test_a_device_handed_back_by_getattr_is_asked():
+    model = Wrapper(OwnDevice())
+    assert model_placement(model) == (model_device(model), model_dtype(model)) == (torch.device("cpu", 0),
+                                                                                     torch.float32)
+
+
+def test_an_instances_own_get_input_embeddings_is_asked_every_time():
+    from recon_fast.trace.model_inputs import vocabulary_size
+
+    model = make_model("llama")
+    assert vocabulary_size(model) == VOCAB
+    bigger = nn.Embedding(VOCAB + 50, 48)
+    model.get_input_embeddings = lambda: bigger
+    assert vocabulary_size(model) == VOCAB + 50
+
+
+def test_meta_backend_follows_the_libraries_registrations(monkeypatch):
+    model = make_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    with Tracer(model) as tracer:
+        tracer.add_hooks_all()
+        tracer.run(ids)
+        compiled = tracer.cube.data.copy()
+        assert tracer.cube.meta["backend"] == ops.backend("cpu")
+        monkeypatch.setitem(ops._COMPILED.registered, "CPU", False)  # as a build without the CPU kernel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's one-time warning may have been given before
+            tracer.run(ids)
+        assert tracer.cube.meta["backend"] == "torch"
+        np.testing.assert_allclose(tracer.cube.data, compiled, rtol=1e-5, atol=1e-6)

@@ -38,8 +38,10 @@ def model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype | None]
     return model_device(model), (first.dtype if first is not None else None)
 
 
-# model class -> whether its `device` is its first parameter's (Hugging Face's property, or none).
-_DEVICE_IS_FIRST_PARAMETERS: dict[type, bool] = {}
+# model class -> whether its `device` is its first parameter's: Hugging Face's property, or none at
+# all (no class attribute and nn.Module's own __getattr__, which never makes one up). Weakly: some
+# classes are made per instance (torch.fx.GraphModule).
+_DEVICE_IS_FIRST_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _device_is_first_parameters(model: nn.Module) -> bool:
@@ -49,7 +51,11 @@ def _device_is_first_parameters(model: nn.Module) -> bool:
         attribute = getattr(cls, "device", None)
         transformers_models = sys.modules.get("transformers.modeling_utils")
         hf_device = getattr(getattr(transformers_models, "PreTrainedModel", None), "device", None)
-        known = _DEVICE_IS_FIRST_PARAMETERS[cls] = attribute is None or (hf_device is not None and attribute is hf_device)
+        if attribute is None:
+            known = getattr(cls, "__getattr__", None) is nn.Module.__getattr__
+        else:
+            known = hf_device is not None and attribute is hf_device
+        _DEVICE_IS_FIRST_PARAMETERS[cls] = known
     return known and "device" not in model.__dict__
 
 
@@ -67,28 +73,22 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return first.dtype if first is not None else None
 
 
-# id(tokenizer) (None: no tokenizer) -> (the tokenizer, weakly; the rows it decoded last; their
-# texts; a tokenizer's decoding settings changed in between are not seen). A Tracer run again on the same ids (a loop over one prompt, a benchmark) reuses them:
-# decoding costs a tokenizer ~1 us a token, and even str() of 128 ids cost a compiled 4-layer run
-# ~50 us with the caches a forward leaves.
-_LAST_TEXTS: dict[int, tuple] = {}
+# The ids last shown as text without a tokenizer, and their texts: a Tracer run again on the same
+# ids (a loop over one prompt, a benchmark) reuses them; str() of 128 ids cost a compiled 4-layer
+# run ~50 us with the caches a forward leaves. A tokenizer decodes every time: its decoding can
+# change between runs (its decoder, its settings) in ways no cheap check sees.
+_LAST_TEXTS: list = [None, None]
 
 
 def token_texts(tokenizer, rows: list[list[int]]) -> list[list[str]]:
     """Each token id decoded on its own, per sequence; the ids as text without a tokenizer."""
-    last = _LAST_TEXTS.get(id(tokenizer))
-    if last is not None and (tokenizer is None or last[0]() is tokenizer) and last[1] == rows:
-        return [list(texts) for texts in last[2]]
-    if tokenizer is None:
-        texts = [[str(t) for t in row] for row in rows]
-    else:
-        texts = [tokenizer.batch_decode([[t] for t in row]) for row in rows]
-    key = id(tokenizer)
-    try:  # the entry goes with its tokenizer
-        owner = weakref.ref(tokenizer, lambda _: _LAST_TEXTS.pop(key, None)) if tokenizer is not None else None
-    except TypeError:  # not weakly referenceable: never reused
-        return texts
-    _LAST_TEXTS[key] = (owner, rows, [list(t) for t in texts])
+    if tokenizer is not None:
+        return [tokenizer.batch_decode([[t] for t in row]) for row in rows]
+    last_rows, last_texts = _LAST_TEXTS
+    if last_rows == rows:
+        return [list(texts) for texts in last_texts]
+    texts = [[str(t) for t in row] for row in rows]
+    _LAST_TEXTS[:] = [[list(row) for row in rows], [list(t) for t in texts]]
     return texts
 
 
@@ -111,7 +111,7 @@ _INPUT_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def input_embedding(model: nn.Module) -> nn.Module | None:
     """model.get_input_embeddings(), or None where it has none."""
     found = _INPUT_EMBEDDINGS.get(model)
-    if found is not None:
+    if found is not None and "get_input_embeddings" not in model.__dict__:  # not a method of the instance's own
         embedding, path = found
         module = model
         for name in path:

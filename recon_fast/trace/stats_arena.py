@@ -66,7 +66,8 @@ def _device_ops(device_type: str) -> tuple:
     """(the op a compiled graph writes with, the eager write, the eager grouped write, whether the
     hooks' C++ Recorder may write the rows) for arenas on this device type."""
     key = (device_type, _rows_op_for, _eager_rows_op, _grouped_op, token_stats_op.TokenStatsRecorder,
-           token_stats_op.compiled_serves(device_type))
+           token_stats_op.token_stats_rows_into, token_stats_op.token_stats_rows_grouped_into,
+           token_stats_op.compiled_serves(device_type), token_stats_op.direct_available(device_type))
     found = _DEVICE_OPS.get(key)
     if found is None:
         traced = _rows_op_for(device_type)  # looked up once per arena, not per write

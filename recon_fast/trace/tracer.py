@@ -60,15 +60,16 @@ CAPTURE_KINDS: tuple[CaptureKind, ...] = (token_stats_kind, full_attention_kind,
                                           raw_slices_kind)
 
 
-_DEVICE_META: dict[torch.device, dict[str, str]] = {}
+_DEVICE_META: dict[tuple[torch.device, bool], dict[str, str]] = {}
 
 
 def _device_meta(device: torch.device) -> dict[str, str]:
-    """meta's "device" and "backend" (which token_stats serves it: fixed once the library is
-    loaded), worked out once per device instead of at every run."""
-    found = _DEVICE_META.get(device)
+    """meta's "device" and "backend" (which token_stats serves it), worked out once per device and
+    registration state (fixed once the library is loaded, but tests change it) instead of at every run."""
+    key = (device, token_stats_op.compiled_serves(device.type))
+    found = _DEVICE_META.get(key)
     if found is None:
-        found = _DEVICE_META[device] = {"device": str(device), "backend": token_stats_op.backend(device)}
+        found = _DEVICE_META[key] = {"device": str(device), "backend": token_stats_op.backend(device)}
     return found
 
 
