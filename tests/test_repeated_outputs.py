@@ -22,12 +22,18 @@ def _same_tensor_as_previous_call(model, call) -> int:
     """How many module calls return (as output or its first item) the very tensor the call before
     them returned: the copies an at-hook recorder may make. Counted in a run of its own, with plain
     hooks on every module, so that the Tracer's run keeps its parked hooks. Only the outputs the C++
-    recorder takes count (a plain tensor, or a tuple starting with one; a ModelOutput goes to the
-    Python recorder)."""
+    recorder takes count: a plain tensor, a tuple starting with one, or the plain last_hidden_state
+    of an output neither a tuple nor a list (a base model's ModelOutput, which returns its final
+    norm's tensor)."""
     previous, count = [None], [0]
 
     def hook(module, inputs, output):
-        t = output[0] if type(output) is tuple and output else output
+        if type(output) is tuple:
+            t = output[0] if output else None
+        elif isinstance(output, (tuple, list, torch.Tensor)):
+            t = output
+        else:
+            t = getattr(output, "last_hidden_state", None)
         if type(t) is not torch.Tensor or t.dim() != 3:
             return
         count[0] += t is previous[0]

@@ -55,7 +55,8 @@ def _grouped_op(device_type: str):
     return token_stats_op.token_stats_rows_grouped
 
 
-# (device type, and what the lookups below read) -> their answers. The same for every arena while
+# (device type, and what the lookups below read; a library without direct launchers has no
+# token_stats_rows_grouped_into) -> their answers. The same for every arena while
 # nothing they read changes (tests and benchmarks swap these functions, the library's
 # registrations and its Recorder); looked up afresh for each arena they cost a traced run of the
 # host-bound proxy ~40 us, at the first write of its forward (issue 17).
@@ -66,7 +67,7 @@ def _device_ops(device_type: str) -> tuple:
     """(the op a compiled graph writes with, the eager write, the eager grouped write, whether the
     hooks' C++ Recorder may write the rows) for arenas on this device type."""
     key = (device_type, _rows_op_for, _eager_rows_op, _grouped_op, token_stats_op.TokenStatsRecorder,
-           token_stats_op.token_stats_rows_into, token_stats_op.token_stats_rows_grouped_into,
+           token_stats_op.token_stats_rows_into, getattr(token_stats_op, "token_stats_rows_grouped_into", None),
            token_stats_op.compiled_serves(device_type), token_stats_op.direct_available(device_type))
     found = _DEVICE_OPS.get(key)
     if found is None:
