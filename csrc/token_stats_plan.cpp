@@ -42,15 +42,20 @@ int build_row_indexers(at::IntArrayRef sizes, at::IntArrayRef x_strides, at::Int
   return ndim;
 }
 
-StatsDtype stats_dtype_of(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
+std::optional<StatsDtype> stats_dtype(at::ScalarType type) {
+  switch (type) {
     case at::kFloat: return StatsDtype::Float32;
     case at::kDouble: return StatsDtype::Float64;
     case at::kHalf: return StatsDtype::Float16;
     case at::kBFloat16: return StatsDtype::BFloat16;
-    default:
-      TORCH_CHECK(false, what, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+    default: return std::nullopt;
   }
+}
+
+StatsDtype stats_dtype_of(const at::Tensor& t, const char* what) {
+  const std::optional<StatsDtype> dtype = stats_dtype(t.scalar_type());
+  TORCH_CHECK(dtype.has_value(), what, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  return *dtype;
 }
 
 TokenStatsPlan plan_token_stats(const at::Tensor& x_in, const at::Tensor& out) {

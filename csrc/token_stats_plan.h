@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 #include "token_stats_problem.h"
 
 namespace recon_fast {
@@ -13,6 +15,9 @@ struct TokenStatsPlan {
   at::Tensor x_storage;
   TokenStatsProblem problem;
 };
+
+// The element type token_stats reads for `type`, or none (other floating types: the float8s).
+std::optional<StatsDtype> stats_dtype(at::ScalarType type);
 
 // The element type of a floating tensor; otherwise an error "<what> must be float32, float64,
 // float16 or bfloat16, got <dtype>" (what: e.g. "token_stats: x"). Shared by every op's plan.

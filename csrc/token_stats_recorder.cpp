@@ -8,10 +8,12 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstring>
+#include <optional>
 #include <utility>
 
 #include "garbage_collected.h"
 #include "token_stats_direct.h"
+#include "token_stats_plan.h"
 #include "token_stats_problem.h"
 #include "token_stats_rows.h"
 
@@ -122,11 +124,9 @@ void Recorder::record(py::handle name, py::handle output) {
 }
 
 void Recorder::write(const at::Tensor& x, int64_t row0) {
-  if (x.numel() < kReleaseGilElements) {
-    if (!write_contiguous_cpu(x, row0)) token_stats_rows_into(x, last_, row0);
-    return;
-  }
-  py::gil_scoped_release no_gil;  // as the direct launcher's binding does
+  if (x.numel() < kReleaseGilElements && write_contiguous_cpu(x, row0)) return;
+  std::optional<py::gil_scoped_release> no_gil;  // as the direct launcher's binding does, for big work
+  if (x.numel() >= kReleaseGilElements) no_gil.emplace();
   token_stats_rows_into(x, last_, row0);
 }
 
@@ -138,19 +138,13 @@ bool Recorder::write_contiguous_cpu(const at::Tensor& x, int64_t row0) {
   // merging of row dims) took ~30% of such a write's time in the host-bound proxy's forward
   // (perf, issue 17); anything else takes that path, with its checks and messages.
   if (!x.is_cpu() || !last_.is_cpu() || !x.is_contiguous() || x.is_neg() || x._is_zerotensor()) return false;
-  StatsDtype dtype;
-  switch (x.scalar_type()) {
-    case at::kFloat: dtype = StatsDtype::Float32; break;
-    case at::kDouble: dtype = StatsDtype::Float64; break;
-    case at::kHalf: dtype = StatsDtype::Float16; break;
-    case at::kBFloat16: dtype = StatsDtype::BFloat16; break;
-    default: return false;
-  }
+  const std::optional<StatsDtype> dtype = stats_dtype(x.scalar_type());
+  if (!dtype.has_value()) return false;
   TORCH_INTERNAL_ASSERT(last_.is_contiguous() && last_.scalar_type() == at::kFloat && last_.dim() == 2 &&
                         last_.size(1) == kNumStats && row0 >= 0 && row0 + x.numel() / x.size(-1) <= last_.size(0));
   TokenStatsProblem p;
   p.x = x.const_data_ptr();
-  p.dtype = dtype;
+  p.dtype = *dtype;
   p.dim = x.size(-1);
   p.rows = x.numel() / p.dim;
   p.out = last_.data_ptr<float>() + row0 * kNumStats;
@@ -291,10 +285,9 @@ void Recorder::launch_own() {
   }
   int64_t elements = 0;
   for (const at::Tensor& x : xs) elements += x.numel();
-  if (elements < kReleaseGilElements) {
-    token_stats_rows_grouped_into(xs, last_, row0s);
-  } else {
-    py::gil_scoped_release no_gil;
+  {
+    std::optional<py::gil_scoped_release> no_gil;
+    if (elements >= kReleaseGilElements) no_gil.emplace();
     token_stats_rows_grouped_into(xs, last_, row0s);
   }
   // The activations are let go here, with the GIL held (a tensor's last reference may be its

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include "check_text.h"
@@ -47,19 +48,12 @@ StatsDtype check_x(const char* op, int64_t index, const at::Tensor& x, const at:
   TORCH_CHECK(!x.is_complex(), op, ": complex ", subject(index), " is not supported, got ", x.scalar_type());
   TORCH_CHECK(x.is_floating_point(), op, ": ", subject(index),
               " must be a floating tensor (float32, float64, float16, bfloat16), got ", x.scalar_type());
-  StatsDtype dtype = StatsDtype::Float32;
-  switch (x.scalar_type()) {
-    case at::kFloat: dtype = StatsDtype::Float32; break;
-    case at::kDouble: dtype = StatsDtype::Float64; break;
-    case at::kHalf: dtype = StatsDtype::Float16; break;
-    case at::kBFloat16: dtype = StatsDtype::BFloat16; break;
-    default:  // the float8 types
-      TORCH_CHECK(false, op, ": ", subject(index), " must be float32, float64, float16 or bfloat16, got ",
-                  x.scalar_type());
-  }
+  const std::optional<StatsDtype> dtype = stats_dtype(x.scalar_type());
+  TORCH_CHECK(dtype.has_value(), op, ": ", subject(index), " must be float32, float64, float16 or bfloat16, got ",
+              x.scalar_type());  // the float8 types
   TORCH_CHECK(x.device() == buffer.device(), op, ": ", subject(index), " is on ", x.device().str(),
               " but buffer is on ", buffer.device().str());
-  return dtype;
+  return *dtype;
 }
 
 // Rows [row0, row0 + rows) must lie inside the buffer's N rows.

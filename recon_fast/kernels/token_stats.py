@@ -99,7 +99,7 @@ copy_stat_columns = getattr(_library.module, "copy_stat_columns", None)
 def direct_available(device_type: str) -> bool:
     """Whether token_stats_rows_into and token_stats_rows_grouped_into serve tensors on this
     device type (then the eager hook path calls them instead of the ops)."""
-    return device_type in _DIRECT_DEVICES and backend(device_type) != "torch"
+    return device_type in _DIRECT_DEVICES and _COMPILED.serves(device_type)  # backend() != "torch", no torch.device made
 
 
 def _token_stats_rows_via_op(x: torch.Tensor, buffer: torch.Tensor, row0: int) -> None:
